@@ -1,0 +1,156 @@
+"""The ``fcit`` command line: run, compare, pretrain, data build/show, methods."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from fcit.errors import FcitError
+
+# Nothing is ever fetched from a hub; say so before transformers is imported anywhere.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+
+
+def _config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", help="YAML or JSON config file")
+    p.add_argument("--preset", default="default", help="named preset the file and overrides apply on (default, smoke)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override any config key, e.g. --set scenario.beta=0.5 (repeatable)")
+    p.add_argument("--seed", type=int, help="shorthand for --set seed=N")
+
+
+def _load(args: argparse.Namespace, extra: dict | None = None):
+    from fcit.config import load_config, parse_override
+
+    items = dict(parse_override(o) for o in args.overrides)
+    if getattr(args, "seed", None) is not None:
+        items["seed"] = args.seed
+    items.update(extra or {})
+    return load_config(args.config, args.preset, items)
+
+
+def cmd_run(args: argparse.Namespace) -> None:
+    from fcit.config import Config
+    from fcit.experiment import run
+    from fcit.report.tables import matrix_markdown
+
+    if args.resume:
+        import json
+
+        cfg_file = Path(args.resume) / "config.json"
+        if not cfg_file.is_file():
+            raise FcitError(f"--resume: no config.json in {args.resume}")
+        cfg = Config.model_validate(json.loads(cfg_file.read_text()))
+        run_dir = Path(args.resume)
+    else:
+        extra = {}
+        if args.method:
+            extra["method.name"] = args.method
+        if args.out:
+            extra["out_dir"] = args.out
+        if args.name:
+            extra["run_name"] = args.name
+        cfg = _load(args, extra)
+        run_dir = None
+    run_dir, metrics = run(cfg, run_dir, progress=not args.quiet, resume=bool(args.resume))
+    from fcit.eval.metrics import AccuracyMatrix
+
+    print(matrix_markdown(AccuracyMatrix.from_dict(metrics["matrix"]), metrics["summary"],
+                          f"{metrics['method']} on {metrics['scenario']}"))
+    t = metrics["timing"]
+    print(f"\ntime: total {t['total']:.0f}s (train {t['train']:.0f}s, eval {t['eval']:.0f}s, "
+          f"aggregation {t['aggregation']:.1f}s, other {t['other']:.0f}s)")
+    print(f"run directory: {run_dir}")
+
+
+def cmd_pretrain(args: argparse.Namespace) -> None:
+    from fcit.models.pretrain import pretrain
+
+    cfg = _load(args)
+    out = pretrain(cfg, Path(args.out) if args.out else None, epochs=args.epochs, progress=not args.quiet)
+    print(f"pre-trained base model written to {out}")
+
+
+def cmd_data_build(args: argparse.Namespace) -> None:
+    from fcit.data import synth
+
+    cfg = _load(args)
+    root = synth.build(cfg.data.synth, progress=not args.quiet)
+    print(f"FCIT-Synth ready at {root}")
+    if args.pretrain:
+        print(f"pre-training mixture ready at {synth.build_pretrain(cfg.data.synth, progress=not args.quiet)}")
+
+
+def cmd_data_show(args: argparse.Namespace) -> None:
+    from fcit.data.show import show
+
+    cfg = _load(args)
+    print(show(cfg, args.setting, args.beta, Path(args.out)))
+    print(f"sample grid written to {Path(args.out) / 'samples.png'}")
+
+
+def cmd_methods(args: argparse.Namespace) -> None:
+    from fcit.methods import REGISTRY
+
+    width = max(map(len, REGISTRY))
+    for name, cls in REGISTRY.items():
+        print(f"{name:<{width}}  {cls.summary}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="fcit", description="Federated Continual Instruction Tuning")
+    sub = ap.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("run", help="run one FCIT experiment and print its accuracy matrix")
+    _config_args(p)
+    p.add_argument("--method", help="continual method (see `fcit methods`)")
+    p.add_argument("--out", help="parent folder of the run directory (default runs/)")
+    p.add_argument("--name", help="run directory name (default: setting-mode-method-beta-seed-time)")
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run from its last finished stage")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("pretrain", help="pre-train the embedded tiny LLaVA base on the generic synthetic mixture")
+    _config_args(p)
+    p.add_argument("--out", help="output directory (default: the package's embedded model folder)")
+    p.add_argument("--epochs", type=int, default=None, help="passes over the mixture")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_pretrain)
+
+    data = sub.add_parser("data", help="build or inspect the benchmark").add_subparsers(dest="data_cmd", required=True)
+    p = data.add_parser("build", help="generate and cache FCIT-Synth")
+    _config_args(p)
+    p.add_argument("--pretrain", action="store_true", help="also build the pre-training mixture")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_data_build)
+    p = data.add_parser("show", help="stages, client-size statistics and a sample grid of a setting")
+    _config_args(p)
+    p.add_argument("setting", choices=["task-hom", "task-het", "cap-hom", "cap-het"])
+    p.add_argument("--beta", type=float, default=None, help="Dirichlet beta (default: the config's)")
+    p.add_argument("--out", default="fcit-data-show", help="folder for samples.png")
+    p.set_defaults(func=cmd_data_show)
+
+    p = sub.add_parser("methods", help="list the registered continual methods")
+    p.set_defaults(func=cmd_methods)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except FcitError as err:
+        print(f"fcit: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("fcit: interrupted; finished stages are checkpointed: continue with `fcit run --resume RUN_DIR`",
+              file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

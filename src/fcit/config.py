@@ -1,0 +1,201 @@
+"""One typed, validated configuration for a whole experiment.
+
+Every knob lives here so a run directory's ``config.json`` fully describes the run. Validation happens before any
+work starts and fails with one line naming the key (see ``load_config``).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from fcit.errors import FcitError
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class SynthConfig(_Strict):
+    """FCIT-Synth generation knobs; the generated benchmark is cached per distinct value of this block."""
+
+    seed: int = 0
+    n_train: int = Field(1000, ge=10, description="training samples per dataset")
+    n_test: int = Field(100, ge=5, description="test samples per dataset")
+    n_pretrain: int = Field(20000, ge=10, description="samples in the generic pre-training mixture")
+    image_size: int = Field(48, ge=16, le=512)
+
+
+class DataConfig(_Strict):
+    kind: Literal["synth", "real"] = "synth"
+    # real: the folder holding instructions/<Dataset>/...; synth: where FCIT-Synth is cached (default: user cache dir)
+    root: Optional[str] = None
+    image_root: Optional[str] = None  # real: image root the `image` fields are relative to (default: root)
+    partitions: Optional[str] = None  # released partitioned_data/ folder to import as-is instead of our Dirichlet draw
+    synth: SynthConfig = SynthConfig()
+
+
+class ScenarioConfig(_Strict):
+    setting: Literal["task", "capability"] = "task"
+    mode: Literal["hom", "het"] = "hom"
+    num_clients: int = Field(50, ge=1)
+    clients_per_round: int = Field(5, ge=1)
+    rounds: int = Field(10, ge=1, description="communication rounds per stage")
+    beta: float = Field(1.0, gt=0, description="Dirichlet quantity-skew concentration")
+    min_size: int = Field(1, ge=1, description="minimum training samples per client and stage")
+    stages: Optional[int] = Field(None, ge=1, description="run only the first N stages")
+    task_order: Optional[list[str]] = None  # default: registry.TASK_ORDER
+    capability_order: Optional[list[list[str]]] = None  # default: registry.CAPABILITY_ORDER
+    het_table: Optional[list[list[int]]] = None  # per stage: position -> task index; default: reference section 4
+    het_table_seed: Optional[int] = None  # draw a Het table with this seed instead of the default
+
+    @model_validator(mode="after")
+    def _check(self) -> "ScenarioConfig":
+        if self.clients_per_round > self.num_clients:
+            raise ValueError(
+                f"clients_per_round ({self.clients_per_round}) must be <= num_clients ({self.num_clients})"
+            )
+        return self
+
+
+class LoraConfig(_Strict):
+    r: int = Field(8, ge=1)
+    alpha: float = Field(16.0, gt=0)
+    dropout: float = Field(0.0, ge=0, lt=1)
+    # LM FFN only: the vision tower has .mlp too, so the pattern names the language model.
+    target: str = r".*language_model.*\.(gate_proj|up_proj|down_proj)"
+
+
+class ModelConfig(_Strict):
+    path: Optional[str] = None  # local HF directory (e.g. llava-1.5-7b-hf); None = the embedded tiny base
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    train_projector: bool = True
+    lora: LoraConfig = LoraConfig()
+
+
+class TrainConfig(_Strict):
+    lr: float = Field(2e-3, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    warmup_ratio: float = Field(0.03, ge=0, le=1)
+    local_epochs: int = Field(1, ge=1)
+    batch_size: int = Field(16, ge=1)
+    max_grad_norm: float = Field(1.0, gt=0)
+    max_length: int = Field(256, ge=16, description="token budget of one training sequence")
+
+
+class MethodConfig(_Strict):
+    name: str = "finetune"
+    params: dict[str, Any] = {}
+
+
+class FederationConfig(_Strict):
+    engine: Literal["inprocess"] = "inprocess"
+    aggregator: str = "fedavg"
+
+
+class EvalConfig(_Strict):
+    batch_size: int = Field(64, ge=1)
+    max_new_tokens: int = Field(24, ge=1)
+    max_test: Optional[int] = Field(None, ge=1, description="cap on test samples per dataset")
+
+
+class Config(_Strict):
+    seed: int = 0
+    threads: Optional[int] = Field(None, ge=1, description="torch CPU threads (default: all cores)")
+    out_dir: str = "runs"
+    run_name: Optional[str] = None
+    data: DataConfig = DataConfig()
+    scenario: ScenarioConfig = ScenarioConfig()
+    model: ModelConfig = ModelConfig()
+    train: TrainConfig = TrainConfig()
+    method: MethodConfig = MethodConfig()
+    federation: FederationConfig = FederationConfig()
+    eval: EvalConfig = EvalConfig()
+
+
+# Presets are overrides on top of the defaults above, so the defaults stay the single source of truth.
+PRESETS: dict[str, dict[str, Any]] = {
+    "default": {},
+    "smoke": {
+        "data": {"synth": {"n_train": 40, "n_test": 8, "n_pretrain": 200}},
+        "scenario": {"num_clients": 4, "clients_per_round": 2, "rounds": 2, "stages": 2},
+        "train": {"batch_size": 8},
+        "eval": {"batch_size": 16, "max_new_tokens": 12},
+    },
+}
+
+
+def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def _set_dotted(d: dict[str, Any], dotted: str, value: Any) -> None:
+    keys = dotted.split(".")
+    for k in keys[:-1]:
+        d = d.setdefault(k, {})
+        if not isinstance(d, dict):
+            raise FcitError(f"config: {dotted}: {k} is not a section")
+    d[keys[-1]] = value
+
+
+def parse_override(item: str) -> tuple[str, Any]:
+    """``key.sub=value``; the value is read as JSON when it parses (numbers, lists, null), else as a string."""
+    if "=" not in item:
+        raise FcitError(f"config override {item!r}: expected key=value")
+    key, raw = item.split("=", 1)
+    try:
+        value = json.loads(raw)
+    except json.JSONDecodeError:
+        value = raw
+    return key.strip(), value
+
+
+def _one_line(err: ValidationError) -> str:
+    e = err.errors()[0]
+    loc = ".".join(str(p) for p in e["loc"]) or "config"
+    msg = e["msg"].removeprefix("Value error, ")
+    if e["type"] == "extra_forbidden":
+        msg = "unknown key"
+    got = e.get("input")
+    tail = "" if e["type"] in ("extra_forbidden", "missing") or isinstance(got, dict) else f" (got {got!r})"
+    more = f" [+{len(err.errors()) - 1} more]" if len(err.errors()) > 1 else ""
+    return f"config: {loc}: {msg}{tail}{more}"
+
+
+def load_config(
+    path: str | Path | None = None, preset: str = "default", overrides: list[str] | dict[str, Any] | None = None
+) -> Config:
+    """Defaults <- preset <- file <- overrides, validated once. Raises FcitError with one line on any problem."""
+    if preset not in PRESETS:
+        raise FcitError(f"config: unknown preset {preset!r}; known: {', '.join(PRESETS)}")
+    raw: dict[str, Any] = _merge({}, PRESETS[preset])
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise FcitError(f"config: file not found: {p}")
+        text = p.read_text()
+        try:
+            if p.suffix in (".yaml", ".yml"):
+                import yaml
+
+                data = yaml.safe_load(text) or {}
+            else:
+                data = json.loads(text)
+        except Exception as exc:  # noqa: BLE001 - any parse error becomes one line
+            raise FcitError(f"config: cannot parse {p}: {str(exc).splitlines()[0]}") from None
+        if not isinstance(data, dict):
+            raise FcitError(f"config: {p}: top level must be a mapping")
+        raw = _merge(raw, data)
+    items = overrides.items() if isinstance(overrides, dict) else [parse_override(o) for o in overrides or []]
+    for k, v in items:
+        _set_dotted(raw, k, v)
+    try:
+        return Config.model_validate(raw)
+    except ValidationError as err:
+        raise FcitError(_one_line(err)) from None

@@ -1,0 +1,94 @@
+"""One client's local update: the same function for the in-process engine, the Flower ClientApp and centralized runs."""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from typing import Callable, Optional, Sequence
+
+import torch
+
+from fcit.config import TrainConfig
+from fcit.data.records import Sample
+from fcit.models.inputs import Batcher
+from fcit.models.lora import State, get_state, set_state
+
+# A method's extra loss term: (model, batch, task loss) -> loss
+LossHook = Callable[[torch.nn.Module, dict, torch.Tensor], torch.Tensor]
+
+
+@dataclass
+class LocalResult:
+    state: State
+    num_samples: int
+    loss: float
+    steps: int
+    seconds: float
+
+
+def _schedule(total_steps: int, warmup_ratio: float) -> Callable[[int], float]:
+    warmup = int(math.ceil(total_steps * warmup_ratio))
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, total_steps - warmup)
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return factor
+
+
+def local_train(
+    model: torch.nn.Module,
+    batcher: Batcher,
+    start: State,
+    samples: Sequence[Sample],
+    cfg: TrainConfig,
+    seed: int,
+    loss_hook: Optional[LossHook] = None,
+    epochs: Optional[int] = None,
+    progress: Optional[Callable[[int], None]] = None,
+) -> LocalResult:
+    """Train the model's trainable tensors from ``start`` on ``samples`` and return the new trainable state.
+
+    As in the reference, every local run gets a fresh AdamW and a fresh warmup + cosine schedule spanning only this
+    run (reference section 2). The shared model object is left holding the client's result; callers reload the global
+    state before the next client.
+    """
+    t0 = time.perf_counter()
+    set_state(model, start)
+    params = [p for p in model.parameters() if p.requires_grad]
+    epochs = epochs or cfg.local_epochs
+    bs = cfg.batch_size
+    steps_per_epoch = math.ceil(len(samples) / bs)
+    total = max(1, steps_per_epoch * epochs)
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.999))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, _schedule(total, cfg.warmup_ratio))
+    gen = torch.Generator().manual_seed(seed)
+    model.train()
+    loss_sum, steps = 0.0, 0
+    for _ in range(epochs):
+        order = torch.randperm(len(samples), generator=gen).tolist()
+        for i in range(0, len(order), bs):
+            batch = batcher.train_batch([samples[j] for j in order[i : i + bs]])
+            loss = model(**batch).loss
+            if loss_hook is not None:
+                loss = loss_hook(model, batch, loss)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+            opt.step()
+            sched.step()
+            opt.zero_grad(set_to_none=True)
+            loss_sum += float(loss.detach())
+            steps += 1
+            if progress is not None:
+                progress(1)
+    model.eval()
+    return LocalResult(
+        state=get_state(model),
+        num_samples=len(samples),
+        loss=loss_sum / max(1, steps),
+        steps=steps,
+        seconds=time.perf_counter() - t0,
+    )

@@ -1,0 +1,151 @@
+"""The LLaVA backbone: a local Hugging Face checkpoint, or the embedded tiny model of the same class.
+
+Everything goes through ``AutoModelForImageTextToText`` / ``AutoProcessor`` so the code that tunes the 0.7 M-parameter
+embedded model is the code that tunes ``llava-hf/llava-1.5-7b-hf`` from a local directory.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable
+
+import torch
+
+from fcit.errors import FcitError
+
+IMAGE_TOKEN = "<image>"
+SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<pad>", IMAGE_TOKEN]
+EMBEDDED_DIR = Path(__file__).resolve().parent.parent / "assets" / "tiny-llava"
+
+
+@dataclass(frozen=True)
+class TinySpec:
+    """Size of the embedded model; chosen so a full 8-stage run fits in minutes on 2 CPU cores."""
+
+    image_size: int = 48
+    patch_size: int = 8
+    vision_hidden: int = 96
+    vision_layers: int = 3
+    vision_heads: int = 4
+    lm_hidden: int = 192
+    lm_intermediate: int = 512
+    lm_layers: int = 4
+    lm_heads: int = 4
+    vocab_size: int = 2048
+    max_positions: int = 256
+
+
+def build_tokenizer(texts: Iterable[str], vocab_size: int):
+    """A byte-level BPE trained on the benchmark's own corpus: no hub download, exact decode of boxes and numbers."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(texts, trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token="<s>",
+        eos_token="</s>",
+        unk_token="<unk>",
+        pad_token="<pad>",
+        extra_special_tokens={"image_token": IMAGE_TOKEN},
+    )
+
+
+def build_tiny(tokenizer, spec: TinySpec = TinySpec(), seed: int = 0):
+    """A randomly initialised LlavaForConditionalGeneration (CLIP ViT + 2-layer projector + Llama) and its processor."""
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
+    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+
+    n_patches = (spec.image_size // spec.patch_size) ** 2
+    vision = CLIPVisionConfig(
+        hidden_size=spec.vision_hidden,
+        intermediate_size=4 * spec.vision_hidden,
+        num_hidden_layers=spec.vision_layers,
+        num_attention_heads=spec.vision_heads,
+        image_size=spec.image_size,
+        patch_size=spec.patch_size,
+        projection_dim=spec.vision_hidden,
+    )
+    text = LlamaConfig(
+        hidden_size=spec.lm_hidden,
+        intermediate_size=spec.lm_intermediate,
+        num_hidden_layers=spec.lm_layers,
+        num_attention_heads=spec.lm_heads,
+        num_key_value_heads=spec.lm_heads,
+        vocab_size=len(tokenizer),
+        max_position_embeddings=spec.max_positions,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=True,
+    )
+    config = LlavaConfig(
+        vision_config=vision,
+        text_config=text,
+        image_token_index=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
+        vision_feature_layer=-2,
+        vision_feature_select_strategy="default",
+        projector_hidden_act="gelu",
+        image_seq_length=n_patches,
+    )
+    torch.manual_seed(seed)
+    model = LlavaForConditionalGeneration(config)
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    image_processor = CLIPImageProcessorPil(
+        size={"shortest_edge": spec.image_size},
+        crop_size={"height": spec.image_size, "width": spec.image_size},
+    )
+    processor = LlavaProcessor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        patch_size=spec.patch_size,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,
+    )
+    return model, processor
+
+
+def resolve_model_path(path: str | None) -> Path:
+    if path is None:
+        if not (EMBEDDED_DIR / "config.json").is_file():
+            raise FcitError(
+                f"embedded base model missing at {EMBEDDED_DIR}; run `fcit pretrain` to build it"
+            )
+        return EMBEDDED_DIR
+    p = Path(path).expanduser()
+    if not (p / "config.json").is_file():
+        raise FcitError(f"model.path: no Hugging Face checkpoint (config.json) in {p}")
+    return p
+
+
+def load_backbone(path: str | None, dtype: str = "float32"):
+    """Load (model, processor) from a local directory with the generic Auto classes; never touches a hub."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    p = resolve_model_path(path)
+    try:
+        processor = AutoProcessor.from_pretrained(p)
+        model = AutoModelForImageTextToText.from_pretrained(p, dtype=getattr(torch, dtype))
+    except Exception as exc:  # noqa: BLE001 - surface the first line of whatever HF raised
+        raise FcitError(f"model.path: cannot load {p}: {str(exc).splitlines()[0]}") from None
+    tok = processor.tokenizer
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.unk_token or tok.eos_token
+    model.generation_config.pad_token_id = tok.pad_token_id
+    model.eval()
+    return model, processor

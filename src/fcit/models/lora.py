@@ -1,0 +1,46 @@
+"""PEFT LoRA on the language model's FFN, plus the trainable projector, and the state that travels between parties."""
+
+from __future__ import annotations
+
+import torch
+
+from fcit.config import ModelConfig
+
+State = dict[str, torch.Tensor]
+
+
+def attach_lora(model, cfg: ModelConfig):
+    """Wrap the backbone with PEFT LoRA; everything but the adapters (and the projector, if asked) is frozen."""
+    from peft import LoraConfig, get_peft_model
+
+    lc = cfg.lora
+    peft_cfg = LoraConfig(r=lc.r, lora_alpha=lc.alpha, lora_dropout=lc.dropout, target_modules=lc.target)
+    model = get_peft_model(model, peft_cfg)
+    if cfg.train_projector:
+        # The reference trains LLaVA's mm_projector alongside LoRA (reference section 2).
+        for name, p in model.named_parameters():
+            if "multi_modal_projector" in name:
+                p.requires_grad_(True)
+    return model
+
+
+def trainable_names(model) -> list[str]:
+    return [n for n, p in model.named_parameters() if p.requires_grad]
+
+
+def get_state(model, names: list[str] | None = None) -> State:
+    """A detached copy of the named (default: trainable) parameters: what a client uploads."""
+    params = dict(model.named_parameters())
+    names = trainable_names(model) if names is None else names
+    return {n: params[n].detach().clone() for n in names}
+
+
+@torch.no_grad()
+def set_state(model, state: State) -> None:
+    params = dict(model.named_parameters())
+    for n, v in state.items():
+        params[n].copy_(v)
+
+
+def state_bytes(state: State) -> int:
+    return sum(v.numel() * v.element_size() for v in state.values())

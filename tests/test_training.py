@@ -1,0 +1,63 @@
+import copy
+
+import torch
+
+from fcit.config import ModelConfig, TrainConfig
+from fcit.federated.aggregation import fedavg
+from fcit.federated.client import local_train
+from fcit.models.inputs import IGNORE, Batcher
+from fcit.models.lora import attach_lora, get_state, trainable_names
+
+
+def test_fedavg_weights_by_samples():
+    a = {"w": torch.tensor([1.0, 2.0]), "b": torch.tensor([0.0])}
+    b = {"w": torch.tensor([3.0, 6.0]), "b": torch.tensor([4.0])}
+    out = fedavg([a, b], [1, 3])
+    assert torch.allclose(out["w"], torch.tensor([2.5, 5.0]))
+    assert torch.allclose(out["b"], torch.tensor([3.0]))
+
+
+def test_labels_cover_only_the_answer(micro_backbone, micro_samples):
+    model, processor = micro_backbone
+    batcher = Batcher(model, processor)
+    batch = batcher.train_batch(micro_samples[:2])
+    tok = processor.tokenizer
+    for row, lab in zip(batch["input_ids"], batch["labels"]):
+        target = [t for t in lab.tolist() if t != IGNORE]
+        assert target[-1] == tok.eos_token_id
+        assert tok.decode(target[:-1]).strip() in {"red", "blue"}
+    n_img = int((batch["input_ids"][0] == model.config.image_token_index).sum())
+    assert n_img == (16 // 8) ** 2
+
+
+def test_lora_client_update_changes_only_trainable_tensors(micro_backbone, micro_samples):
+    base, processor = micro_backbone
+    model = attach_lora(copy.deepcopy(base), ModelConfig())
+    names = trainable_names(model)
+    assert names and all(("lora_" in n and "language_model" in n) or "multi_modal_projector" in n for n in names)
+    assert not any("vision_tower" in n and "lora" in n for n in names)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    start = get_state(model)
+    res = local_train(model, Batcher(model, processor), start, micro_samples, TrainConfig(batch_size=4, lr=1e-2),
+                      seed=0)
+    assert set(res.state) == set(names)
+    after = dict(model.named_parameters())
+    for n, p in after.items():
+        if n in names:
+            continue
+        assert torch.equal(p, before[n]), f"frozen tensor {n} changed"
+    assert any(not torch.equal(res.state[n], before[n]) for n in names if "lora_B" in n)
+    assert any(not torch.equal(res.state[n], before[n]) for n in names if "multi_modal_projector" in n)
+    assert res.num_samples == len(micro_samples) and res.steps == 2
+
+
+def test_local_train_is_deterministic(micro_backbone, micro_samples):
+    base, processor = micro_backbone
+    outs = []
+    for _ in range(2):
+        torch.manual_seed(0)
+        model = attach_lora(copy.deepcopy(base), ModelConfig())
+        res = local_train(model, Batcher(model, processor), get_state(model), micro_samples, TrainConfig(batch_size=2),
+                          seed=7)
+        outs.append(res.state)
+    assert all(torch.equal(outs[0][k], outs[1][k]) for k in outs[0])
