@@ -93,7 +93,13 @@ class MethodConfig(_Strict):
 
 class FederationConfig(_Strict):
     engine: Literal["inprocess"] = "inprocess"
-    aggregator: str = "fedavg"
+    # Server optimizer over the pseudo-gradient of whatever tensors a method aggregates (reference 3.1).
+    aggregator: Literal["fedavg", "fedavgm", "fedadam", "fedadagrad", "fedyogi"] = "fedavg"
+    server_lr: float = Field(1.0, gt=0, description="eta of the FedOpt family (FedAvgM uses it too)")
+    beta1: float = Field(0.9, ge=0, lt=1)
+    beta2: float = Field(0.99, ge=0, lt=1)
+    tau: float = Field(1e-3, gt=0, description="adaptivity of FedAdam/FedAdagrad/FedYogi")
+    prox_mu: float = Field(0.0, ge=0, description="FedProx proximal coefficient on the client (0 = off)")
 
 
 class EvalConfig(_Strict):

@@ -28,7 +28,7 @@ from fcit.methods import build_method
 from fcit.methods.base import Method, StageInfo
 from fcit.models.backbone import load_backbone
 from fcit.models.inputs import Batcher
-from fcit.models.lora import get_state, set_state
+from fcit.models.lora import set_state
 
 
 def write_json(path: Path, obj: Any) -> None:
@@ -141,7 +141,7 @@ class Experiment:
         logs: list[dict] = []
         details: list[dict] = []
         start_stage = 0
-        global_state = get_state(self.model)
+        global_state = self.method.initial_state(self.model)
         if resume and (ck := self._load_checkpoint()) is not None:
             global_state, prog = ck
             matrix = AccuracyMatrix.from_dict(prog["matrix"])
@@ -158,9 +158,6 @@ class Experiment:
                 global_state = self.method.before_stage(self.model, info, global_state)
                 global_state, round_logs = engine.run_stage(info, global_state, bar=self.progress)
                 logs += round_logs
-                set_state(self.model, global_state)
-                global_state = self.method.after_stage(self.model, info, global_state)
-                set_state(self.model, global_state)
                 res = self.evaluate(sc.seen_datasets(t))
                 matrix.add_stage({d: r["score"] for d, r in res.items()})
                 details.append(res)
@@ -216,6 +213,7 @@ class Experiment:
             "rounds": logs,
             "timing": t,
         }
+        metrics["method_artifacts"] = self.method.write_artifacts(self.run_dir)
         write_json(self.run_dir / "metrics.json", metrics)
         title = f"{self.method.name} on {sc.name} (beta={self.cfg.scenario.beta:g}, seed {self.cfg.seed})"
         md = matrix_markdown(matrix, summ, title)

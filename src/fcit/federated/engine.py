@@ -17,7 +17,7 @@ from fcit.config import Config
 from fcit.federated.client import local_train
 from fcit.methods.base import Method, StageInfo
 from fcit.models.inputs import Batcher
-from fcit.models.lora import State, state_bytes
+from fcit.models.lora import State, set_state, state_bytes
 
 
 def client_seed(seed: int, stage: int, rnd: int, client: int) -> int:
@@ -45,11 +45,14 @@ class InProcessEngine:
         for r in rounds:
             info.round = r
             shards = self.scenario.round_shards(info.stage, r)
+            identities = [self.method.client_identity(self.model, s.samples, info) for s in shards]
+            plans = self.method.plan_round(info, identities, global_state)
             hook = self.method.client_loss(info, global_state)
             down = state_bytes(global_state)
             results = []
-            for shard in tqdm(shards, desc="clients", leave=False, disable=not bar):
+            for shard, plan in zip(tqdm(shards, desc="clients", leave=False, disable=not bar), plans):
                 t0 = time.perf_counter()
+                self.method.before_local(self.model, plan)
                 res = local_train(
                     self.model,
                     self.batcher,
@@ -62,7 +65,7 @@ class InProcessEngine:
                 self.timer.add("train", time.perf_counter() - t0)
                 results.append(res)
             t0 = time.perf_counter()
-            global_state = self.method.aggregate(info, results, global_state)
+            global_state = self.method.aggregate(info, results, plans, global_state)
             self.timer.add("aggregation", time.perf_counter() - t0)
             log = {
                 "stage": info.stage,
@@ -76,4 +79,16 @@ class InProcessEngine:
             }
             logs.append(log)
             rounds.set_postfix(loss=f"{log['loss']:.3f}")
-        return global_state, logs
+        return self._finish_stage(info, global_state, shards), logs
+
+    def _finish_stage(self, info: StageInfo, global_state: State, shards) -> State:
+        """The stage-end exchange: the last round's clients report on the final global model (e.g. EWC's Fisher)."""
+        set_state(self.model, global_state)
+        payloads = []
+        for shard in shards:
+            p = self.method.client_after_stage(self.model, shard.samples, info)
+            if p is not None:
+                payloads.append((p, len(shard.samples)))
+        global_state = self.method.after_stage(self.model, info, global_state, payloads)
+        set_state(self.model, global_state)
+        return global_state

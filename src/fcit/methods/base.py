@@ -18,7 +18,7 @@ from fcit.config import Config
 from fcit.errors import FcitError
 from fcit.federated.aggregation import fedavg
 from fcit.federated.client import LocalResult, LossHook
-from fcit.models.lora import State, attach_lora
+from fcit.models.lora import State, attach_lora, get_state
 
 
 class Params(BaseModel):
@@ -60,26 +60,58 @@ class Method:
         """Attach the method's adapters to the frozen backbone and mark what trains."""
         return attach_lora(model, self.cfg.model)
 
+    def initial_state(self, model: torch.nn.Module) -> State:
+        """The global state the server starts from: every tensor the method will ever aggregate."""
+        return get_state(model)
+
     # -- stage hooks (server side) -----------------------------------------------------------------------------
     def before_stage(self, model: torch.nn.Module, info: StageInfo, global_state: State) -> State:
         return global_state
 
-    def after_stage(self, model: torch.nn.Module, info: StageInfo, global_state: State) -> State:
+    def client_after_stage(self, model: torch.nn.Module, samples: Sequence, info: StageInfo) -> Optional[State]:
+        """Client side, at the end of a stage, with the final global model loaded: e.g. EWC's Fisher estimate.
+
+        Run by the clients of the stage's last round; None means nothing to send."""
+        return None
+
+    def after_stage(
+        self, model: torch.nn.Module, info: StageInfo, global_state: State, payloads: Sequence[tuple[State, int]]
+    ) -> State:
+        """Server side, after the stage's last round; ``payloads`` are (client_after_stage result, samples)."""
         return global_state
 
-    # -- client side -------------------------------------------------------------------------------------------
+    # -- one round: client identity -> server plan -> local training -> aggregation -------------------------------
+    def client_identity(self, model: torch.nn.Module, samples: Sequence, info: StageInfo) -> dict[str, Any]:
+        """Client side, before training: what the server needs to plan the round (DISCO: the identity token)."""
+        return {}
+
+    def plan_round(self, info: StageInfo, identities: Sequence[dict], global_state: State) -> list[dict[str, Any]]:
+        """Server side: one instruction per selected client (DISCO: which subspace it trains)."""
+        return [{} for _ in identities]
+
+    def before_local(self, model: torch.nn.Module, plan: dict[str, Any]) -> None:
+        """Client side: prepare the model for this client's plan (e.g. activate a subspace, set what trains)."""
+
     def client_loss(self, info: StageInfo, global_state: State) -> Optional[LossHook]:
         """An extra loss term for local training (EWC, LwF, FedProx...); None for plain task loss."""
         return None
 
-    # -- server side -------------------------------------------------------------------------------------------
-    def aggregate(self, info: StageInfo, results: Sequence[LocalResult], global_state: State) -> State:
-        return fedavg([r.state for r in results], [r.num_samples for r in results])
+    def aggregate(
+        self, info: StageInfo, results: Sequence[LocalResult], plans: Sequence[dict], global_state: State
+    ) -> State:
+        """Server side: the new global state from the clients' uploads (only their trainable tensors)."""
+        new = fedavg([r.state for r in results], [r.num_samples for r in results])
+        return {**global_state, **new}
 
     # -- inference ---------------------------------------------------------------------------------------------
     def inference_gate(self, model: torch.nn.Module, samples) -> contextlib.AbstractContextManager:
         """Context in which generation for ``samples`` runs (e.g. per-sample subspace gates)."""
         return contextlib.nullcontext()
+
+    # -- reporting ----------------------------------------------------------------------------------------------
+    def write_artifacts(self, run_dir) -> dict[str, Any]:
+        """Write method-specific pictures/logs into the run directory; returns a summary merged into metrics.json."""
+        return {}
 
     # -- resumable runs ----------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, torch.Tensor]:
