@@ -66,6 +66,18 @@ def cmd_run(args: argparse.Namespace) -> None:
     print(f"run directory: {run_dir}")
 
 
+def cmd_compare(args: argparse.Namespace) -> None:
+    from fcit.compare import compare
+
+    cfg = _load(args)
+    seeds = [int(x) for x in args.seeds.split(",")]
+    aggs = args.aggregators.split(",") if args.aggregators else None
+    out, table = compare(cfg, args.methods.split(","), seeds, aggs, Path(args.out) if args.out else None,
+                         progress=not args.quiet)
+    print(table)
+    print(f"\ncomparison written to {out}")
+
+
 def cmd_pretrain(args: argparse.Namespace) -> None:
     from fcit.models.pretrain import pretrain
 
@@ -112,6 +124,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run from its last finished stage")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("compare", help="run several methods on one setting with shared seeds and tabulate them")
+    _config_args(p)
+    p.add_argument("--methods", default="zeroshot,finetune,mtl", help="comma-separated (see `fcit methods`)")
+    p.add_argument("--seeds", default="0,1,2", help="comma-separated seeds")
+    p.add_argument("--aggregators", help="comma-separated server optimizers, e.g. fedavg,fedadam")
+    p.add_argument("--out", help="comparison folder (default runs/compare-...)")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_compare)
 
     p = sub.add_parser("pretrain", help="pre-train the embedded tiny LLaVA base on the generic synthetic mixture")
     _config_args(p)

@@ -95,7 +95,10 @@ class FederationConfig(_Strict):
     engine: Literal["inprocess"] = "inprocess"
     # Server optimizer over the pseudo-gradient of whatever tensors a method aggregates (reference 3.1).
     aggregator: Literal["fedavg", "fedavgm", "fedadam", "fedadagrad", "fedyogi"] = "fedavg"
-    server_lr: float = Field(1.0, gt=0, description="eta of the FedOpt family (FedAvgM uses it too)")
+    server_lr: Optional[float] = Field(
+        None, gt=0, description="server step size; default 1.0 for fedavg/fedavgm, 1e-3 for the adaptive ones"
+    )
+    weighting: Literal["samples", "uniform"] = "samples"  # client weights in the pseudo-gradient
     beta1: float = Field(0.9, ge=0, lt=1)
     beta2: float = Field(0.99, ge=0, lt=1)
     tau: float = Field(1e-3, gt=0, description="adaptivity of FedAdam/FedAdagrad/FedYogi")

@@ -7,6 +7,7 @@ so ``fcit run --resume DIR`` continues a crashed run from there).
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import time
@@ -40,23 +41,23 @@ def write_json(path: Path, obj: Any) -> None:
 
 @dataclass
 class Runtime:
-    """What is built once per process and shared by every method of a comparison: data, scenario, base model."""
+    """What is built once per process and shared by every run of a comparison: the benchmark and the base model."""
 
-    cfg: Config
     bench: Any
-    scenario: Any
     base_model: torch.nn.Module
     processor: Any
 
     @classmethod
-    def build(cls, cfg: Config) -> "Runtime":
+    def build(cls, cfg: Config, progress: bool = True) -> "Runtime":
         from fcit.data.loader import open_benchmark
-        from fcit.data.scenario import Scenario
 
-        bench = open_benchmark(cfg)
-        scenario = Scenario(cfg.scenario, cfg.seed, bench, partitions_root=cfg.data.partitions)
+        bench = open_benchmark(cfg, progress=progress)
         model, processor = load_backbone(cfg.model.path, cfg.model.dtype)
-        return cls(cfg, bench, scenario, model, processor)
+        return cls(bench, model, processor)
+
+    def fresh_model(self) -> torch.nn.Module:
+        # Methods inject adapters in place, so every run gets its own copy of the frozen backbone.
+        return copy.deepcopy(self.base_model)
 
 
 def _set_threads(cfg: Config) -> None:
@@ -78,11 +79,14 @@ class Experiment:
         self.run_dir = Path(run_dir)
         self.progress = progress
         _set_threads(cfg)
-        self.rt = runtime or Runtime.build(cfg)
-        self.scenario = self.rt.scenario
+        from fcit.data.scenario import Scenario
+
+        self.rt = runtime or Runtime.build(cfg, progress=progress)
+        self.scenario = Scenario(cfg.scenario, cfg.seed, self.rt.bench, partitions_root=cfg.data.partitions)
         torch.manual_seed(cfg.seed)
-        self.model = self.method.setup(self.rt.base_model)
+        self.model = self.method.setup(self.rt.fresh_model() if runtime is not None else self.rt.base_model)
         self.batcher = Batcher(self.model, self.rt.processor, max_length=cfg.train.max_length)
+        self.method.batcher = self.batcher
         self.timer = Timer()
         self._tests: dict[str, list] = {}
 

@@ -284,8 +284,8 @@ def released_partition(
     if missing:
         shown = ", ".join(map(str, missing[:10])) + (", ..." if len(missing) > 10 else "")
         raise FcitError(f"{folder}: missing client files for client ids {shown} ({len(missing)} of {num_clients})")
-    extra = [p.name for p in folder.glob("client_*.json") if p.stem.removeprefix("client_") not in
-             {str(i) for i in range(num_clients)}]
+    expected = {f"client_{i}.json" for i in range(num_clients)}
+    extra = sorted(p.name for p in folder.glob("client_*.json") if p.name not in expected)
     if extra:
         raise FcitError(f"{folder}: holds {len(extra)} client files beyond num_clients={num_clients} (e.g. {extra[0]})")
 
@@ -315,13 +315,13 @@ def released_partition(
     return shares
 
 
-def open_benchmark(cfg: "Config") -> Benchmark:
+def open_benchmark(cfg: "Config", progress: bool = True) -> Benchmark:
     """The benchmark a config names: FCIT-Synth (generated or taken from its cache) or the real release."""
     data = cfg.data
     if data.kind == "synth":
         from fcit.data import synth  # heavy (image rendering); only needed for synthetic runs
 
-        root = synth.build(data.synth, cache_dir=data.root)
+        root = synth.build(data.synth, cache_dir=Path(data.root) if data.root else None, progress=progress)
         return Benchmark(root, image_root=root)
     if data.root is None:
         raise FcitError("config: data.root: required when data.kind is 'real' (the folder holding instructions/)")

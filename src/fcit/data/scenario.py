@@ -45,7 +45,8 @@ _MAX_TABLE_DRAWS = 10_000
 
 
 def het_table(num_tasks: int, num_stages: int, positions: int, seed: int) -> list[list[int]]:
-    """A seeded Het table: row s = sorted(choice(num_tasks, positions, replace=True)), row generator seeded by (seed, s).
+    """A seeded Het table: row s = sorted(choice(num_tasks, positions, replace=True)), drawn by a generator seeded
+    by (seed, s).
 
     Like the reference's tables, every task must have appeared by stage ceil(num_stages / 3), so that most of the
     run is spent on revisiting tasks rather than on tasks arriving late. Draws that miss a task are redrawn from the

@@ -1,4 +1,4 @@
-"""``fcit data show``: what a setting trains, stage by stage, how its clients are sized, and what its samples look like."""
+"""``fcit data show``: what a setting trains stage by stage, how its clients are sized, what its samples look like."""
 
 from __future__ import annotations
 
@@ -28,7 +28,8 @@ _BAR = 40
 def histogram(sizes: np.ndarray, bins: int = 8) -> list[str]:
     """Client sizes as text bars; integer bin edges so every line reads as 'clients holding a..b samples'."""
     lo, hi = int(sizes.min()), int(sizes.max())
-    edges = np.unique(np.linspace(lo, hi + 1, min(bins, hi - lo + 1) + 1).round().astype(int))
+    bins = max(1, min(bins, len(sizes), hi - lo + 1))
+    edges = np.unique(np.linspace(lo, hi + 1, bins + 1).round().astype(int))
     counts, _ = np.histogram(sizes, bins=edges)
     width = len(str(hi))
     peak = max(int(counts.max()), 1)
@@ -53,7 +54,7 @@ def _scenario(cfg: Config, setting: str, beta: Optional[float], bench: Benchmark
 
 def report(sc: Scenario) -> str:
     c = sc.cfg
-    source = f"released partitions under {sc.partitions_root}" if sc.partitions_root else f"Dirichlet draw, seed {sc.seed}"
+    source = f"released partitions {sc.partitions_root}" if sc.partitions_root else f"Dirichlet draw, seed {sc.seed}"
     out = [
         f"Scenario {sc.name}: {sc.num_stages} stages, {c.num_clients} clients, {c.clients_per_round} per round, "
         f"{c.rounds} rounds per stage, beta {c.beta:g}, min_size {c.min_size} ({source})",

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass
-from typing import Callable, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 
@@ -14,8 +14,8 @@ from fcit.data.records import Sample
 from fcit.models.inputs import Batcher
 from fcit.models.lora import State, get_state, set_state
 
-# A method's extra loss term: (model, batch, task loss) -> loss
-LossHook = Callable[[torch.nn.Module, dict, torch.Tensor], torch.Tensor]
+# A method's extra loss term: (model, batch, task loss, model outputs) -> loss
+LossHook = Callable[[torch.nn.Module, dict, torch.Tensor, Any], torch.Tensor]
 
 
 @dataclass
@@ -72,9 +72,10 @@ def local_train(
         order = torch.randperm(len(samples), generator=gen).tolist()
         for i in range(0, len(order), bs):
             batch = batcher.train_batch([samples[j] for j in order[i : i + bs]])
-            loss = model(**batch).loss
+            out = model(**batch)
+            loss = out.loss
             if loss_hook is not None:
-                loss = loss_hook(model, batch, loss)
+                loss = loss_hook(model, batch, loss, out)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
             opt.step()

@@ -15,6 +15,7 @@ from tqdm.auto import tqdm
 
 from fcit.config import Config
 from fcit.federated.client import local_train
+from fcit.federated.server_opt import combine_hooks, fedprox_hook
 from fcit.methods.base import Method, StageInfo
 from fcit.models.inputs import Batcher
 from fcit.models.lora import State, set_state, state_bytes
@@ -47,7 +48,10 @@ class InProcessEngine:
             shards = self.scenario.round_shards(info.stage, r)
             identities = [self.method.client_identity(self.model, s.samples, info) for s in shards]
             plans = self.method.plan_round(info, identities, global_state)
-            hook = self.method.client_loss(info, global_state)
+            mu = self.cfg.federation.prox_mu
+            # FedProx lives here, not in a method, so it composes with every method's own loss term.
+            hook = combine_hooks(self.method.client_loss(info, global_state),
+                                 fedprox_hook(global_state, mu) if mu > 0 else None)
             down = state_bytes(global_state)
             results = []
             for shard, plan in zip(tqdm(shards, desc="clients", leave=False, disable=not bar), plans):

@@ -16,7 +16,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 
 from fcit.config import Config
 from fcit.errors import FcitError
-from fcit.federated.aggregation import fedavg
+from fcit.federated.server_opt import build_server_optimizer
 from fcit.federated.client import LocalResult, LossHook
 from fcit.models.lora import State, attach_lora, get_state
 
@@ -54,6 +54,9 @@ class Method:
             loc = ".".join(str(p) for p in e["loc"])
             msg = "unknown key" if e["type"] == "extra_forbidden" else e["msg"]
             raise FcitError(f"config: method.params.{loc}: {msg} (method {self.name})") from None
+        self.server_opt = build_server_optimizer(cfg.federation)
+        # Set by the engine that owns the Batcher before any client hook runs (EWC builds Fisher batches with it).
+        self.batcher = None
 
     # -- model ------------------------------------------------------------------------------------------------
     def setup(self, model: torch.nn.Module) -> torch.nn.Module:
@@ -100,7 +103,7 @@ class Method:
         self, info: StageInfo, results: Sequence[LocalResult], plans: Sequence[dict], global_state: State
     ) -> State:
         """Server side: the new global state from the clients' uploads (only their trainable tensors)."""
-        new = fedavg([r.state for r in results], [r.num_samples for r in results])
+        new = self.server_opt.step(global_state, [r.state for r in results], [r.num_samples for r in results])
         return {**global_state, **new}
 
     # -- inference ---------------------------------------------------------------------------------------------
@@ -115,7 +118,8 @@ class Method:
 
     # -- resumable runs ----------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, torch.Tensor]:
-        return {}
+        """Everything a resumed run needs besides the global state; subclasses extend and call super()."""
+        return {f"server_opt/{k}": v for k, v in self.server_opt.state_dict().items()}
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        pass
+        self.server_opt.load_state_dict({k[11:]: v for k, v in state.items() if k.startswith("server_opt/")})

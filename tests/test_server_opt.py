@@ -1,0 +1,231 @@
+import math
+
+import pytest
+import torch
+
+from fcit.config import FederationConfig
+from fcit.errors import FcitError
+from fcit.federated.server_opt import (
+    FedAdagrad,
+    FedAdam,
+    FedAvg,
+    FedAvgM,
+    FedYogi,
+    ServerOptimizer,
+    build_server_optimizer,
+    combine_hooks,
+    fedprox_hook,
+)
+
+ETA, B1, B2, TAU = 0.5, 0.9, 0.99, 0.1
+
+# Round 1: x0 and two clients with 1 and 3 samples (p = 0.25, 0.75). The third coordinate keeps |Delta| < tau so that
+# FedYogi's sign(v - m^2) takes both values.
+X0 = [1.0, -2.0, 0.0]
+R1 = ([2.0, -1.0, 0.05], [0.0, 0.0, 0.05]), (1, 3)
+# Round 2: two clients with equal weight (p = 0.5, 0.5).
+R2 = ([1.5, 0.5, 0.0], [1.0, 1.0, 0.1]), (2, 2)
+
+
+def _t(v):
+    return {"w": torch.tensor(v, dtype=torch.float32)}
+
+
+def _delta(x, ys, ns, uniform=False):
+    p = [1 / len(ns)] * len(ns) if uniform else [n / sum(ns) for n in ns]
+    return [sum(pk * (y[j] - x[j]) for y, pk in zip(ys, p)) for j in range(len(x))]
+
+
+def _run(opt, uniform=False):
+    """Two rounds through the optimizer; also returns the two Deltas as plain floats for the hand formulas."""
+    x1 = opt.step(_t(X0), [_t(y) for y in R1[0]], R1[1])["w"]
+    d1 = _delta(X0, R1[0], R1[1], uniform)
+    x1l = x1.tolist()
+    x2 = opt.step({"w": x1}, [_t(y) for y in R2[0]], R2[1])["w"]
+    d2 = _delta(x1l, R2[0], R2[1], uniform)
+    return x1l, x2.tolist(), d1, d2
+
+
+def _close(a, b):
+    assert a == pytest.approx(b, rel=1e-5, abs=1e-6)
+
+
+def test_delta_helper_matches_hand_values():
+    # Delta_1 = 0.25 * (y1 - x0) + 0.75 * (y2 - x0) = 0.25 * [1, 1, 0.05] + 0.75 * [-1, 2, 0.05]
+    _close(_delta(X0, R1[0], R1[1]), [-0.5, 1.75, 0.05])
+    _close(_delta(X0, R1[0], R1[1], uniform=True), [0.0, 1.5, 0.05])
+
+
+def test_fedavg_two_rounds():
+    x1, x2, _, _ = _run(FedAvg())
+    _close(x1, [0.25 * 2.0 + 0.75 * 0.0, 0.25 * -1.0 + 0.75 * 0.0, 0.05])
+    _close(x2, [1.25, 0.75, 0.05])
+
+
+def test_fedavgm_two_rounds():
+    x1, x2, d1, d2 = _run(FedAvgM(server_lr=ETA, beta1=B1))
+    m1 = d1  # m_0 = Delta on a tensor's first step
+    _close(x1, [X0[j] + ETA * m1[j] for j in range(3)])
+    m2 = [B1 * m1[j] + (1 - B1) * d2[j] for j in range(3)]
+    _close(x2, [x1[j] + ETA * m2[j] for j in range(3)])
+
+
+def test_fedavgm_first_round_is_fedavg_with_unit_lr():
+    x1, _, _, _ = _run(FedAvgM(server_lr=1.0))
+    _close(x1, [0.5, -0.25, 0.05])
+
+
+def test_fedadagrad_two_rounds():
+    x1, x2, d1, d2 = _run(FedAdagrad(server_lr=ETA, tau=TAU))
+    v1 = [TAU**2 + d1[j] ** 2 for j in range(3)]
+    _close(x1, [X0[j] + ETA * d1[j] / (math.sqrt(v1[j]) + TAU) for j in range(3)])
+    v2 = [v1[j] + d2[j] ** 2 for j in range(3)]
+    _close(x2, [x1[j] + ETA * d2[j] / (math.sqrt(v2[j]) + TAU) for j in range(3)])
+
+
+def test_fedadam_two_rounds():
+    x1, x2, d1, d2 = _run(FedAdam(server_lr=ETA, beta1=B1, beta2=B2, tau=TAU))
+    m1 = d1
+    v1 = [B2 * TAU**2 + (1 - B2) * m1[j] ** 2 for j in range(3)]
+    _close(x1, [X0[j] + ETA * m1[j] / (math.sqrt(v1[j]) + TAU) for j in range(3)])
+    m2 = [B1 * m1[j] + (1 - B1) * d2[j] for j in range(3)]
+    v2 = [B2 * v1[j] + (1 - B2) * m2[j] ** 2 for j in range(3)]
+    _close(x2, [x1[j] + ETA * m2[j] / (math.sqrt(v2[j]) + TAU) for j in range(3)])
+
+
+def test_fedyogi_two_rounds():
+    sign = lambda a: (a > 0) - (a < 0)  # noqa: E731
+    x1, x2, d1, d2 = _run(FedYogi(server_lr=ETA, beta1=B1, beta2=B2, tau=TAU))
+    m1 = d1
+    v0 = TAU**2
+    v1 = [v0 - (1 - B2) * m1[j] ** 2 * sign(v0 - m1[j] ** 2) for j in range(3)]
+    assert v1[2] < v0 < v1[0]  # both branches of the sign are exercised
+    _close(x1, [X0[j] + ETA * m1[j] / (math.sqrt(v1[j]) + TAU) for j in range(3)])
+    m2 = [B1 * m1[j] + (1 - B1) * d2[j] for j in range(3)]
+    v2 = [v1[j] - (1 - B2) * m2[j] ** 2 * sign(v1[j] - m2[j] ** 2) for j in range(3)]
+    _close(x2, [x1[j] + ETA * m2[j] / (math.sqrt(v2[j]) + TAU) for j in range(3)])
+
+
+def test_uniform_weighting_ignores_sample_counts():
+    x1, x2, d1, d2 = _run(FedAvgM(server_lr=1.0, beta1=B1, weighting="uniform"), uniform=True)
+    _close(d1, [0.0, 1.5, 0.05])
+    _close(x1, [1.0, -0.5, 0.05])
+    _close(x2, [x1[j] + B1 * d1[j] + (1 - B1) * d2[j] for j in range(3)])
+
+
+@pytest.mark.parametrize("cls", [FedAvgM, FedAdam, FedAdagrad, FedYogi])
+def test_state_dict_round_trip_continues_identically(cls):
+    kw = dict(server_lr=ETA, beta1=B1, beta2=B2, tau=TAU)
+    a = cls(**kw)
+    x1 = a.step(_t(X0), [_t(y) for y in R1[0]], R1[1], group="g")
+    b = cls(**kw)
+    b.load_state_dict({k: v.clone() for k, v in a.state_dict().items()})
+    assert set(b.state_dict()) == set(a.state_dict()) and a.state_dict()
+    xa = a.step(x1, [_t(y) for y in R2[0]], R2[1], group="g")
+    xb = b.step(x1, [_t(y) for y in R2[0]], R2[1], group="g")
+    assert torch.equal(xa["w"], xb["w"])
+    # A fresh optimizer would take a different second step: the state really carries over.
+    c = cls(**kw).step(x1, [_t(y) for y in R2[0]], R2[1], group="g")
+    assert not torch.allclose(c["w"], xa["w"])
+
+
+def test_groups_keep_separate_state():
+    opt = FedAvgM(server_lr=1.0, beta1=B1)
+    opt.step(_t(X0), [_t(y) for y in R1[0]], R1[1], group="s0")
+    # Same tensor name in another group: its first step must again use m = Delta (plain FedAvg with eta = 1).
+    out = opt.step(_t(X0), [_t(y) for y in R1[0]], R1[1], group="s1")
+    _close(out["w"].tolist(), [0.5, -0.25, 0.05])
+    assert {k.split("::")[1] for k in opt.state_dict()} == {"s0", "s1"}
+
+
+def test_only_uploaded_keys_are_returned_and_dtype_kept():
+    g = {"w": torch.tensor([1.0, 2.0], dtype=torch.bfloat16), "frozen": torch.zeros(3)}
+    ys = [{"w": torch.tensor([2.0, 2.0], dtype=torch.bfloat16)}]
+    out = FedAdam(server_lr=0.1).step(g, ys, [5])
+    assert set(out) == {"w"} and out["w"].dtype == torch.bfloat16
+    opt = FedAdam()
+    opt.step(g, ys, [5])
+    assert all(v.dtype == torch.float32 for v in opt.state_dict().values())
+
+
+def test_errors_are_one_line_fcit_errors():
+    with pytest.raises(FcitError):
+        FedAvg().step(_t(X0), [], [])
+    with pytest.raises(FcitError):
+        FedAvg().step(_t(X0), [_t(X0), {"other": torch.zeros(3)}], [1, 1])
+    with pytest.raises(FcitError):
+        FedAvg().step(_t(X0), [_t(X0)], [0])
+    with pytest.raises(FcitError):
+        FedAdam().step({}, [_t(X0)], [1])
+    with pytest.raises(FcitError):
+        ServerOptimizer(weighting="median")
+
+
+@pytest.mark.parametrize(
+    "name,cls", [("fedavg", FedAvg), ("fedavgm", FedAvgM), ("fedadam", FedAdam), ("fedadagrad", FedAdagrad),
+                 ("fedyogi", FedYogi)]
+)
+def test_build_from_config(name, cls):
+    cfg = FederationConfig(aggregator=name, server_lr=0.3, beta1=0.8, beta2=0.95, tau=0.01)
+    opt = build_server_optimizer(cfg)
+    assert type(opt) is cls and opt.weighting == "samples"
+    assert (opt.server_lr, opt.beta1, opt.beta2, opt.tau) == (0.3, 0.8, 0.95, 0.01)
+    assert build_server_optimizer(cfg, weighting="uniform").weighting == "uniform"
+
+
+# -- FedProx ---------------------------------------------------------------------------------------------------------
+class Toy(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.tensor([1.0, -1.0]))
+        self.b = torch.nn.Parameter(torch.tensor([5.0]), requires_grad=False)
+        self.extra = torch.nn.Parameter(torch.tensor([3.0]))  # trainable but not in the global state
+
+
+def test_fedprox_zero_at_the_anchor():
+    m = Toy()
+    g = {"w": m.w.detach().clone(), "b": torch.tensor([0.0])}
+    loss = torch.tensor(2.0)
+    assert fedprox_hook(g, mu=0.5)(m, {}, loss).item() == pytest.approx(2.0)
+
+
+def test_fedprox_value_and_gradient():
+    m = Toy()
+    g = {"w": torch.tensor([0.0, 1.0]), "b": torch.tensor([0.0])}  # d = w - g = [1, -2]; b is frozen, extra absent
+    mu = 0.5
+    out = fedprox_hook(g, mu)(m, {}, torch.tensor(0.0))
+    assert out.item() == pytest.approx(mu / 2 * (1 + 4))
+    out.backward()
+    assert torch.allclose(m.w.grad, mu * torch.tensor([1.0, -2.0]))
+    assert m.extra.grad is None
+    assert not g["w"].requires_grad
+
+
+def test_fedprox_follows_what_trains_between_clients():
+    # The same hook serves every client of a round; a method may freeze a different slice for each (before_local).
+    m = Toy()
+    hook = fedprox_hook({"w": torch.zeros(2), "extra": torch.zeros(1)}, 2.0)
+    assert hook(m, {}, torch.tensor(0.0)).item() == pytest.approx(1.0 * (1 + 1 + 9))
+    m.w.requires_grad_(False)
+    assert hook(m, {}, torch.tensor(0.0)).item() == pytest.approx(1.0 * 9)
+    m.extra.requires_grad_(False)
+    assert hook(m, {}, torch.tensor(0.0)).item() == 0.0
+
+
+def test_build_with_unset_server_lr_picks_per_optimizer_default():
+    class Cfg:  # a FederationConfig that allows server_lr = None
+        server_lr, beta1, beta2, tau = None, 0.9, 0.99, 1e-3
+
+    for name, lr in (("fedavgm", 1.0), ("fedadam", 1e-3), ("fedyogi", 1e-3)):
+        c = Cfg()
+        c.aggregator = name
+        assert build_server_optimizer(c).server_lr == lr
+
+
+def test_combine_hooks():
+    assert combine_hooks() is None and combine_hooks(None, None) is None
+    h = fedprox_hook({"w": torch.zeros(2)}, 2.0)
+    assert combine_hooks(None, h) is h
+    m = Toy()
+    both = combine_hooks(h, lambda model, batch, loss: loss + 10)
+    assert both(m, {}, torch.tensor(1.0)).item() == pytest.approx(1.0 + 0.5 * 2.0 * 2.0 + 10)
