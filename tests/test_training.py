@@ -61,3 +61,21 @@ def test_local_train_is_deterministic(micro_backbone, micro_samples):
                           seed=7)
         outs.append(res.state)
     assert all(torch.equal(outs[0][k], outs[1][k]) for k in outs[0])
+
+
+def test_vision_cache_gives_the_same_loss_and_skips_the_tower(micro_backbone, micro_samples):
+    from fcit.models.vision_cache import VisionFeatureCache
+
+    base, processor = micro_backbone
+    model = attach_lora(copy.deepcopy(base), ModelConfig())
+    batch = Batcher(model, processor).train_batch(micro_samples)
+    with torch.no_grad():
+        plain = model(**batch).loss
+    cache = VisionFeatureCache(model, budget_mb=16)
+    cached_first = model(**batch).loss  # grad enabled, tower frozen: still served from the cache path
+    cached_again = model(**batch).loss
+    assert cache.misses == len(micro_samples) and cache.hits == len(micro_samples)
+    assert torch.allclose(plain, cached_first, atol=1e-6) and torch.equal(cached_first, cached_again)
+    cached_again.backward()  # gradients still reach the projector through cached features
+    proj = [p for n, p in model.named_parameters() if "multi_modal_projector" in n]
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in proj)

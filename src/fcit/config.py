@@ -73,6 +73,9 @@ class ModelConfig(_Strict):
     path: Optional[str] = None  # local HF directory (e.g. llava-1.5-7b-hf); None = the embedded tiny base
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     train_projector: bool = True
+    # The frozen vision tower's features are cached by image content up to this many MB (0 = off).
+    vision_cache_mb: float = Field(2048, ge=0)
+    system_prompt: str = ""  # set LLaVA-1.5's system sentence when tuning the real 7B checkpoint
     lora: LoraConfig = LoraConfig()
 
 

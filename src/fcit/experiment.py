@@ -30,6 +30,7 @@ from fcit.methods.base import Method, StageInfo
 from fcit.models.backbone import load_backbone
 from fcit.models.inputs import Batcher
 from fcit.models.lora import set_state
+from fcit.models.vision_cache import VisionFeatureCache
 
 
 def write_json(path: Path, obj: Any) -> None:
@@ -85,8 +86,12 @@ class Experiment:
         self.scenario = Scenario(cfg.scenario, cfg.seed, self.rt.bench, partitions_root=cfg.data.partitions)
         torch.manual_seed(cfg.seed)
         self.model = self.method.setup(self.rt.fresh_model() if runtime is not None else self.rt.base_model)
-        self.batcher = Batcher(self.model, self.rt.processor, max_length=cfg.train.max_length)
+        if cfg.model.vision_cache_mb > 0:
+            self.vision_cache = VisionFeatureCache(self.model, cfg.model.vision_cache_mb)
+        self.batcher = Batcher(self.model, self.rt.processor, system_prompt=cfg.model.system_prompt,
+                               max_length=cfg.train.max_length)
         self.method.batcher = self.batcher
+        self.method.bind(self.rt.processor)
         self.timer = Timer()
         self._tests: dict[str, list] = {}
 

@@ -814,13 +814,14 @@ def qa_ocrvqa(s: BookSpec, rng, i) -> QA:
 
 
 def captions(s: LandscapeSpec) -> list[str]:
+    """Paraphrased references (at most 11 words), first one the test answer."""
     g = [t.noun_phrase for t in s.ground]
     things = _join(g)
-    sky = {None: "under a clear blue sky", "sun": "on a sunny day", "cloud": "under a cloudy sky"}[s.sky.kind if s.sky else None]
-    refs = [f"{things} on the grass {sky}", f"{things} in a green field", f"a grassy field with {things}"]
+    sky = {None: "under a clear sky", "sun": "on a sunny day", "cloud": "under a cloudy sky"}[s.sky.kind if s.sky else None]
+    refs = [f"{things} {sky}", f"{things} in a green field", f"a grassy field with {things}"]
     refs.append(f"{g[0]} next to {g[1]}" if len(g) == 2 else f"{g[0]} standing in a field")
     if s.sky:
-        refs.append(f"{things} on the grass with {s.sky.noun_phrase} above")
+        refs.append(f"{things} with {'the sun' if s.sky.kind == 'sun' else 'a cloud'} above")
     return [r[0].upper() + r[1:] + "." for r in refs]
 
 

@@ -5,13 +5,14 @@ from __future__ import annotations
 from fcit.config import Config
 from fcit.errors import FcitError
 from fcit.methods.base import Method
+from fcit.methods.disco import Disco
 from fcit.methods.ewc import Ewc
 from fcit.methods.finetune import Finetune
 from fcit.methods.lwf import Lwf
 from fcit.methods.mtl import MultiTask
 from fcit.methods.zeroshot import ZeroShot
 
-REGISTRY: dict[str, type[Method]] = {m.name: m for m in (ZeroShot, Finetune, Ewc, Lwf, MultiTask)}
+REGISTRY: dict[str, type[Method]] = {m.name: m for m in (ZeroShot, Finetune, Ewc, Lwf, Disco, MultiTask)}
 
 
 def build_method(cfg: Config) -> Method:

@@ -63,6 +63,9 @@ class Method:
         """Attach the method's adapters to the frozen backbone and mark what trains."""
         return attach_lora(model, self.cfg.model)
 
+    def bind(self, processor) -> None:
+        """Receive the backbone's processor (tokenizer, image processor) once the model is set up."""
+
     def initial_state(self, model: torch.nn.Module) -> State:
         """The global state the server starts from: every tensor the method will ever aggregate."""
         return get_state(model)

@@ -338,7 +338,7 @@ class Disco(Method):
         missing = [p for p in dict.fromkeys(paths) if p not in self._image_cache]
         for i in range(0, len(missing), enc.batch_size):
             chunk = missing[i : i + enc.batch_size]
-            px = torch.stack([self._batcher._load_image(p) for p in chunk])
+            px = torch.stack([self._batcher.load_image(p) for p in chunk])
             self._image_cache.update(zip(chunk, enc.encode(px)))
         if not paths:
             return torch.zeros(0, enc.dim)

@@ -56,7 +56,7 @@ class Batcher:
         return self.tok(text, add_special_tokens=False)["input_ids"]
 
     # ---- images -----------------------------------------------------------------------------------------------
-    def _load_image(self, path: str) -> torch.Tensor:
+    def load_image(self, path: str) -> torch.Tensor:
         if self._cache is not None and path in self._cache:
             return self._cache[path]
         try:
@@ -76,7 +76,7 @@ class Batcher:
         return px
 
     def _pixels(self, samples: Sequence[Sample]) -> torch.Tensor | None:
-        imgs = [self._load_image(s.image) for s in samples if s.image]
+        imgs = [self.load_image(s.image) for s in samples if s.image]
         return torch.stack(imgs) if imgs else None
 
     # ---- batches ----------------------------------------------------------------------------------------------

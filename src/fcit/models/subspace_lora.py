@@ -22,7 +22,8 @@ The forward has three modes, all driven by one routing context shared by every l
   subspace. A_cat / B_cat are cached per layer and rebuilt only when a parameter's version or storage changed,
   checked when a gate is set. So weights must not change while a gate is set; set it again after an update.
   Each gate row is broadcast over the sequence, so it holds for the prompt and for every cached decoding step of
-  ``generate`` (the batch size stays fixed there).
+  ``generate`` (the batch size stays fixed there). ``set_active(model, j)`` followed by ``set_gate(model, g)``
+  trains slot j under the gate g (the concatenation is then built live so that j gets its gradient).
 
 ``export_peft`` writes the selected subspaces (or a gate-weighted merge) as a plain PEFT LoRA adapter that
 ``PeftModel.from_pretrained(base, path)`` loads.
