@@ -9,10 +9,13 @@ from fcit.methods.disco import Disco
 from fcit.methods.ewc import Ewc
 from fcit.methods.finetune import Finetune
 from fcit.methods.lwf import Lwf
+from fcit.methods.mlora import MLora
+from fcit.methods.moelora import MoELora
+from fcit.methods.olora import OLora
 from fcit.methods.mtl import MultiTask
 from fcit.methods.zeroshot import ZeroShot
 
-REGISTRY: dict[str, type[Method]] = {m.name: m for m in (ZeroShot, Finetune, Ewc, Lwf, Disco, MultiTask)}
+REGISTRY: dict[str, type[Method]] = {m.name: m for m in (ZeroShot, Finetune, Ewc, Lwf, OLora, MLora, MoELora, Disco, MultiTask)}
 
 
 def build_method(cfg: Config) -> Method:
