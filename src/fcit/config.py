@@ -6,6 +6,7 @@ work starts and fails with one line naming the key (see ``load_config``).
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 from typing import Any, Literal, Optional
@@ -186,7 +187,7 @@ def load_config(
     """Defaults <- preset <- file <- overrides, validated once. Raises FcitError with one line on any problem."""
     if preset not in PRESETS:
         raise FcitError(f"config: unknown preset {preset!r}; known: {', '.join(PRESETS)}")
-    raw: dict[str, Any] = _merge({}, PRESETS[preset])
+    raw: dict[str, Any] = copy.deepcopy(PRESETS[preset])  # overrides mutate nested dicts: never the preset itself
     if path is not None:
         p = Path(path)
         if not p.is_file():

@@ -35,7 +35,7 @@ from fcit.config import SynthConfig
 from fcit.data import registry
 from fcit.errors import FcitError
 
-GENERATOR_VERSION = "1"
+GENERATOR_VERSION = "2"
 
 # ---------------------------------------------------------------------------------------------------------------
 # Vocabulary. Fixed lists keep the whole text corpus small (the tokenizer is trained on it).
@@ -78,7 +78,11 @@ GRID_POS = [
 SLOT_PHRASES = ["on the left", "in the middle", "on the right"]
 LETTERS = "ABCD"
 
-PRETRAIN_PROMPTS = ["Describe the image.", "Give a full description of the picture.", "Write down what the image shows."]
+PRETRAIN_PROMPTS = [
+    "Describe the image.",
+    "Give a full description of the picture.",
+    "Write down what the image shows.",
+]
 
 # Per-task instruction suffixes differ on purpose: instructions should separate tasks more than images do.
 SUFFIX = {
@@ -106,7 +110,7 @@ _CORPUS_STREAM = 200
 _SPLITS = {"train": 0, "test": 1}
 
 # ---------------------------------------------------------------------------------------------------------------
-# Drawing. Everything is laid out in [0, 1] image coordinates and rendered at 4x, then box-downsampled: anti-aliased
+# Drawing. Everything is laid out in [0, 1] image coordinates, rendered at up to 4x, then box-downsampled: anti-aliased
 # edges keep 12-pixel objects and 10-pixel letters legible at 48 x 48, and boxes do not depend on image_size.
 
 RGB = tuple[int, int, int]
@@ -192,7 +196,8 @@ def _unit_shape(shape: str) -> tuple[tuple[float, float], ...]:
         )  # fmt: skip
     if shape == "cross":
         a = 0.32
-        return ((-a, -1), (a, -1), (a, -a), (1, -a), (1, a), (a, a), (a, 1), (-a, 1), (-a, a), (-1, a), (-1, -a), (-a, -a))
+        return ((-a, -1), (a, -1), (a, -a), (1, -a), (1, a), (a, a),
+                (a, 1), (-a, 1), (-a, a), (-1, a), (-1, -a), (-a, -a))  # fmt: skip
     if shape == "heart":
         ts = np.linspace(0, 2 * math.pi, 60, endpoint=False)
         return tuple(
@@ -457,8 +462,10 @@ def _draw_solid(cv: _Canvas, o: SceneObj, s: float = 0.125):
     cv.ellipse(cx - s * 0.95, cy + s * 0.6, cx + s * 1.15, cy + s * 1.15, fill=shadow)
     if o.shape == "cube":
         d = 0.35 * s
-        cv.polygon([(cx - s, cy - s + d), (cx - s + d, cy - s), (cx + s, cy - s), (cx + s - d, cy - s + d)], fill=_lighter(c, 0.35))
-        cv.polygon([(cx + s - d, cy - s + d), (cx + s, cy - s), (cx + s, cy + s - d), (cx + s - d, cy + s)], fill=_darker(c, 0.35))
+        top = [(cx - s, cy - s + d), (cx - s + d, cy - s), (cx + s, cy - s), (cx + s - d, cy - s + d)]
+        side = [(cx + s - d, cy - s + d), (cx + s, cy - s), (cx + s, cy + s - d), (cx + s - d, cy + s)]
+        cv.polygon(top, fill=_lighter(c, 0.35))
+        cv.polygon(side, fill=_darker(c, 0.35))
         cv.rect(cx - s, cy - s + d, cx + s - d, cy + s, fill=c)
     elif o.shape == "sphere":
         cv.ellipse(cx - s, cy - s, cx + s, cy + s, fill=_darker(c, 0.2))
@@ -597,12 +604,14 @@ def _draw_thing(cv: _Canvas, t: Thing):
     elif t.kind == "house":
         c = COLORS[t.color]  # type: ignore[index]
         cv.rect(x1 + 0.08 * w, y1 + 0.42 * h, x2 - 0.08 * w, y2, fill=c, outline=outline, width=0.012)
-        cv.polygon([(x1, y1 + 0.45 * h), (cx, y1), (x2, y1 + 0.45 * h)], fill=(85, 60, 55), outline=outline, width=0.012)
+        roof = [(x1, y1 + 0.45 * h), (cx, y1), (x2, y1 + 0.45 * h)]
+        cv.polygon(roof, fill=(85, 60, 55), outline=outline, width=0.012)
         cv.rect(cx - 0.12 * w, y1 + 0.68 * h, cx + 0.12 * w, y2, fill=(70, 45, 30))
     elif t.kind == "car":
         c = COLORS[t.color]  # type: ignore[index]
-        cv.polygon([(x1 + 0.22 * w, y1 + 0.45 * h), (x1 + 0.32 * w, y1), (x2 - 0.3 * w, y1), (x2 - 0.18 * w, y1 + 0.45 * h)],
-                   fill=_lighter(c, 0.15), outline=outline, width=0.01)  # fmt: skip
+        yb = y1 + 0.45 * h
+        cabin = [(x1 + 0.22 * w, yb), (x1 + 0.32 * w, y1), (x2 - 0.3 * w, y1), (x2 - 0.18 * w, yb)]
+        cv.polygon(cabin, fill=_lighter(c, 0.15), outline=outline, width=0.01)
         cv.rect(x1, y1 + 0.42 * h, x2, y2 - 0.2 * h, fill=c, outline=outline, width=0.012)
         r = 0.22 * h
         for wx in (x1 + 0.25 * w, x2 - 0.25 * w):
@@ -666,7 +675,8 @@ def draw_bars(s: BarSpec, size: int, rng: np.random.Generator) -> Image.Image:
     for j, (c, v) in enumerate(zip(s.colors, s.values)):
         bx = x0 + 0.04 + slot * j
         by = y1 - (y1 - top) * v / vmax
-        cv.rect(bx + slot * 0.14, by, bx + slot * 0.86, y1 - 0.01, fill=COLORS[c], outline=_darker(COLORS[c], 0.4), width=0.008)
+        rgb = COLORS[c]
+        cv.rect(bx + slot * 0.14, by, bx + slot * 0.86, y1 - 0.01, fill=rgb, outline=_darker(rgb, 0.4), width=0.008)
         if s.labelled:
             cv.text(str(v), bx + slot / 2, by - 0.09, 0.2, (20, 20, 20), bold=0.05)
     return cv.finish()
@@ -677,7 +687,9 @@ def describe_bars(s: BarSpec) -> str:
     hi = s.colors[int(np.argmax(s.values))]
     lo = s.colors[int(np.argmin(s.values))]
     if s.labelled:
-        return f"a bar chart with {NUM_WORDS[len(s.values)]} labelled bars. from left to right the labels read: {_join(parts)}."
+        return f"a bar chart with {NUM_WORDS[len(s.values)]} labelled bars. from left to right the labels read: " + (
+            _join(parts) + "."
+        )
     return (f"a bar chart with {NUM_WORDS[len(s.values)]} bars. from left to right the heights are: {_join(parts)}. "
             f"the {hi} bar is the highest and the {lo} bar is the lowest.")  # fmt: skip
 
@@ -758,7 +770,8 @@ def qa_imagenet_r(s: ObjectSpec, rng, i) -> QA:
 
 def qa_arxivqa(s: LineSpec, rng, i) -> QA:
     opts, letter = _options(rng, s.trend, TRENDS, 4)
-    stem = _pick(rng, ["Which trend does the line in this figure show?", "How does the plotted value change along the x axis?"])
+    stem = _pick(rng, ["Which trend does the line in this figure show?",
+                       "How does the plotted value change along the x axis?"])  # fmt: skip
     body = "\n".join(f"{LETTERS[j]}. {o}" for j, o in enumerate(opts))
     return f"{stem}\nOptions:\n{body}\n{SUFFIX['ArxivQA']}", letter, [letter], {}
 
@@ -766,7 +779,8 @@ def qa_arxivqa(s: LineSpec, rng, i) -> QA:
 def qa_iconqa(s: IconSpec, rng, i) -> QA:
     opts, letter = _options(rng, s.counts[0][0], ICON_NAMES, 3)
     choices = " ".join(f"({LETTERS[j]}) {o}" for j, o in enumerate(opts))
-    return f"Question: Which icon appears most often in the grid?\nChoices: {choices}\n{SUFFIX['IconQA']}", letter, [letter], {}
+    q = f"Question: Which icon appears most often in the grid?\nChoices: {choices}\n{SUFFIX['IconQA']}"
+    return q, letter, [letter], {}
 
 
 def qa_clevr_math(s: SceneSpec, rng, i) -> QA:
@@ -817,7 +831,7 @@ def captions(s: LandscapeSpec) -> list[str]:
     """Paraphrased references (at most 11 words), first one the test answer."""
     g = [t.noun_phrase for t in s.ground]
     things = _join(g)
-    sky = {None: "under a clear sky", "sun": "on a sunny day", "cloud": "under a cloudy sky"}[s.sky.kind if s.sky else None]
+    sky = {None: "under a clear sky", "sun": "on a sunny day", "cloud": "under a cloudy sky"}[s.sky and s.sky.kind]
     refs = [f"{things} {sky}", f"{things} in a green field", f"a grassy field with {things}"]
     refs.append(f"{g[0]} next to {g[1]}" if len(g) == 2 else f"{g[0]} standing in a field")
     if s.sky:
@@ -836,7 +850,8 @@ def qa_aokvqa(s: LandscapeSpec, rng, i) -> QA:
     kind = _pick(rng, kinds)
     if kind == "weather":
         q = "What is the weather like in this picture?"
-        opts, letter = _options(rng, {"sun": "sunny", "cloud": "cloudy"}[s.sky.kind], ["sunny", "cloudy", "rainy", "snowy"], 4)  # type: ignore[union-attr]  # noqa: E501
+        weather = {"sun": "sunny", "cloud": "cloudy"}[s.sky.kind]  # type: ignore[union-attr]
+        opts, letter = _options(rng, weather, ["sunny", "cloudy", "rainy", "snowy"], 4)
     elif kind == "color":
         t = _pick(rng, colored)
         q = f"What color is the {t.kind} in this picture?"

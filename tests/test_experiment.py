@@ -1,0 +1,109 @@
+"""End-to-end runs of the in-process engine on the smoke setting, through the same code as `fcit run`."""
+
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from fcit.config import load_config
+from fcit.experiment import run
+from fcit.methods import REGISTRY
+
+
+@pytest.fixture(scope="session")
+def cache_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("fcit-cache")
+
+
+@pytest.fixture(scope="session")
+def small_base(tmp_path_factory, cache_dir):
+    """`fcit pretrain` at a small size: the real pre-training path, in seconds."""
+    from fcit.models.pretrain import pretrain
+
+    out = tmp_path_factory.mktemp("base")
+    cfg = load_config(preset="smoke", overrides={"data.root": str(cache_dir), "data.synth.n_pretrain": 48})
+    pretrain(cfg, out, epochs=1, progress=False)
+    meta = json.loads((out / "fcit_pretrain.json").read_text())
+    assert meta["samples"] == 48 and meta["epochs"] == 1
+    return out
+
+
+def smoke_cfg(base, cache_dir, tmp_path, **over):
+    o = {"model.path": str(base), "data.root": str(cache_dir), "out_dir": str(tmp_path)}
+    o.update(over)
+    return load_config(preset="smoke", overrides=o)
+
+
+def test_smoke_run_writes_the_run_directory(small_base, cache_dir, tmp_path):
+    run_dir, m = run(smoke_cfg(small_base, cache_dir, tmp_path), tmp_path / "ft", progress=False)
+    for f in ("config.json", "metrics.json", "results.md", "matrix.png", "checkpoint/state.safetensors"):
+        assert (run_dir / f).is_file(), f
+    assert m["matrix"]["datasets"] == ["ImageNet-R", "ArxivQA"]
+    assert [sorted(r) for r in m["matrix"]["rows"]] == [["ImageNet-R"], ["ArxivQA", "ImageNet-R"]]
+    assert set(m["summary"]) >= {"last", "avg", "forgetting"}
+    assert len(m["rounds"]) == 2 * 2 and all(r["bytes_up"] > 0 and len(r["clients"]) == 2 for r in m["rounds"])
+    assert set(m["timing"]) >= {"train", "eval", "aggregation", "other", "total"}
+    assert "After stage 2" in (run_dir / "results.md").read_text()
+    with pytest.raises(Exception, match="already holds a finished run"):
+        run(smoke_cfg(small_base, cache_dir, tmp_path), tmp_path / "ft", progress=False)
+
+
+def _without_timing(m):
+    return {k: v for k, v in m.items() if k != "timing"}
+
+
+def test_same_seed_same_metrics_and_resume_continues(small_base, cache_dir, tmp_path):
+    cfg = smoke_cfg(small_base, cache_dir, tmp_path)
+    _, a = run(cfg, tmp_path / "a", progress=False)
+    _, b = run(cfg, tmp_path / "b", progress=False)
+    assert _without_timing(a) == _without_timing(b)
+    # A crash after stage 1: keep the stage-1 checkpoint only, then resume.
+    _, _ = run(smoke_cfg(small_base, cache_dir, tmp_path, **{"scenario.stages": 1}), tmp_path / "c", progress=False)
+    (tmp_path / "c" / "metrics.json").unlink()
+    (tmp_path / "c" / "config.json").write_text(json.dumps(cfg.model_dump(mode="json")))
+    _, c = run(cfg, tmp_path / "c", progress=False, resume=True)
+    assert c["matrix"] == a["matrix"] and c["rounds"] == a["rounds"]
+
+
+@pytest.mark.parametrize("method", sorted(REGISTRY))
+def test_every_registered_method_completes_a_smoke_run(small_base, cache_dir, tmp_path, method):
+    _, m = run(smoke_cfg(small_base, cache_dir, tmp_path, **{"method.name": method}), tmp_path / method,
+               progress=False)
+    assert len(m["matrix"]["rows"]) == 2 and m["method"] == method
+    if REGISTRY[method].kind != "federated":
+        assert m["rounds"] == [] and m["summary"]["forgetting"] in (0.0, None)
+
+
+def test_disco_smoke_in_het(small_base, cache_dir, tmp_path):
+    over = {"method.name": "disco", "scenario.mode": "het", "scenario.het_table": [[0, 1], [1, 1]] + [[0, 0]] * 6}
+    run_dir, m = run(smoke_cfg(small_base, cache_dir, tmp_path, **over), tmp_path / "het", progress=False)
+    assert m["matrix"]["datasets"] == ["ImageNet-R", "ArxivQA"]
+    art = m["method_artifacts"]
+    assert art["subspaces_formed"] >= 1
+    assert (run_dir / "disco" / "routing.json").is_file() and (run_dir / "disco" / "activation.png").is_file()
+
+
+def _cli(*args):
+    return subprocess.run([sys.executable, "-m", "fcit.cli", *args], capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.parametrize(
+    "args, needle",
+    [
+        (["run", "--set", "scenario.beta=0"], "scenario.beta"),
+        (["run", "--set", "scenario.clients_per_round=60"], "clients_per_round"),
+        (["run", "--set", "train.lr=fast"], "train.lr"),
+        (["run", "--set", "bogus.key=1"], "bogus"),
+        (["run", "--method", "nope"], "unknown method"),
+        (["run", "--method", "disco", "--set", "method.params.tau=2", "--set", "method.params.nope=1"], "method.params"),
+        (["run", "--config", "/nonexistent.yaml"], "not found"),
+    ],
+)
+def test_cli_bad_input_is_one_line_before_any_work(args, needle, tmp_path):
+    r = _cli(*args, "--out", str(tmp_path))
+    assert r.returncode == 2, r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("fcit: error:") and needle in lines[0], r.stderr
+    assert not any(tmp_path.iterdir()), "nothing may be written before validation passes"
