@@ -39,7 +39,6 @@ from pydantic import Field, field_validator
 
 from fcit.config import Config
 from fcit.errors import FcitError
-from fcit.federated.aggregation import fedavg
 from fcit.federated.client import LocalResult
 from fcit.methods.base import Method, StageInfo
 from fcit.methods.base import Params as BaseParams
@@ -389,12 +388,12 @@ class Disco(Method):
     # -- server: aggregation ---------------------------------------------------------------------------------------
     def aggregate_subspace(self, slot: int, states: Sequence[State], weights: Sequence[float],
                            global_state: State) -> State:
-        """One subspace from the clients that trained it; the place a server optimizer hooks in per subspace."""
-        return fedavg(states, weights)
+        """One subspace from the clients that trained it, with the server optimizer's own state per subspace."""
+        return self.server_opt.step(global_state, states, weights, group=f"subspace{slot}")
 
     def aggregate_shared(self, states: Sequence[State], weights: Sequence[float], global_state: State) -> State:
-        """Tensors every client trains (the projector): FedAvg over all clients of the round."""
-        return fedavg(states, weights)
+        """Tensors every client trains (the projector): aggregated over all clients of the round."""
+        return self.server_opt.step(global_state, states, weights, group="shared")
 
     def aggregate(self, info: StageInfo, results: Sequence[LocalResult], plans: Sequence[dict],
                   global_state: State) -> State:
@@ -594,10 +593,11 @@ class Disco(Method):
         state = {"N": self.N.clone(), "used": self.used.to(torch.uint8),
                  "routing_log": _json_tensor(self.routing_log), "gate_stats": _json_tensor(self.gate_stats)}
         state.update({f"C.{m}": c.clone() for m, c in self.C.items()})
-        return state
+        return {**super().state_dict(), **state}
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        if not state:
+        super().load_state_dict(state)
+        if "N" not in state:
             return
         self.N = state["N"].float().clone()
         self.used = state["used"].bool().clone()
