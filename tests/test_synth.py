@@ -104,7 +104,7 @@ def test_answer_formats(built):
         kind = registry.get(name).answer_type
         for a in _answers(built, name):
             if kind == registry.CHOICE:
-                assert re.fullmatch("[A-D]", a), (name, a)
+                assert re.fullmatch("[A-E]", a), (name, a)
             elif kind in (registry.NUMBER,) or name == "DVQA":
                 assert re.fullmatch(r"\d+", a), (name, a)
             elif kind == registry.YESNO:
@@ -163,7 +163,7 @@ def test_pretrain_mixture_has_no_task_format(built):
             assert "?" not in text and "[" not in text
             assert not re.search(r"\d", text), text
             assert not re.search(r"\b(yes|no)\b", text, re.I), text
-            assert not re.search(r"(^|\s)\(?[A-D][.)]\s", text), text
+            assert not re.search(r"(^|\s)\(?[A-E][.)]\s", text), text
         with Image.open(built / r["image"]) as im:
             assert im.size == (SMALL.image_size, SMALL.image_size)
     for family in ("picture of", "line chart", "grid of icons", "scene with", "book cover", "landscape",

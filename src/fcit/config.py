@@ -84,7 +84,8 @@ class TrainConfig(_Strict):
     lr: float = Field(2e-3, gt=0)
     weight_decay: float = Field(0.0, ge=0)
     warmup_ratio: float = Field(0.03, ge=0, le=1)
-    local_epochs: int = Field(1, ge=1)
+    # 4 local passes: the embedded tiny model needs them to learn a task within one stage (measured, README)
+    local_epochs: int = Field(4, ge=1)
     batch_size: int = Field(16, ge=1)
     max_grad_norm: float = Field(1.0, gt=0)
     max_length: int = Field(256, ge=16, description="token budget of one training sequence")
@@ -135,7 +136,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     "smoke": {
         "data": {"synth": {"n_train": 40, "n_test": 8, "n_pretrain": 200}},
         "scenario": {"num_clients": 4, "clients_per_round": 2, "rounds": 2, "stages": 2},
-        "train": {"batch_size": 8},
+        "train": {"batch_size": 8, "local_epochs": 1},
         "eval": {"batch_size": 16, "max_new_tokens": 12},
     },
 }

@@ -35,7 +35,7 @@ from fcit.config import SynthConfig
 from fcit.data import registry
 from fcit.errors import FcitError
 
-GENERATOR_VERSION = "2"
+GENERATOR_VERSION = "3"
 
 # ---------------------------------------------------------------------------------------------------------------
 # Vocabulary. Fixed lists keep the whole text corpus small (the tokenizer is trained on it).
@@ -76,7 +76,7 @@ GRID_POS = [
     ["bottom left", "bottom", "bottom right"],
 ]
 SLOT_PHRASES = ["on the left", "in the middle", "on the right"]
-LETTERS = "ABCD"
+LETTERS = "ABCDE"
 
 PRETRAIN_PROMPTS = [
     "Describe the image.",
@@ -769,7 +769,9 @@ def qa_imagenet_r(s: ObjectSpec, rng, i) -> QA:
 
 
 def qa_arxivqa(s: LineSpec, rng, i) -> QA:
-    opts, letter = _options(rng, s.trend, TRENDS, 4)
+    # Every trend is an option, always in the same order: the letter is read off the plot, so FFN-only LoRA on a
+    # tiny model can learn it (shuffled options need an in-context lookup its frozen attention never learned).
+    opts, letter = list(TRENDS), LETTERS[TRENDS.index(s.trend)]
     stem = _pick(rng, ["Which trend does the line in this figure show?",
                        "How does the plotted value change along the x axis?"])  # fmt: skip
     body = "\n".join(f"{LETTERS[j]}. {o}" for j, o in enumerate(opts))
@@ -777,7 +779,7 @@ def qa_arxivqa(s: LineSpec, rng, i) -> QA:
 
 
 def qa_iconqa(s: IconSpec, rng, i) -> QA:
-    opts, letter = _options(rng, s.counts[0][0], ICON_NAMES, 3)
+    opts, letter = list(ICON_NAMES), LETTERS[ICON_NAMES.index(s.counts[0][0])]  # fixed order, as in ArxivQA
     choices = " ".join(f"({LETTERS[j]}) {o}" for j, o in enumerate(opts))
     q = f"Question: Which icon appears most often in the grid?\nChoices: {choices}\n{SUFFIX['IconQA']}"
     return q, letter, [letter], {}
@@ -785,7 +787,7 @@ def qa_iconqa(s: IconSpec, rng, i) -> QA:
 
 def qa_clevr_math(s: SceneSpec, rng, i) -> QA:
     n = len(s.objs)
-    kind = int(rng.integers(3))
+    kind = int(rng.integers(2))  # subtract a colour or a shape; "add k" needed arithmetic on the question's digits
     present = rng.random() < 0.8  # mostly subtract something that is there, sometimes nothing
     if kind == 0:
         color = _pick(rng, [o.color for o in s.objs] if present else SCENE_COLORS)
@@ -821,6 +823,13 @@ def qa_super_clevr(s: SceneSpec, rng, i) -> QA:
 
 def _super_clevr_ok(s: SceneSpec) -> bool:
     return bool(_unique([o.color for o in s.objs]) or _unique([o.shape for o in s.objs]))
+
+
+OCR_TITLES = TITLES[:12]  # the pre-training mixture shows all 24; the task reads 12 of them
+
+
+def _ocr_ok(s: BookSpec) -> bool:
+    return s.title in OCR_TITLES
 
 
 def qa_ocrvqa(s: BookSpec, rng, i) -> QA:
@@ -885,7 +894,7 @@ def qa_grounding(s: LandscapeSpec, rng, i) -> QA:
 def qa_figureqa(s: BarSpec, rng, i) -> QA:
     want_yes = i % 2 == 0  # exactly balanced
     v, c = list(s.values), list(s.colors)
-    kind = _pick(rng, ["max", "min", "less", "greater"])
+    kind = _pick(rng, ["max", "min"])  # pairwise comparisons were not learnable by the tiny model in budget
     if kind in ("max", "min"):
         best = c[int(np.argmax(v) if kind == "max" else np.argmin(v))]
         col = best if want_yes else _pick(rng, [x for x in c if x != best])
@@ -936,7 +945,7 @@ GENERATORS: dict[str, DatasetGen] = {
     "ArxivQA": DatasetGen("line", qa_arxivqa),
     "IconQA": DatasetGen("icons", qa_iconqa),
     "CLEVR-Math": DatasetGen("scene", qa_clevr_math),
-    "OCR-VQA": DatasetGen("book", qa_ocrvqa),
+    "OCR-VQA": DatasetGen("book", qa_ocrvqa, _ocr_ok),
     "Flickr30k": DatasetGen("landscape", qa_flickr),
     "FigureQA": DatasetGen("bars", qa_figureqa),
     "super-CLEVR": DatasetGen("scene", qa_super_clevr, _super_clevr_ok),

@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 
 from fcit.config import ModelConfig
+
+# PEFT 0.21 asks transformers 5 for a renamed attribute on every wrap; the warning says nothing to a user of fcit.
+warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
 
 State = dict[str, torch.Tensor]
 

@@ -7,6 +7,7 @@ keeps zero-shot scores low and leaves every task to be learned by the continual 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 from pathlib import Path
@@ -54,6 +55,8 @@ def pretrain(cfg: Config, out: Optional[Path] = None, epochs: Optional[int] = No
         "spec": spec.__dict__,
         "synth": scfg.model_dump(),
         "generator_version": synth.GENERATOR_VERSION,
+        # The mixture's own fingerprint: task makers may change between generator versions, the mixture may not.
+        "mixture_sha256": hashlib.sha256((root / "pretrain" / "train.json").read_bytes()).hexdigest(),
         "epochs": epochs,
         "train": PRETRAIN_TRAIN.model_dump(),
         "seed": cfg.seed,
