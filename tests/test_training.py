@@ -38,7 +38,7 @@ def test_lora_client_update_changes_only_trainable_tensors(micro_backbone, micro
     assert not any("vision_tower" in n and "lora" in n for n in names)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     start = get_state(model)
-    res = local_train(model, Batcher(model, processor), start, micro_samples, TrainConfig(batch_size=4, lr=1e-2),
+    res = local_train(model, Batcher(model, processor), start, micro_samples, TrainConfig(batch_size=4, lr=1e-2, local_epochs=1),
                       seed=0)
     assert set(res.state) == set(names)
     after = dict(model.named_parameters())

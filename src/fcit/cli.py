@@ -61,7 +61,7 @@ def cmd_run(args: argparse.Namespace) -> None:
     print(matrix_markdown(AccuracyMatrix.from_dict(metrics["matrix"]), metrics["summary"],
                           f"{metrics['method']} on {metrics['scenario']}"))
     t = metrics["timing"]
-    print(f"\ntime: total {t['total']:.0f}s (train {t['train']:.0f}s, eval {t['eval']:.0f}s, "
+    print(f"\ntime: setup {t.get('setup', 0):.0f}s, then {t['total']:.0f}s (train {t['train']:.0f}s, eval {t['eval']:.0f}s, "
           f"aggregation {t['aggregation']:.1f}s, other {t['other']:.0f}s)")
     print(f"run directory: {run_dir}")
 

@@ -82,6 +82,8 @@ class ModelConfig(_Strict):
 
 class TrainConfig(_Strict):
     lr: float = Field(2e-3, gt=0)
+    # The shared projector's rate as a fraction of lr (reference scripts: mm_projector_lr 2e-5 with lr 2e-4).
+    projector_lr_scale: float = Field(0.1, ge=0)
     weight_decay: float = Field(0.0, ge=0)
     warmup_ratio: float = Field(0.03, ge=0, le=1)
     # 4 local passes: the embedded tiny model needs them to learn a task within one stage (measured, README)

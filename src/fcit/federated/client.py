@@ -14,6 +14,8 @@ from fcit.data.records import Sample
 from fcit.models.inputs import Batcher
 from fcit.models.lora import State, get_state, set_state
 
+PROJECTOR = "multi_modal_projector"
+
 # A method's extra loss term: (model, batch, task loss, model outputs) -> loss
 LossHook = Callable[[torch.nn.Module, dict, torch.Tensor, Any], torch.Tensor]
 
@@ -58,12 +60,20 @@ def local_train(
     """
     t0 = time.perf_counter()
     set_state(model, start)
-    params = [p for p in model.parameters() if p.requires_grad]
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    params = [p for _, p in named]
     epochs = epochs or cfg.local_epochs
     bs = cfg.batch_size
     steps_per_epoch = math.ceil(len(samples) / bs)
     total = max(1, steps_per_epoch * epochs)
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.999))
+    # The projector is shared by every task and subspace, so it gets its own (lower) rate: the reference scripts ask
+    # for mm_projector_lr = lr / 10 (their trainer ignored it; reference section 2).
+    proj_lr = cfg.lr * cfg.projector_lr_scale
+    groups = [
+        {"params": [p for n, p in named if PROJECTOR not in n], "lr": cfg.lr},
+        {"params": [p for n, p in named if PROJECTOR in n], "lr": proj_lr},
+    ]
+    opt = torch.optim.AdamW([g for g in groups if g["params"]], weight_decay=cfg.weight_decay, betas=(0.9, 0.999))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _schedule(total, cfg.warmup_ratio))
     gen = torch.Generator().manual_seed(seed)
     model.train()

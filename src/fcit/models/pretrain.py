@@ -20,7 +20,8 @@ from fcit.config import Config, TrainConfig
 from fcit.models.backbone import EMBEDDED_DIR, TinySpec, build_tiny, build_tokenizer
 from fcit.models.inputs import Batcher
 
-PRETRAIN_TRAIN = TrainConfig(lr=1e-3, weight_decay=0.01, warmup_ratio=0.03, batch_size=32, max_length=192)
+PRETRAIN_TRAIN = TrainConfig(lr=1e-3, projector_lr_scale=1.0, weight_decay=0.01, warmup_ratio=0.03, batch_size=32,
+                             max_length=192, local_epochs=1)
 
 
 def pretrain(cfg: Config, out: Optional[Path] = None, epochs: Optional[int] = None, progress: bool = True,
