@@ -387,3 +387,24 @@ def test_disco_overflow_and_image_identity(micro_backbone, micro_samples, monkey
     assert images_seen == [(2, want.shape[0]), (1, want.shape[0])]  # one prefill per batch, pixels of that batch
     assert sum(st["n"] for st in disco.gate_stats["0"].values()) == 3
     assert len(subspace_layers(model)) == 6
+
+
+def test_tiny_new_group_joins_instead_of_opening_and_later_rounds_stay_on_stage_slots():
+    from fcit.methods.disco import assign_slots
+
+    # Clients 0-2 share a task (one group), client 3 has 1 sample and an off token: 1/31 < 5% of the round.
+    pair = torch.tensor([[1.0, 0.95, 0.95, 0.7], [0.95, 1.0, 0.95, 0.7], [0.95, 0.95, 1.0, 0.7], [0.7, 0.7, 0.7, 1.0]])
+    sim_c = torch.tensor([[0.2, 0.0, 0.0]] * 3 + [[0.75, 0.0, 0.0]])  # slot 0 used by an old task
+    used = torch.tensor([True, False, False])
+    counts = torch.tensor([10.0, 10.0, 10.0, 1.0])
+    slots, kinds = assign_slots(sim_c, pair, used, 0.9, counts=counts, min_share=0.05)
+    assert slots[:3] == [1, 1, 1] and kinds[:3] == ["new"] * 3
+    # It joins this round's group, not the old task's slot 0 that its noisy token happens to be closer to.
+    assert slots[3] == 1 and kinds[3] == "merged"
+    # Without the rule the tiny client opens its own subspace.
+    slots2, _ = assign_slots(sim_c, pair, used, 0.9, counts=counts, min_share=0.0)
+    assert slots2[3] == 2
+    # Later rounds: only the stage's slots are candidates, even when an old slot is nearer.
+    used2 = torch.tensor([True, True, False])
+    near, kinds3 = assign_slots(sim_c, pair, used2, 0.9, allow_new=False, stage_slots=[1])
+    assert near == [1, 1, 1, 1] and set(kinds3) == {"nearest"}

@@ -121,41 +121,49 @@ def greedy_threshold_clusters(tokens: Optional[torch.Tensor] = None, tau: float 
 
 
 def assign_slots(sim_c: torch.Tensor, sim_pair: torch.Tensor, used: torch.Tensor, tau: float,
-                 allow_new: bool = True) -> tuple[list[int], list[str]]:
-    """The server's plan: a slot per client and why (``matched`` | ``new`` | ``overflow`` | ``nearest``).
+                 allow_new: bool = True, counts: Optional[torch.Tensor] = None, min_share: float = 0.0,
+                 stage_slots: Optional[Sequence[int]] = None) -> tuple[list[int], list[str]]:
+    """The server's plan: a slot per client and why (``matched`` | ``new`` | ``merged`` | ``overflow`` | ``nearest``).
 
     ``sim_c`` (n, E): clients vs global tokens; ``sim_pair`` (n, n): clients vs clients; ``used`` (E,) bool.
-    With ``allow_new=False`` (rounds after the first of a stage) every client takes its nearest used slot. When all
-    E slots are taken, a group that needs a new one falls back to its nearest slot (used, or opened earlier in this
-    plan) with a warning.
+    With ``allow_new=False`` (rounds after the first of a stage) every client takes its nearest slot among
+    ``stage_slots`` (the slots the stage's first round chose; all used slots when not given), so a client whose
+    few samples give an off token cannot train another task's subspace. A new group holding less than ``min_share`` of
+    the round's samples does not open a subspace (its token is too noisy to found one, the reference's tiny-singleton
+    rule): it joins the most similar group or slot. When all E slots are taken, a group that needs a new one falls
+    back to its nearest slot with a warning.
     """
     used = torch.as_tensor(used, dtype=torch.bool)
     n, E = sim_c.shape
     if not allow_new and bool(used.any()):
-        nearest = sim_c.float().masked_fill(~used, -math.inf).argmax(dim=1)
+        allowed = used.clone()
+        if stage_slots:
+            allowed = torch.zeros_like(used)
+            allowed[list(stage_slots)] = True
+        nearest = sim_c.float().masked_fill(~allowed, -math.inf).argmax(dim=1)
         return [int(j) for j in nearest], ["nearest"] * n
     slots = route_sim(sim_c, used, tau)
     kinds = ["matched" if s != NEW else "" for s in slots]
     pending = [i for i, s in enumerate(slots) if s == NEW]
     if not pending:
         return slots, kinds
+    counts = torch.ones(n) if counts is None else torch.as_tensor(counts, dtype=torch.float32)
+    total = float(counts.sum()) or 1.0
+    groups = [[pending[g] for g in group] for group in greedy_threshold_clusters(sim=sim_pair[pending][:, pending], tau=tau)]
+    tiny = [g for g in groups if float(counts[g].sum()) / total < min_share]
+    solid = [g for g in groups if g not in tiny]
+    if not solid and not bool(used.any()):
+        solid, tiny = tiny[:1], tiny[1:]  # the very first round must open something
     taken = used.clone()
     opened: dict[int, list[int]] = {}
-    sub = sim_pair[pending][:, pending]
-    for group in greedy_threshold_clusters(sim=sub, tau=tau):
-        members = [pending[g] for g in group]
+    for members in solid:
         free = (~taken).nonzero().flatten()
         if len(free):
             slot, kind = int(free[0]), "new"
             taken[slot] = True
             opened[slot] = list(members)
         else:
-            cand: dict[int, float] = {int(j): float(sim_c[members, j].mean()) for j in used.nonzero().flatten()}
-            for j, mem in opened.items():
-                cand[j] = float(sim_pair[members][:, mem].mean())
-            slot, kind = max(cand.items(), key=lambda kv: kv[1])[0], "overflow"
-            if slot in opened:
-                opened[slot].extend(members)
+            slot, kind = _nearest_slot(members, sim_c, sim_pair, used, opened), "overflow"
             warnings.warn(
                 f"DISCO: all {E} subspaces are in use; clients {members} share subspace {slot} (the nearest) "
                 f"instead of a new one; raise method.params.num_subspaces to keep them apart",
@@ -164,7 +172,29 @@ def assign_slots(sim_c: torch.Tensor, sim_pair: torch.Tensor, used: torch.Tensor
             )
         for m in members:
             slots[m], kinds[m] = slot, kind
+    # A tiny group joins what this round's other clients train (same stage, so most likely the same task); only
+    # when every client of the round is tiny does it fall back to the nearest existing subspace.
+    peers: dict[int, list[int]] = {}
+    for i, j in enumerate(slots):
+        if j != NEW and kinds[i] != "merged":
+            peers.setdefault(j, []).append(i)
+    for members in tiny:
+        slot = _nearest_slot(members, sim_c, sim_pair, used if not peers else torch.zeros_like(used), peers)
+        for m in members:
+            slots[m], kinds[m] = slot, "merged"
     return slots, kinds
+
+
+def _nearest_slot(members: list[int], sim_c: torch.Tensor, sim_pair: torch.Tensor, used: torch.Tensor,
+                  opened: dict[int, list[int]]) -> int:
+    """The slot most similar to a group: a used slot by its global token, or one opened this round by its members."""
+    cand: dict[int, float] = {int(j): float(sim_c[members, j].mean()) for j in used.nonzero().flatten()}
+    for j, mem in opened.items():
+        cand[j] = float(sim_pair[members][:, mem].mean())
+    slot = max(cand.items(), key=lambda kv: kv[1])[0]
+    if slot in opened:
+        opened[slot].extend(members)
+    return slot
 
 
 def update_centres(C: torch.Tensor, N: torch.Tensor, slot: int, tokens: torch.Tensor,
@@ -237,6 +267,9 @@ class Params(BaseParams):
     scale_by: Literal["total", "subspace"] = "total"
     init: Literal["peft", "gaussian"] = "peft"
     new_slots: Literal["round0", "any"] = "round0"
+    # A new group with less than this share of the round's samples joins the nearest group instead of opening a
+    # subspace: a client with a handful of samples has a noisy identity token (reference: tiny-singleton merge).
+    min_share: float = Field(0.05, ge=0, lt=1)
 
     @field_validator("encoder")
     @classmethod
@@ -266,6 +299,7 @@ class Disco(Method):
         self.gate_stats: dict[str, dict[str, dict]] = {}
         self._pending: Optional[dict] = None
         self._stage = 0
+        self._stage_slots: set[int] = set()  # slots chosen in round 0 of the current stage
         self._processor = None
         self._image_encoder: Optional[ImageTokenEncoder] = None
         self._image_cache: dict[str, torch.Tensor] = {}
@@ -372,7 +406,12 @@ class Disco(Method):
         sim_c = self._similarities(tokens)
         sim_pair = torch.stack([cosine_matrix(t, t) for t in tokens.values()]).mean(0)
         allow_new = info.round == 0 or self.params.new_slots == "any"
-        slots, kinds = assign_slots(sim_c, sim_pair, self.used, self.params.tau, allow_new=allow_new)
+        if info.round == 0:
+            self._stage_slots = set()
+        slots, kinds = assign_slots(sim_c, sim_pair, self.used, self.params.tau, allow_new=allow_new, counts=counts,
+                                    min_share=self.params.min_share, stage_slots=sorted(self._stage_slots))
+        if info.round == 0:
+            self._stage_slots = set(slots)
         for i, (idt, j, kind) in enumerate(zip(identities, slots, kinds)):
             self.routing_log.append({
                 "stage": info.stage, "round": info.round, "position": i, "subspace": j, "kind": kind,
