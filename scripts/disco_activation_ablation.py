@@ -31,7 +31,7 @@ def main(run_dirs: list[str]) -> None:
         if cfg.method.name != "disco":
             sys.exit(f"{d}: not a DISCO run")
         exp = Experiment(cfg, d, progress=False)
-        state, _ = exp._load_checkpoint()
+        state, _ = exp.load_checkpoint()
         set_state(exp.model, state)
         datasets = exp.scenario.seen_datasets(exp.scenario.num_stages - 1)
         for v in VARIANTS:

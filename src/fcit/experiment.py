@@ -128,7 +128,8 @@ class Experiment:
         os.replace(ck / "state.safetensors.tmp", ck / "state.safetensors")
         write_json(ck / "progress.json", progress)
 
-    def _load_checkpoint(self) -> tuple[dict, dict] | None:
+    def load_checkpoint(self) -> tuple[dict, dict] | None:
+        """The global state and progress of the last finished stage (method state is loaded into the method)."""
         from safetensors.torch import load_file
 
         ck = self.run_dir / "checkpoint"
@@ -152,7 +153,7 @@ class Experiment:
         details: list[dict] = []
         start_stage = 0
         global_state = self.method.initial_state(self.model)
-        if resume and (ck := self._load_checkpoint()) is not None:
+        if resume and (ck := self.load_checkpoint()) is not None:
             global_state, prog = ck
             matrix = AccuracyMatrix.from_dict(prog["matrix"])
             logs, details, start_stage = prog["rounds"], prog["details"], prog["next_stage"]
