@@ -36,7 +36,7 @@ def pretrain(cfg: Config, out: Optional[Path] = None, epochs: Optional[int] = No
     torch.set_num_threads(cfg.threads or max(1, torch.get_num_threads()))
     t0 = time.perf_counter()
     scfg = cfg.data.synth.model_copy(update={"image_size": spec.image_size})
-    root = synth.build_pretrain(scfg, progress=progress)
+    root = synth.build_pretrain(scfg, cache_dir=Path(cfg.data.root) if cfg.data.root else None, progress=progress)
     samples = load_train_file(root / "pretrain" / "train.json", "pretrain", root)
     tokenizer = build_tokenizer(synth.corpus_texts(scfg), spec.vocab_size)
     model, processor = build_tiny(tokenizer, spec, seed=cfg.seed)
