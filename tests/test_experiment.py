@@ -1,7 +1,6 @@
 """End-to-end runs of the in-process engine on the smoke setting, through the same code as `fcit run`."""
 
 import json
-import shutil
 import subprocess
 import sys
 

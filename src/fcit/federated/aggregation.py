@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections import defaultdict
+from typing import Callable, Sequence
 
 import torch
 
 from fcit.errors import FcitError
 from fcit.models.lora import State
+from fcit.models.subspace_lora import split_state
 
 
 def fedavg(states: Sequence[State], weights: Sequence[float]) -> State:
@@ -24,3 +26,35 @@ def fedavg(states: Sequence[State], weights: Sequence[float]) -> State:
             acc += s[key].float() * (w / total)
         out[key] = acc.to(states[0][key].dtype)
     return out
+
+
+def aggregate_per_subspace(
+    states: Sequence[State],
+    weights: Sequence[float],
+    slots: Sequence[int],
+    step_subspace: Callable[[int, list[State], list[float]], State],
+    step_shared: Callable[[list[State], list[float]], State],
+) -> tuple[State, dict[int, list[int]]]:
+    """Each subspace from only the clients that trained it (``slots[i]``), the rest (the projector) from all clients.
+
+    Returns the new values and the slot -> client indices grouping. A client that uploads another subspace than the
+    one it was planned on is an error: averaging it into its planned slot would silently mix two tasks.
+    """
+    groups: dict[int, list[int]] = defaultdict(list)
+    for i, j in enumerate(slots):
+        groups[int(j)].append(i)
+    split = [split_state(s) for s in states]
+    new: State = {}
+    for slot in sorted(groups):
+        idx = groups[slot]
+        for i in idx:
+            extra = set(split[i][0]) - {slot}
+            if extra:
+                raise FcitError(f"aggregation: client {i} uploaded subspace(s) {sorted(extra)} but trained {slot}")
+        sub = [split[i][0].get(slot, {}) for i in idx]
+        if sub[0]:
+            new.update(step_subspace(slot, sub, [weights[i] for i in idx]))
+    shared = [rest for _, rest in split]
+    if shared and shared[0]:
+        new.update(step_shared(shared, list(weights)))
+    return new, dict(groups)

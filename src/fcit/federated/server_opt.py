@@ -34,6 +34,7 @@ from typing import Literal, Optional, Sequence
 import torch
 
 from fcit.errors import FcitError
+from fcit.federated.aggregation import fedavg
 from fcit.federated.client import LossHook
 from fcit.models.lora import State
 
@@ -98,15 +99,10 @@ class ServerOptimizer:
             raise FcitError("aggregation: no client updates to aggregate")
         keys = _check_keys(client_states)
         p = _normalise(weights, len(client_states), self.weighting)
+        if not self.uses_pseudo_gradient:
+            return fedavg(client_states, weights if self.weighting == "samples" else [1.0] * len(client_states))
         out: State = {}
         for key in keys:
-            ref = client_states[0][key]
-            if not self.uses_pseudo_gradient:
-                acc = torch.zeros_like(ref, dtype=torch.float32)
-                for s, pk in zip(client_states, p):
-                    acc += s[key].float() * pk
-                out[key] = acc.to(ref.dtype)
-                continue
             if key not in global_state:
                 raise FcitError(
                     f"aggregation: {self.name} needs the global value of {key!r} to form the pseudo-gradient"

@@ -39,6 +39,7 @@ from pydantic import Field, field_validator
 
 from fcit.config import Config
 from fcit.errors import FcitError
+from fcit.federated.aggregation import aggregate_per_subspace
 from fcit.federated.client import LocalResult
 from fcit.methods.base import Method, StageInfo
 from fcit.methods.base import Params as BaseParams
@@ -57,7 +58,6 @@ from fcit.models.subspace_lora import (
     get_gate,
     set_active,
     set_gate,
-    split_state,
     subspace_index,
     subspace_names,
 )
@@ -436,25 +436,15 @@ class Disco(Method):
 
     def aggregate(self, info: StageInfo, results: Sequence[LocalResult], plans: Sequence[dict],
                   global_state: State) -> State:
-        groups: dict[int, list[int]] = defaultdict(list)
-        for i, plan in enumerate(plans):
-            groups[int(plan["subspace"])].append(i)
-        split = [split_state(r.state) for r in results]
-        new = dict(global_state)
-        for slot in sorted(groups):
-            idx = groups[slot]
-            for i in idx:
-                extra = set(split[i][0]) - {slot}
-                if extra:
-                    raise FcitError(f"DISCO: client {i} uploaded subspace(s) {sorted(extra)} but was planned on {slot}")
-            states = [split[i][0].get(slot, {}) for i in idx]
-            if states[0]:
-                new.update(self.aggregate_subspace(slot, states, [results[i].num_samples for i in idx], global_state))
-        shared = [rest for _, rest in split]
-        if shared and shared[0]:
-            new.update(self.aggregate_shared(shared, [r.num_samples for r in results], global_state))
+        new, groups = aggregate_per_subspace(
+            [r.state for r in results],
+            [r.num_samples for r in results],
+            [int(plan["subspace"]) for plan in plans],
+            lambda slot, states, w: self.aggregate_subspace(slot, states, w, global_state),
+            lambda states, w: self.aggregate_shared(states, w, global_state),
+        )
         self._update_tokens(groups, len(results))
-        return new
+        return {**global_state, **new}
 
     def _update_tokens(self, groups: dict[int, list[int]], n_results: int) -> None:
         pend, self._pending = self._pending, None

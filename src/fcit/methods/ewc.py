@@ -46,8 +46,6 @@ class Ewc(Method):
 
     def __init__(self, cfg):
         super().__init__(cfg)
-        # Set by the caller that owns the Batcher (the Fisher needs batches built from raw samples).
-        self.batcher = getattr(self, "batcher", None)
         self.fisher: State = {}
         self.star: State = {}
 

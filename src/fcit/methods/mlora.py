@@ -18,7 +18,6 @@ Reference section 10 defines it as multi-LoRA expansion without routing. On ``fc
 from __future__ import annotations
 
 import contextlib
-from collections import defaultdict
 from typing import Any, Iterator, Literal, Optional, Sequence
 
 import torch
@@ -27,6 +26,7 @@ from pydantic import Field
 from fcit.config import Config
 from fcit.data import registry
 from fcit.errors import FcitError
+from fcit.federated.aggregation import aggregate_per_subspace
 from fcit.federated.client import LocalResult
 from fcit.methods.base import Method, StageInfo
 from fcit.methods.base import Params as BaseParams
@@ -35,7 +35,6 @@ from fcit.models.subspace_lora import (
     SubspaceLoraConfig,
     attach_subspace_lora,
     set_active,
-    split_state,
     subspace_index,
     subspace_names,
 )
@@ -141,28 +140,15 @@ class MLora(Method):
     ) -> State:
         if not results:
             return global_state
-        groups: dict[int, list[int]] = defaultdict(list)
-        for i, plan in enumerate(plans):
-            groups[int(plan["slot"])].append(i)
-        split = [split_state(r.state) for r in results]
-        weights = [r.num_samples for r in results]
-        new = dict(global_state)
-        for slot in sorted(groups):
-            idx = groups[slot]
-            for i in idx:
-                extra = set(split[i][0]) - {slot}
-                if extra:
-                    raise FcitError(f"{self.name}: client {i} uploaded slot(s) {sorted(extra)} but trains slot {slot}")
-            states = [split[i][0].get(slot, {}) for i in idx]
-            if states[0]:
-                new.update(
-                    self.server_opt.step(global_state, states, [weights[i] for i in idx], group=f"slot{slot}")
-                )
-        shared = [rest for _, rest in split]
-        if shared[0]:
-            new.update(self.server_opt.step(global_state, shared, weights))
+        new, groups = aggregate_per_subspace(
+            [r.state for r in results],
+            [r.num_samples for r in results],
+            [int(plan["slot"]) for plan in plans],
+            lambda slot, states, w: self.server_opt.step(global_state, states, w, group=f"slot{slot}"),
+            lambda states, w: self.server_opt.step(global_state, states, w),
+        )
         self.last_trained = max(self.last_trained, max(groups))
-        return new
+        return {**global_state, **new}
 
     def after_stage(
         self, model: torch.nn.Module, info: StageInfo, global_state: State, payloads: Sequence[tuple[State, int]]
