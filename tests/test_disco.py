@@ -57,6 +57,18 @@ def test_greedy_clusters_are_disjoint_where_the_reference_overlaps():
     assert greedy_threshold_clusters(far, 0.9) == [[0, 2], [1], [3]]
 
 
+def test_greedy_clusters_anchor_on_the_largest_client():
+    # b (the big client) is within tau of both a and c, which are not within tau of each other: anchored on the
+    # first item the round splits in two groups, anchored on the heaviest it stays one (seed 2's FigureQA case).
+    a, b, c = _unit(1, 0), _unit(math.cos(0.4), math.sin(0.4)), _unit(math.cos(0.8), math.sin(0.8))
+    tokens = torch.stack([a, b, c])
+    assert greedy_threshold_clusters(tokens, 0.9) == [[0, 1], [2]]
+    assert greedy_threshold_clusters(tokens, 0.9, weights=[3, 19, 8]) == [[0, 1, 2]]
+    # groups come back in order of their first member whatever the anchor order, so slot numbering is stable
+    far = torch.stack([_unit(1, 0, 0), _unit(0, 1, 0), _unit(0.99, 0.1, 0), _unit(0, 0, 1)])
+    assert greedy_threshold_clusters(far, 0.9, weights=[1, 1, 5, 9]) == [[0, 2], [1], [3]]
+
+
 def test_route_threshold_and_unused_slots():
     C = torch.stack([_unit(1, 0), _unit(0, 1), torch.zeros(2)])
     N = torch.tensor([5.0, 3.0, 0.0])

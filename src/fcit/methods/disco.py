@@ -97,27 +97,33 @@ def route(tokens: torch.Tensor, C: torch.Tensor, N: torch.Tensor, used: Optional
 
 
 def greedy_threshold_clusters(tokens: Optional[torch.Tensor] = None, tau: float = 0.9, *,
-                              sim: Optional[torch.Tensor] = None) -> list[list[int]]:
-    """Disjoint groups: the first unassigned item opens a group and takes every *unassigned* item with cos >= tau.
+                              sim: Optional[torch.Tensor] = None,
+                              weights: Optional[Sequence[float]] = None) -> list[list[int]]:
+    """Disjoint groups: the heaviest unassigned item opens a group and takes every *unassigned* item with cos >= tau.
 
     The reference lets a later group re-take items of an earlier one (section 5.4); here each item is in exactly one
-    group. Pass ``tokens`` (n, d) or a precomputed (n, n) similarity ``sim``.
+    group. Anchors are taken in order of ``weights`` (a client's sample count; ties and no weights: input order)
+    because a small client's mean token is noisy: anchored on a 3-sample client, a task's round split in two groups
+    and took a second subspace (measured, seed 2 of the embedded benchmark), while every client of that round was
+    >= tau from the largest one. Groups are returned in order of their first member, so the subspace numbering does
+    not depend on the anchor order. Pass ``tokens`` (n, d) or a precomputed (n, n) similarity ``sim``.
     """
     if sim is None:
         if tokens is None:
             raise ValueError("greedy_threshold_clusters: pass tokens or sim")
         sim = cosine_matrix(tokens, tokens)
     n = sim.shape[0]
+    order = list(range(n)) if weights is None else sorted(range(n), key=lambda i: -float(weights[i]))
     assigned = [False] * n
     groups: list[list[int]] = []
-    for p in range(n):
+    for p in order:
         if assigned[p]:
             continue
-        group = [p] + [q for q in range(p + 1, n) if not assigned[q] and float(sim[p, q]) >= tau]
+        group = sorted([p] + [q for q in order if not assigned[q] and q != p and float(sim[p, q]) >= tau])
         for q in group:
             assigned[q] = True
         groups.append(group)
-    return groups
+    return sorted(groups, key=min)
 
 
 def assign_slots(sim_c: torch.Tensor, sim_pair: torch.Tensor, used: torch.Tensor, tau: float,
@@ -149,7 +155,8 @@ def assign_slots(sim_c: torch.Tensor, sim_pair: torch.Tensor, used: torch.Tensor
         return slots, kinds
     counts = torch.ones(n) if counts is None else torch.as_tensor(counts, dtype=torch.float32)
     total = float(counts.sum()) or 1.0
-    groups = [[pending[g] for g in group] for group in greedy_threshold_clusters(sim=sim_pair[pending][:, pending], tau=tau)]
+    clusters = greedy_threshold_clusters(sim=sim_pair[pending][:, pending], tau=tau, weights=counts[pending].tolist())
+    groups = [[pending[g] for g in group] for group in clusters]
     tiny = [g for g in groups if float(counts[g].sum()) / total < min_share]
     solid = [g for g in groups if g not in tiny]
     if not solid and not bool(used.any()):
