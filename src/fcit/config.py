@@ -99,7 +99,13 @@ class MethodConfig(_Strict):
 
 
 class FederationConfig(_Strict):
-    engine: Literal["inprocess"] = "inprocess"
+    # inprocess: every client in this process; flower-sim: Flower's simulation engine (Ray); flower: a Flower
+    # deployment (a SuperLink and one SuperNode per institution, see the `flower` section and `fcit node`).
+    engine: Literal["inprocess", "flower-sim", "flower"] = "inprocess"
+    # Flower engines: a round goes on with the clients that replied if there are at least this many, else the run
+    # stops (resumable from the last finished stage).
+    min_replies: int = Field(1, ge=1)
+    round_timeout: float = Field(3600.0, gt=0, description="seconds to wait for a round's replies (Flower engines)")
     # Server optimizer over the pseudo-gradient of whatever tensors a method aggregates (reference 3.1).
     aggregator: Literal["fedavg", "fedavgm", "fedadam", "fedadagrad", "fedyogi"] = "fedavg"
     server_lr: Optional[float] = Field(
@@ -110,6 +116,24 @@ class FederationConfig(_Strict):
     beta2: float = Field(0.99, ge=0, lt=1)
     tau: float = Field(1e-3, gt=0, description="adaptivity of FedAdam/FedAdagrad/FedYogi")
     prox_mu: float = Field(0.0, ge=0, description="FedProx proximal coefficient on the client (0 = off)")
+
+
+class FlowerConfig(_Strict):
+    """Where and how the Flower engines run (ignored by the in-process engine)."""
+
+    superlink: Optional[str] = Field(None, description="flower: the SuperLink's address HOST:PORT")
+    insecure: bool = Field(False, description="flower: plain-text gRPC; only on a trusted network or for tests")
+    root_certificates: Optional[str] = Field(None, description="flower: CA certificate (PEM) of the SuperLink")
+    client_cpus: Optional[float] = Field(None, gt=0, description="flower-sim: CPUs per client actor (default 1)")
+    client_gpus: float = Field(0.0, ge=0, description="flower-sim: GPUs per client actor")
+    cpus: Optional[int] = Field(None, ge=1, description="flower-sim: CPUs Ray may use (default: all cores)")
+    ray_address: Optional[str] = Field(None, description="flower-sim: join this Ray cluster instead of a local one")
+
+    @model_validator(mode="after")
+    def _check(self) -> "FlowerConfig":
+        if self.insecure and self.root_certificates:
+            raise ValueError("set at most one of insecure and root_certificates")
+        return self
 
 
 class EvalConfig(_Strict):
@@ -129,6 +153,7 @@ class Config(_Strict):
     train: TrainConfig = TrainConfig()
     method: MethodConfig = MethodConfig()
     federation: FederationConfig = FederationConfig()
+    flower: FlowerConfig = FlowerConfig()
     eval: EvalConfig = EvalConfig()
 
 

@@ -14,7 +14,7 @@ import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 from tqdm.auto import tqdm
@@ -74,8 +74,16 @@ def default_run_dir(cfg: Config, method: str) -> Path:
 
 
 class Experiment:
-    def __init__(self, cfg: Config, run_dir: Path, runtime: Optional[Runtime] = None, progress: bool = True):
+    """Server side of a run: the method's global state, the stage loop, evaluation after each stage, the run directory.
+
+    ``engine_factory(experiment)`` gives the object that runs one stage's rounds (``run_stage``); by default the
+    in-process engine, the Flower ServerApp passes one that talks to its Grid.
+    """
+
+    def __init__(self, cfg: Config, run_dir: Path, runtime: Optional[Runtime] = None, progress: bool = True,
+                 engine_factory: Optional[Callable[["Experiment"], Any]] = None):
         self._t_created = time.perf_counter()
+        self.engine_factory = engine_factory
         self.method: Method = build_method(cfg)  # validates method params before any heavy work
         self.cfg = cfg
         self.run_dir = Path(run_dir)
@@ -163,7 +171,8 @@ class Experiment:
         # Time to the first stage: data generation (first run), model load, partitions; the issue bounds it at 60 s.
         self.timer.seconds.setdefault("setup", time.perf_counter() - self._t_created)
         if kind == "federated":
-            engine = InProcessEngine(self.cfg, self.model, self.batcher, sc, self.method, self.timer)
+            engine = (self.engine_factory(self) if self.engine_factory is not None else
+                      InProcessEngine(self.cfg, self.model, self.batcher, sc, self.method, self.timer))
             stages = tqdm(range(start_stage, sc.num_stages), desc="stages", disable=not self.progress,
                           initial=start_stage, total=sc.num_stages)
             for t in stages:
@@ -241,5 +250,11 @@ def run(cfg: Config, run_dir: Path | None = None, runtime: Optional[Runtime] = N
     run_dir = Path(run_dir) if run_dir else default_run_dir(cfg, cfg.method.name)
     if not resume and (run_dir / "metrics.json").exists():
         raise FcitError(f"run directory {run_dir} already holds a finished run; pick another --out or --name")
+    engine = cfg.federation.engine
+    if engine != "inprocess" and build_method(cfg).kind == "federated":
+        from fcit.federated.flower.launch import run_deployment, run_simulation
+
+        launch = run_simulation if engine == "flower-sim" else run_deployment
+        return run_dir, launch(cfg, run_dir, resume=resume, progress=progress)
     exp = Experiment(cfg, run_dir, runtime=runtime, progress=progress)
     return run_dir, exp.run(resume=resume)

@@ -59,6 +59,14 @@ def local_train(
     state before the next client.
     """
     t0 = time.perf_counter()
+    # Dropout draws from the global RNG: seeding it per client makes an update depend only on (start, data, seed),
+    # whichever engine, process or order runs the clients.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return _train(model, batcher, start, samples, cfg, seed, loss_hook, epochs, progress, t0)
+
+
+def _train(model, batcher, start, samples, cfg, seed, loss_hook, epochs, progress, t0) -> LocalResult:
     set_state(model, start)
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     params = [p for _, p in named]
@@ -103,3 +111,16 @@ def local_train(
         steps=steps,
         seconds=time.perf_counter() - t0,
     )
+
+
+def client_update(method, model: torch.nn.Module, batcher: Batcher, cfg, info, global_state: State, plan: dict,
+                  samples: Sequence[Sample], seed: int) -> LocalResult:
+    """One selected client's round, as every engine runs it: the method prepares the model for the server's plan,
+    then the local update with the method's loss term and FedProx's proximal term."""
+    from fcit.federated.server_opt import combine_hooks, fedprox_hook
+
+    method.before_local(model, plan)
+    mu = cfg.federation.prox_mu
+    # FedProx lives here, not in a method, so it composes with every method's own loss term.
+    hook = combine_hooks(method.client_loss(info, global_state), fedprox_hook(global_state, mu) if mu > 0 else None)
+    return local_train(model, batcher, global_state, samples, cfg.train, seed=seed, loss_hook=hook)

@@ -14,8 +14,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from fcit.config import Config
-from fcit.federated.client import local_train
-from fcit.federated.server_opt import combine_hooks, fedprox_hook
+from fcit.federated.client import client_update
 from fcit.methods.base import Method, StageInfo
 from fcit.models.inputs import Batcher
 from fcit.models.lora import State, set_state, state_bytes
@@ -48,24 +47,12 @@ class InProcessEngine:
             shards = self.scenario.round_shards(info.stage, r)
             identities = [self.method.client_identity(self.model, s.samples, info) for s in shards]
             plans = self.method.plan_round(info, identities, global_state)
-            mu = self.cfg.federation.prox_mu
-            # FedProx lives here, not in a method, so it composes with every method's own loss term.
-            hook = combine_hooks(self.method.client_loss(info, global_state),
-                                 fedprox_hook(global_state, mu) if mu > 0 else None)
             down = state_bytes(global_state)
             results = []
             for shard, plan in zip(tqdm(shards, desc="clients", leave=False, disable=not bar), plans):
                 t0 = time.perf_counter()
-                self.method.before_local(self.model, plan)
-                res = local_train(
-                    self.model,
-                    self.batcher,
-                    global_state,
-                    shard.samples,
-                    self.cfg.train,
-                    seed=client_seed(self.cfg.seed, info.stage, r, shard.client_id),
-                    loss_hook=hook,
-                )
+                res = client_update(self.method, self.model, self.batcher, self.cfg, info, global_state, plan,
+                                    shard.samples, client_seed(self.cfg.seed, info.stage, r, shard.client_id))
                 self.timer.add("train", time.perf_counter() - t0)
                 results.append(res)
             t0 = time.perf_counter()

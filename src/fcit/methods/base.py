@@ -102,6 +102,15 @@ class Method:
         """An extra loss term for local training (EWC, LwF, FedProx...); None for plain task loss."""
         return None
 
+    def client_state(self) -> dict[str, torch.Tensor]:
+        """Server side: what a remote client needs besides the global state to run ``before_local`` and
+        ``client_loss`` (EWC: Fisher and anchor; LwF: the teacher). Engines whose clients live in other processes
+        (Flower) send it with every training message; the in-process engine's clients share this object."""
+        return {}
+
+    def load_client_state(self, state: dict[str, torch.Tensor]) -> None:
+        """Client side: receive ``client_state()`` from the server before ``before_local``."""
+
     def aggregate(
         self, info: StageInfo, results: Sequence[LocalResult], plans: Sequence[dict], global_state: State
     ) -> State:

@@ -426,7 +426,9 @@ class Disco(Method):
                 "similarity": [round(float(s), 4) if u else None for s, u in zip(sim_c[i], self.used)],
             })
         self._pending = {"slots": slots, "tokens": tokens, "counts": counts}
-        return [{"subspace": int(j)} for j in slots]
+        # "client" indexes this round's identities, so aggregation can match uploads to tokens when some of the
+        # planned clients never reply (a crashed or timed-out Flower node).
+        return [{"subspace": int(j), "client": i} for i, j in enumerate(slots)]
 
     def before_local(self, model: torch.nn.Module, plan: dict[str, Any]) -> None:
         set_active(model, int(plan["subspace"]))
@@ -450,18 +452,21 @@ class Disco(Method):
             lambda slot, states, w: self.aggregate_subspace(slot, states, w, global_state),
             lambda states, w: self.aggregate_shared(states, w, global_state),
         )
-        self._update_tokens(groups, len(results))
+        self._update_tokens(groups, [int(plan.get("client", i)) for i, plan in enumerate(plans)])
         return {**global_state, **new}
 
-    def _update_tokens(self, groups: dict[int, list[int]], n_results: int) -> None:
+    def _update_tokens(self, groups: dict[int, list[int]], planned: list[int]) -> None:
+        """Running means of the global tokens from the clients whose update was aggregated (``groups`` index the
+        uploads; ``planned[i]`` is upload i's position in the round's plan)."""
         pend, self._pending = self._pending, None
-        if pend is None or len(pend["slots"]) != n_results:
+        if pend is None or (planned and max(planned) >= len(pend["slots"])):
             warnings.warn("DISCO: aggregate without a matching plan_round; global tokens not updated", RuntimeWarning)
             return
         for slot, idx in groups.items():
+            rows = [planned[i] for i in idx]
             n_before = self.N
             for m, t in pend["tokens"].items():
-                self.C[m], self.N = update_centres(self.C[m], n_before, slot, t[idx], pend["counts"][idx])
+                self.C[m], self.N = update_centres(self.C[m], n_before, slot, t[rows], pend["counts"][rows])
             self.used[slot] = True
 
     # -- inference -----------------------------------------------------------------------------------------------

@@ -64,6 +64,12 @@ class Lwf(Method):
         self.old = {k: v.detach().clone() for k, v in global_state.items()} if info.stage > 0 else {}
         return super().before_stage(model, info, global_state)
 
+    def client_state(self) -> dict[str, torch.Tensor]:
+        return {f"lwf/old/{k}": v for k, v in self.old.items()}
+
+    def load_client_state(self, state: dict[str, torch.Tensor]) -> None:
+        self.old = {k[len("lwf/old/"):]: v for k, v in state.items() if k.startswith("lwf/old/")}
+
     def teacher_logits(self, model: torch.nn.Module, batch: dict) -> torch.Tensor:
         params = dict(model.named_parameters())
         old = {k: v.to(params[k].device, params[k].dtype) for k, v in self.old.items() if k in params}
