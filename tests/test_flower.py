@@ -63,7 +63,8 @@ def test_flower_simulation_equals_the_in_process_engine(cache_dir, tmp_path, met
     worst = max(float((s[k].float() - r[k].float()).abs().max()) for k in r if k.startswith("global/"))
     assert worst <= 1e-6, worst
     if method == "disco":
-        routing = [json.loads((tmp_path / d / "disco" / "routing.json").read_text())["routing"] for d in ("sim", "inprocess")]
+        routing = [json.loads((tmp_path / d / "disco" / "routing.json").read_text())["routing"]
+                   for d in ("sim", "inprocess")]
         assert [e["subspace"] for e in routing[0]] == [e["subspace"] for e in routing[1]]
 
 

@@ -45,8 +45,11 @@ def cmd_run(args: argparse.Namespace) -> None:
             raise FcitError(f"--resume: no config.json in {args.resume}")
         cfg = Config.model_validate(json.loads(cfg_file.read_text()))
         run_dir = Path(args.resume)
+        if args.engine or args.superlink:
+            # A run may move engines when it resumes (e.g. a deployment that lost too many nodes, finished in-process).
+            cfg = Config.model_validate({**cfg.model_dump(), **_engine_overrides(args, cfg.model_dump())})
     else:
-        extra = {}
+        extra = _engine_overrides(args, {})
         if args.method:
             extra["method.name"] = args.method
         if args.out:
@@ -64,6 +67,44 @@ def cmd_run(args: argparse.Namespace) -> None:
     print(f"\ntime: setup {t.get('setup', 0):.0f}s, then {t['total']:.0f}s (train {t['train']:.0f}s, eval {t['eval']:.0f}s, "
           f"aggregation {t['aggregation']:.1f}s, other {t['other']:.0f}s)")
     print(f"run directory: {run_dir}")
+
+
+def _engine_overrides(args: argparse.Namespace, base: dict) -> dict:
+    """--engine / --superlink / --insecure / --root-certificates as config keys (dotted, or nested over ``base``)."""
+    flat = {}
+    if args.engine:
+        flat["federation.engine"] = args.engine
+    if args.superlink:
+        flat["flower.superlink"] = args.superlink
+        flat.setdefault("federation.engine", "flower")
+    if args.insecure:
+        flat["flower.insecure"] = True
+    if args.root_certificates:
+        flat["flower.root_certificates"] = args.root_certificates
+    if not base:
+        return flat
+    out = {k: dict(v) if isinstance(v, dict) else v for k, v in base.items()}
+    for k, v in flat.items():
+        sec, key = k.split(".")
+        out[sec][key] = v
+    return {sec: out[sec] for sec in {k.split(".")[0] for k in flat}}
+
+
+def cmd_node(args: argparse.Namespace) -> None:
+    import subprocess
+
+    from fcit.federated.flower.launch import flower_env, node_command
+
+    cmd = node_command(args.superlink, args.client_id, data_root=args.data_root, partitions=args.partitions,
+                       insecure=args.insecure, root_certificates=args.root_certificates, auth_key=args.auth_key,
+                       port=args.port, threads=args.threads)
+    home = Path(args.flower_home or Path.home() / ".fcit" / f"node-{args.client_id}")
+    mode = "insecure" if args.insecure else "TLS"
+    print(f"fcit node: client {args.client_id} -> SuperLink {args.superlink} ({mode})", flush=True)
+    try:
+        raise SystemExit(subprocess.call(cmd, env=flower_env(home)))
+    except KeyboardInterrupt:
+        raise SystemExit(0) from None
 
 
 def cmd_compare(args: argparse.Namespace) -> None:
@@ -112,6 +153,14 @@ def cmd_methods(args: argparse.Namespace) -> None:
         print(f"{name:<{width}}  {cls.summary}")
 
 
+def _flower_args(p: argparse.ArgumentParser, superlink_help: str, required: bool = False) -> None:
+    p.add_argument("--superlink", metavar="HOST:PORT", required=required, help=superlink_help)
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--root-certificates", metavar="PEM",
+                   help="CA certificate that signed the SuperLink's TLS certificate")
+    g.add_argument("--insecure", action="store_true", help="no TLS (a trusted network or a test only)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="fcit", description="Federated Continual Instruction Tuning")
     sub = ap.add_subparsers(dest="command", required=True)
@@ -123,6 +172,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--name", help="run directory name (default: setting-mode-method-beta-seed-time)")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run from its last finished stage")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--engine", choices=["inprocess", "flower-sim", "flower"],
+                   help="where clients run: this process (default), Flower's simulation (Ray), a Flower deployment")
+    _flower_args(p, "flower: the SuperLink to submit the run to (implies --engine flower)")
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("compare", help="run several methods on one setting with shared seeds and tabulate them")
@@ -153,6 +205,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--beta", type=float, default=None, help="Dirichlet beta (default: the config's)")
     p.add_argument("--out", default="fcit-data-show", help="folder for samples.png")
     p.set_defaults(func=cmd_data_show)
+
+    p = sub.add_parser("node", help="start a Flower SuperNode for one institution (one client id)")
+    _flower_args(p, "the SuperLink's Fleet address HOST:PORT", required=True)
+    p.add_argument("--client-id", type=int, required=True, help="this institution's client id (partition id)")
+    p.add_argument("--data-root", help="this institution's data folder (default: the run config's data.root)")
+    p.add_argument("--partitions", help="released partitioned_data/ folder holding this institution's shares")
+    p.add_argument("--auth-key", help="SuperNode private key (SuperNode authentication, see README)")
+    p.add_argument("--port", type=int, help="local port of the node's runtime API (default: a free one)")
+    p.add_argument("--threads", type=int, help="torch threads per local update (default: the run's)")
+    p.add_argument("--flower-home", help="Flower state folder of this node (default ~/.fcit/node-<id>)")
+    p.set_defaults(func=cmd_node)
 
     p = sub.add_parser("methods", help="list the registered continual methods")
     p.set_defaults(func=cmd_methods)

@@ -43,6 +43,7 @@ class InProcessEngine:
         logs = []
         rounds = tqdm(range(self.cfg.scenario.rounds), desc=f"stage {info.stage + 1} rounds", leave=False, disable=not bar)
         for r in rounds:
+            t_round = time.perf_counter()
             info.round = r
             shards = self.scenario.round_shards(info.stage, r)
             identities = [self.method.client_identity(self.model, s.samples, info) for s in shards]
@@ -67,6 +68,7 @@ class InProcessEngine:
                 "loss": float(np.average([res.loss for res in results], weights=[res.num_samples for res in results])),
                 "bytes_up": int(sum(state_bytes(res.state) for res in results)),
                 "bytes_down": int(down * len(results)),
+                "seconds": time.perf_counter() - t_round,
             }
             logs.append(log)
             rounds.set_postfix(loss=f"{log['loss']:.3f}")

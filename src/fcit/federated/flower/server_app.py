@@ -123,7 +123,9 @@ class FlowerEngine:
         last: list[tuple[int, int]] = []
         for r in rounds:
             info.round = r
+            t0 = time.perf_counter()
             global_state, log, last = self.run_round(info, global_state)
+            log["seconds"] = time.perf_counter() - t0
             logs.append(log)
             rounds.set_postfix(loss=f"{log['loss']:.3f}")
         return self._finish_stage(info, global_state, last), logs
@@ -179,7 +181,8 @@ class FlowerEngine:
             "clients": done,
             "tasks": [task_of[c] for c in done],
             "samples": [res.num_samples for res in results],
-            "loss": float(np.average([res.loss for res in results], weights=[max(1, res.num_samples) for res in results])),
+            "loss": float(np.average([res.loss for res in results],
+                                     weights=[max(1, res.num_samples) for res in results])),
             "bytes_up": int(sum(payload_bytes(replies[c].content) for c in done)),
             "bytes_down": int(down),
             "dropped": [c for c in clients if c not in done],
