@@ -111,3 +111,26 @@ def test_cli_bad_input_is_one_line_before_any_work(args, needle, tmp_path):
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("fcit: error:") and needle in lines[0], r.stderr
     assert not any(tmp_path.iterdir()), "nothing may be written before validation passes"
+
+
+def test_compare_tabulates_and_reuses_finished_runs(small_base, cache_dir, tmp_path, monkeypatch):
+    import fcit.compare as compare_mod
+    from fcit.errors import FcitError
+
+    cfg = smoke_cfg(small_base, cache_dir, tmp_path, **{"scenario.stages": 1})
+    out, table = compare_mod.compare(cfg, ["zeroshot", "finetune"], [0, 1], out=tmp_path / "cmp", progress=False)
+    assert "| zeroshot |" in table and "| finetune |" in table and "±" in table
+    assert sorted(p.name for p in out.iterdir() if p.is_dir()) == ["finetune-s0", "finetune-s1", "zeroshot-s0",
+                                                                    "zeroshot-s1"]
+
+    # A second call finds every run finished and trains nothing; the table is the same.
+    def no_training(*a, **k):
+        raise AssertionError("a finished run was run again")
+
+    monkeypatch.setattr(compare_mod, "run", no_training)
+    _, again = compare_mod.compare(cfg, ["zeroshot", "finetune"], [0, 1], out=tmp_path / "cmp", progress=False)
+    strip = lambda t: [ln.rsplit("|", 2)[0] for ln in t.splitlines()[1:]]  # noqa: E731 (wall times differ)
+    assert strip(again) == strip(table)
+    other = smoke_cfg(small_base, cache_dir, tmp_path, **{"scenario.stages": 1, "train.lr": 1e-3})
+    with pytest.raises(FcitError, match="different config"):
+        compare_mod.compare(other, ["finetune"], [0], out=tmp_path / "cmp", progress=False)

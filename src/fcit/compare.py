@@ -15,6 +15,21 @@ from fcit.errors import FcitError
 from fcit.experiment import Runtime, run, write_json
 
 
+def _finished(run_dir: Path, cfg: Config) -> dict | None:
+    """The metrics of a finished run of exactly this config in ``run_dir`` (an interrupted comparison, or one
+    assembled from runs made elsewhere), else None. A finished run of another config is an error, not a reuse."""
+    import json
+
+    m, c = run_dir / "metrics.json", run_dir / "config.json"
+    if not m.exists():
+        return None
+    ignore = {"out_dir", "run_name", "threads"}  # where and how fast it ran, not what it computed
+    saved = Config.model_validate(json.loads(c.read_text())).model_dump(exclude=ignore) if c.exists() else None
+    if saved != cfg.model_dump(exclude=ignore):
+        raise FcitError(f"compare: {run_dir} holds a finished run of a different config; remove it or pick --out")
+    return json.loads(m.read_text())
+
+
 def compare(cfg: Config, methods: list[str], seeds: list[int], aggregators: list[str] | None = None,
             out: Path | None = None, progress: bool = True) -> tuple[Path, str]:
     from fcit.eval.metrics import mean_std
@@ -48,8 +63,12 @@ def compare(cfg: Config, methods: list[str], seeds: list[int], aggregators: list
         if progress:
             print(f"[{i + 1}/{len(combos)}] {label} seed {seed}", flush=True)
         run_dir = out / f"{label}-s{seed}"
-        _, metrics = run(c, run_dir, runtime=rt, progress=progress, resume=(run_dir / "checkpoint").exists()
-                         and not (run_dir / "metrics.json").exists())
+        metrics = _finished(run_dir, c)
+        if metrics is None:
+            _, metrics = run(c, run_dir, runtime=rt, progress=progress, resume=(run_dir / "checkpoint").exists()
+                             and not (run_dir / "metrics.json").exists())
+        elif progress:
+            print(f"  reusing the finished run in {run_dir}", flush=True)
         results.setdefault((m, agg), []).append(metrics)
     rows = []
     for (m, agg), ms in results.items():
