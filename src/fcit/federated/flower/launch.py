@@ -266,11 +266,12 @@ def _alive(pid: int) -> bool:
 
 
 class LocalDeployment:
-    """A SuperLink and ``n`` SuperNodes (client ids 0..n-1) on 127.0.0.1 with free ports, insecure, for tests and
-    benchmarks of the deployment engine. Every process is stopped by PID on exit, also after a failure."""
+    """A SuperLink and ``n`` SuperNodes (client ids 0..n-1) on 127.0.0.1 with free ports, for tests and benchmarks of
+    the deployment engine: insecure, or TLS with ``tls=(ca.crt, server.pem, server.key)`` (a certificate for
+    127.0.0.1). Every process is stopped by PID on exit, also after a failure."""
 
-    def __init__(self, n: int, workdir: Path, node_threads: int = 1):
-        self.n, self.workdir, self.node_threads = n, Path(workdir), node_threads
+    def __init__(self, n: int, workdir: Path, node_threads: int = 1, tls: Optional[tuple[str, str, str]] = None):
+        self.n, self.workdir, self.node_threads, self.tls = n, Path(workdir), node_threads, tls
         self.port = free_port()
         self.superlink: Optional[subprocess.Popen] = None
         self.nodes: dict[int, subprocess.Popen] = {}
@@ -289,7 +290,9 @@ class LocalDeployment:
 
         self.workdir.mkdir(parents=True, exist_ok=True)
         try:
-            self.superlink = self._spawn([_bin("flower-superlink"), "--insecure", "--host", "127.0.0.1", "--port",
+            security = ["--insecure"] if self.tls is None else [
+                "--ssl-ca-certfile", self.tls[0], "--ssl-certfile", self.tls[1], "--ssl-keyfile", self.tls[2]]
+            self.superlink = self._spawn([_bin("flower-superlink"), *security, "--host", "127.0.0.1", "--port",
                                           str(self.port), "--database", str(self.workdir / "superlink.db")],
                                          "superlink.log")
             self._wait_port(self.port, self.superlink, "superlink.log")
@@ -303,7 +306,8 @@ class LocalDeployment:
         return self
 
     def start_node(self, i: int) -> None:
-        cmd = node_command(self.address, i, insecure=True, threads=self.node_threads)
+        cmd = node_command(self.address, i, insecure=self.tls is None,
+                           root_certificates=self.tls[0] if self.tls else None, threads=self.node_threads)
         self.nodes[i] = self._spawn(cmd, f"supernode-{i}.log")
 
     def kill_node(self, i: int) -> None:
