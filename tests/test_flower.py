@@ -80,6 +80,7 @@ def test_clients_without_a_node_are_dropped_and_min_replies_stops_the_run(cache_
     picked = [r for r in m["rounds"] if 3 in r["dropped"]]
     assert picked, "the smoke selection should pick client 3 at least once"
     assert all(3 not in r["clients"] and len(r["clients"]) == 1 for r in picked)
+    assert all(r["failures"][0]["client"] == 3 and "no connected node" in r["failures"][0]["why"] for r in picked)
     assert any("client 3 dropped" in str(w.message) for w in caught)
     assert len(m["matrix"]["rows"]) == 2
     # Asking for both replies makes the first such round fatal, with a message that says how to go on.

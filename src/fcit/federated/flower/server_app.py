@@ -52,18 +52,22 @@ class FlowerEngine:
         self.nodes: dict[int, int] = {}  # client id -> node id
         self.config_json = self.cfg.model_dump_json()
         self.run_key = hashlib.sha256(self.config_json.encode()).hexdigest()[:16]
-        self.failures: list[dict] = []
+        self.failures: list[dict] = []  # every dropped client with the reason; each round log holds its own
+        self._no_id: set[int] = set()  # nodes that answered hello with an error (no partition-id): not asked again
 
     # -- addressing ---------------------------------------------------------------------------------------------
     def _discover(self) -> None:
         """Ask nodes we have not met yet for their client id (a SuperNode may join, or re-join, at any time)."""
-        known = set(self.nodes.values())
+        known = set(self.nodes.values()) | self._no_id
         new = [n for n in self.grid.get_node_ids() if n not in known]
         if not new:
             return
         msgs = [Message(encode({}), dst_node_id=n, message_type="query.hello") for n in new]
         for rep in self.grid.send_and_receive(msgs, timeout=min(120.0, self.cfg.federation.round_timeout)):
             if rep.has_error():
+                self._no_id.add(rep.metadata.src_node_id)
+                warnings.warn(f"Flower: node {rep.metadata.src_node_id} has no client id: {rep.error.reason}",
+                              RuntimeWarning, stacklevel=2)
                 continue
             meta, _ = decode(rep.content)
             self.nodes[int(meta["client_id"])] = rep.metadata.src_node_id
@@ -76,10 +80,11 @@ class FlowerEngine:
     def _exchange(self, kind: str, requests: dict[int, Any], what: str) -> dict[int, Any]:
         """Send one message per client id, wait for the replies; returns client id -> reply (failures dropped)."""
         msgs, by_node = [], {}
-        missing = [c for c in requests if c not in self.nodes]
-        if missing:
-            self._discover()
         online = set(self.grid.get_node_ids())
+        if any(self.nodes.get(c) not in online for c in requests):
+            # A client never seen, or whose node went away: it may have (re)joined under a new node id.
+            self._discover()
+            online = set(self.grid.get_node_ids())
         for c, content in requests.items():
             node = self.nodes.get(c)
             if node is None or node not in online:
@@ -137,6 +142,7 @@ class FlowerEngine:
         tasks = sc.table[t] if sc.table is not None else [t] * len(clients)
         task_of = dict(zip(clients, tasks))
         where = f"stage {t + 1} round {r + 1}"
+        n_failures = len(self.failures)
 
         t0 = time.perf_counter()
         identities: dict[int, dict] = {}
@@ -186,6 +192,7 @@ class FlowerEngine:
             "bytes_up": int(sum(payload_bytes(replies[c].content) for c in done)),
             "bytes_down": int(down),
             "dropped": [c for c in clients if c not in done],
+            "failures": self.failures[n_failures:],
         }
         return global_state, log, [(c, task_of[c]) for c in done]
 
