@@ -1,35 +1,45 @@
 #!/usr/bin/env bash
 # Regenerates every table of the README's "Results on the embedded benchmark" section.
-# Each `fcit compare` writes runs/<name>/table.md (paste it into the README) and a run directory per (method, seed).
-# Wall times on the 2-core reference machine are in the README next to each table. Extra flags for every
-# `fcit compare` can be given in FCIT_ARGS, e.g. FCIT_ARGS="--set threads=1" to run two parts side by side.
+# Each `fcit compare` writes <folder>/table.md and a run directory per (method, seed); finished runs in a folder are
+# reused, so the parts below share the Hom runs and an interrupted part continues where it stopped.
+# Extra flags for every `fcit compare` go in FCIT_ARGS, e.g. FCIT_ARGS="--set threads=1" to run two parts side by side.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 FCIT=${FCIT:-.venv/bin/fcit}
 SEEDS=${SEEDS:-0,1,2}
 part=${1:-all}
+cmp() { $FCIT compare --quiet ${FCIT_ARGS:-} "$@"; }
 
-if [[ $part == all || $part == core ]]; then      # issue: training core: Zero-shot / Finetune / MTL
-  $FCIT compare --quiet ${FCIT_ARGS:-} --methods zeroshot,finetune,mtl --seeds "$SEEDS" --out runs/bench-core
+if [[ $part == all || $part == core ]]; then       # the benchmark's range: Zero-shot / Finetune / MTL
+  cmp --methods zeroshot,finetune,mtl --seeds "$SEEDS" --out runs/bench-hom
 fi
-if [[ $part == all || $part == disco ]]; then     # DISCO vs Finetune, Hom and Het
-  $FCIT compare --quiet ${FCIT_ARGS:-} --methods disco --seeds "$SEEDS" --out runs/bench-disco-hom
-  .venv/bin/python scripts/disco_activation_ablation.py runs/bench-disco-hom/disco-s0
-  $FCIT compare --quiet ${FCIT_ARGS:-} --methods finetune,disco --seeds "${HET_SEEDS:-$SEEDS}" --set scenario.mode=het \
-    --out runs/bench-disco-het
+if [[ $part == all || $part == disco ]]; then      # DISCO, Hom and Het, and the activation ablation
+  cmp --methods disco --seeds "$SEEDS" --out runs/bench-hom
+  .venv/bin/python scripts/disco_activation_ablation.py runs/bench-hom/disco-s0
+  cmp --methods finetune,disco --seeds "${HET_SEEDS:-$SEEDS}" --set scenario.mode=het --out runs/bench-het
 fi
-if [[ $part == all || $part == baselines ]]; then # the comparison set
-  $FCIT compare --quiet ${FCIT_ARGS:-} --methods ewc,lwf,olora,mlora,moelora --seeds "$SEEDS" --out runs/bench-baselines
+if [[ $part == all || $part == baselines ]]; then  # the whole comparison set in one table (reuses the runs above)
+  cmp --methods zeroshot,finetune,ewc,lwf,olora,mlora,moelora,disco,mtl --seeds "$SEEDS" --out runs/bench-hom
 fi
-if [[ $part == all || $part == optimizers ]]; then
-  $FCIT compare --quiet ${FCIT_ARGS:-} --methods disco --aggregators fedavg,fedavgm,fedadam,fedadagrad,fedyogi --seeds "$SEEDS" \
+if [[ $part == all || $part == ewc-sweep ]]; then  # EWC's lambda, seed 0 (1000 is the default)
+  for lam in 1000 10000 100000; do
+    cmp --methods ewc --seeds 0 --set method.params.lambda=$lam --out runs/bench-ewc-lambda-$lam
+  done
+fi
+if [[ $part == all || $part == optimizers ]]; then # DISCO under each server optimizer (their default server_lr)
+  cmp --methods disco --aggregators fedavg,fedavgm,fedadam,fedadagrad,fedyogi --seeds "${OPT_SEEDS:-$SEEDS}" \
     --out runs/bench-optimizers
+  cmp --methods disco --aggregators fedadam,fedyogi,fedadagrad --set federation.server_lr=0.01 \
+    --seeds "${OPT_SEEDS:-$SEEDS}" --out runs/bench-optimizers-lr0.01   # the adaptive ones at server_lr 0.01
 fi
-if [[ $part == all || $part == ablation ]]; then  # DISCO identity ablation (activation: see the disco part)
+if [[ $part == all || $part == ablation ]]; then   # DISCO identity ablation (activation: see the disco part)
   for id in image text+image; do
-    $FCIT compare --quiet ${FCIT_ARGS:-} --methods disco --seeds "$SEEDS" --set method.params.identity=$id --out runs/bench-ablation-id-$id
+    cmp --methods disco --seeds "${ABL_SEEDS:-$SEEDS}" --set method.params.identity=$id --out runs/bench-ablation-id-$id
   done
 fi
 if [[ $part == all || $part == ssa ]]; then
   .venv/bin/python scripts/bench_ssa.py
+fi
+if [[ $part == all || $part == flower ]]; then     # Flower engines vs in-process on the smoke setting
+  .venv/bin/python scripts/bench_flower.py --deployment
 fi
