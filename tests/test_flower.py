@@ -125,3 +125,36 @@ def test_deployment_superlink_and_three_supernodes_survive_a_node_crash(cache_di
         except OSError:
             continue
         assert state == "Z", f"process {pid} still running"
+
+
+def test_node_command_and_flower_config_validation(tmp_path):
+    from fcit.federated.flower.launch import node_command, write_app, write_connection
+
+    cmd = node_command("link.example.org:9093", 7, data_root=str(tmp_path), root_certificates="ca.crt",
+                       auth_key="node7", port=9100)
+    i = cmd.index("--node-config")
+    assert cmd[i + 1] == f'partition-id=7 data-root="{tmp_path}"'
+    assert cmd[cmd.index("--superlink") + 1] == "link.example.org:9093" and "--insecure" not in cmd
+    assert cmd[cmd.index("--root-certificates") + 1].endswith("/ca.crt")
+    assert cmd[cmd.index("--auth-supernode-private-key") + 1].endswith("/node7")
+    with pytest.raises(FcitError, match="exactly one"):
+        node_command("h:1", 0)  # neither TLS nor an explicit --insecure
+    with pytest.raises(FcitError, match="insecure"):
+        run(load_config(preset="smoke", overrides={"federation.engine": "flower", "flower.superlink": "h:1"}),
+            tmp_path / "r", progress=False)
+    with pytest.raises(FcitError, match="at most one of insecure and root_certificates"):
+        load_config(preset="smoke", overrides={"flower.insecure": True, "flower.root_certificates": "ca.crt"})
+    # The app a deployment submits carries the whole config; the connection names the SuperLink.
+    cfg = load_config(preset="smoke", overrides={"flower.superlink": "h:1", "flower.insecure": True, "seed": 3})
+    app = write_app(cfg, tmp_path / "run", resume=False)
+    try:
+        import tomllib
+    except ImportError:  # Python 3.10: flwr depends on tomli
+        import tomli as tomllib
+
+    conf = tomllib.loads((app / "pyproject.toml").read_text())["tool"]["flwr"]["app"]
+    assert json.loads(conf["config"]["fcit-config"])["seed"] == 3
+    assert conf["components"]["clientapp"] == "fcit.federated.flower.client_app:app"
+    write_connection(tmp_path, cfg)
+    conn = tomllib.loads((tmp_path / "config.toml").read_text())["superlink"]
+    assert conn["default"] == "fcit" and conn["fcit"] == {"address": "h:1", "insecure": True}
