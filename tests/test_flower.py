@@ -47,7 +47,7 @@ def test_records_keep_names_values_and_dtypes():
     assert payload_bytes(rd) >= 12 * 4 + 5 * 4 + 3 * 8
 
 
-@pytest.mark.parametrize("method", ["finetune", "disco"])
+@pytest.mark.parametrize("method", ["finetune", "disco", "ewc"])  # ewc: client state + stage end
 def test_flower_simulation_equals_the_in_process_engine(cache_dir, tmp_path, method):
     _, ref = run(cfg_for(cache_dir, tmp_path, **{"method.name": method}), tmp_path / "inprocess", progress=False)
     _, sim = run(cfg_for(cache_dir, tmp_path, **{"method.name": method, "federation.engine": "flower-sim"}),
