@@ -134,3 +134,12 @@ def test_compare_tabulates_and_reuses_finished_runs(small_base, cache_dir, tmp_p
     other = smoke_cfg(small_base, cache_dir, tmp_path, **{"scenario.stages": 1, "train.lr": 1e-3})
     with pytest.raises(FcitError, match="different config"):
         compare_mod.compare(other, ["finetune"], [0], out=tmp_path / "cmp", progress=False)
+
+
+def test_compare_treats_explicit_default_method_params_as_the_same_run():
+    from fcit.compare import _canonical
+
+    base = load_config(overrides={"method.name": "ewc"})
+    explicit = load_config(overrides={"method.name": "ewc", "method.params.lambda": 1000, "threads": 1})
+    other = load_config(overrides={"method.name": "ewc", "method.params.lambda": 10})
+    assert _canonical(base) == _canonical(explicit) != _canonical(other)

@@ -15,6 +15,18 @@ from fcit.errors import FcitError
 from fcit.experiment import Runtime, run, write_json
 
 
+def _canonical(cfg: Config) -> dict:
+    """What a run computes from: the config without where and how fast it ran, with the method's parameters
+    resolved (so ``lambda: 1000`` given explicitly equals the default 1000)."""
+    from fcit.methods import REGISTRY
+
+    d = cfg.model_dump(exclude={"out_dir", "run_name", "threads"})
+    method = REGISTRY.get(cfg.method.name)
+    if method is not None:
+        d["method"]["params"] = method.Params.model_validate(cfg.method.params).model_dump()
+    return d
+
+
 def _finished(run_dir: Path, cfg: Config) -> dict | None:
     """The metrics of a finished run of exactly this config in ``run_dir`` (an interrupted comparison, or one
     assembled from runs made elsewhere), else None. A finished run of another config is an error, not a reuse."""
@@ -23,9 +35,7 @@ def _finished(run_dir: Path, cfg: Config) -> dict | None:
     m, c = run_dir / "metrics.json", run_dir / "config.json"
     if not m.exists():
         return None
-    ignore = {"out_dir", "run_name", "threads"}  # where and how fast it ran, not what it computed
-    saved = Config.model_validate(json.loads(c.read_text())).model_dump(exclude=ignore) if c.exists() else None
-    if saved != cfg.model_dump(exclude=ignore):
+    if not c.exists() or _canonical(Config.model_validate(json.loads(c.read_text()))) != _canonical(cfg):
         raise FcitError(f"compare: {run_dir} holds a finished run of a different config; remove it or pick --out")
     return json.loads(m.read_text())
 
