@@ -26,6 +26,10 @@ if [[ $part == all || $part == ewc-sweep ]]; then  # EWC's lambda, seed 0 (1000 
     cmp --methods ewc --seeds 0 --set method.params.lambda=$lam --out runs/bench-ewc-lambda-$lam
   done
 fi
+if [[ $part == all || $part == sweeps ]]; then     # LwF and O-LoRA at a 10x stronger regulariser, seed 0
+  cmp --methods lwf --seeds 0 --set method.params.alpha=10 --out runs/bench-lwf-alpha-10
+  cmp --methods olora --seeds 0 --set method.params.lambda=5 --out runs/bench-olora-lambda-5
+fi
 if [[ $part == all || $part == optimizers ]]; then # DISCO under each server optimizer (their default server_lr)
   cmp --methods disco --aggregators fedavg,fedavgm,fedadam,fedadagrad,fedyogi --seeds "${OPT_SEEDS:-$SEEDS}" \
     --out runs/bench-optimizers
