@@ -10,9 +10,9 @@ the project's client update, both calling the same method hooks as the in-proces
 import os
 
 # Flower must never install the app's dependencies at run time (it would pull a CUDA torch), phone home or check for
-# updates; these are read when flwr's modules load, so they are set before any of them is imported. Its processes
-# (Ray workers, SuperNode app processes) may import huggingface_hub before fcit sets offline mode, which then waits
-# on network timeouts (measured: 65 s per model load), so offline mode is set here too and inherited by them.
+# updates; these are read when flwr's modules load, so they are set before any of them is imported. Hub offline mode
+# is set here too, so that Flower's own processes (Ray workers, ClientApp processes) inherit it even if something
+# imports huggingface_hub before fcit's model loader sets it.
 for _k, _v in {"FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1", "FLWR_TELEMETRY_ENABLED": "0",
                "FLWR_DISABLE_UPDATE_CHECK": "1", "HF_HUB_OFFLINE": "1"}.items():
     os.environ.setdefault(_k, _v)
