@@ -73,6 +73,19 @@ def default_run_dir(cfg: Config, method: str) -> Path:
     return Path(cfg.out_dir) / name
 
 
+def prepare_model(cfg: Config, method: Method, base_model: torch.nn.Module, processor) -> tuple[Any, Batcher, Any]:
+    """The method's model on a frozen backbone, its batcher and vision-feature cache, built the same way by the server
+    and by every Flower client (so both start from identical adapters)."""
+    # Seeded, so that any adapter tensor the global state does not carry starts identical on every party.
+    torch.manual_seed(cfg.seed)
+    model = method.setup(base_model)
+    cache = VisionFeatureCache(model, cfg.model.vision_cache_mb) if cfg.model.vision_cache_mb > 0 else None
+    batcher = Batcher(model, processor, system_prompt=cfg.model.system_prompt, max_length=cfg.train.max_length)
+    method.batcher = batcher
+    method.bind(processor)
+    return model, batcher, cache
+
+
 class Experiment:
     """Server side of a run: the method's global state, the stage loop, evaluation after each stage, the run directory.
 
@@ -93,14 +106,8 @@ class Experiment:
 
         self.rt = runtime or Runtime.build(cfg, progress=progress)
         self.scenario = Scenario(cfg.scenario, cfg.seed, self.rt.bench, partitions_root=cfg.data.partitions)
-        torch.manual_seed(cfg.seed)
-        self.model = self.method.setup(self.rt.fresh_model() if runtime is not None else self.rt.base_model)
-        if cfg.model.vision_cache_mb > 0:
-            self.vision_cache = VisionFeatureCache(self.model, cfg.model.vision_cache_mb)
-        self.batcher = Batcher(self.model, self.rt.processor, system_prompt=cfg.model.system_prompt,
-                               max_length=cfg.train.max_length)
-        self.method.batcher = self.batcher
-        self.method.bind(self.rt.processor)
+        base = self.rt.fresh_model() if runtime is not None else self.rt.base_model
+        self.model, self.batcher, self.vision_cache = prepare_model(cfg, self.method, base, self.rt.processor)
         self.timer = Timer()
         self._tests: dict[str, list] = {}
 

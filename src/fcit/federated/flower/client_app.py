@@ -44,21 +44,14 @@ class ClientRuntime:
     def build(cls, cfg) -> "ClientRuntime":
         from fcit.data.loader import open_benchmark
         from fcit.data.scenario import Scenario
+        from fcit.experiment import prepare_model
         from fcit.methods import build_method
         from fcit.models.backbone import load_backbone
-        from fcit.models.inputs import Batcher
-        from fcit.models.vision_cache import VisionFeatureCache
 
         method = build_method(cfg)
         bench = open_benchmark(cfg, progress=False)
         base, processor = load_backbone(cfg.model.path, cfg.model.dtype)
-        # Same seed before setup as the server: adapters not in the global state start identical everywhere.
-        torch.manual_seed(cfg.seed)
-        model = method.setup(base)
-        cache = VisionFeatureCache(model, cfg.model.vision_cache_mb) if cfg.model.vision_cache_mb > 0 else None
-        batcher = Batcher(model, processor, system_prompt=cfg.model.system_prompt, max_length=cfg.train.max_length)
-        method.batcher = batcher
-        method.bind(processor)
+        model, batcher, cache = prepare_model(cfg, method, base, processor)
         scenario = Scenario(cfg.scenario, cfg.seed, bench, partitions_root=cfg.data.partitions)
         return cls(cfg, model, method, batcher, scenario, cache)
 
