@@ -146,22 +146,19 @@ class Ewc(Method):
 
         return hook
 
-    # -- what a remote client needs for the penalty ---------------------------------------------------------------
+    # -- what a remote client needs for the penalty (and, with the server optimizer's state, a resumed run) --------
     def client_state(self) -> dict[str, torch.Tensor]:
-        return {**{_PREFIX_F + k: v for k, v in self.fisher.items()}, **{_PREFIX_STAR + k: v for k, v in self.star.items()}}
+        return {**{_PREFIX_F + k: v for k, v in self.fisher.items()},
+                **{_PREFIX_STAR + k: v for k, v in self.star.items()}}
 
     def load_client_state(self, state: dict[str, torch.Tensor]) -> None:
-        self.fisher = {k[len(_PREFIX_F):]: v.float() for k, v in state.items() if k.startswith(_PREFIX_F)}
-        self.star = {k[len(_PREFIX_STAR):]: v.float() for k, v in state.items() if k.startswith(_PREFIX_STAR)}
+        self.fisher = {k[len(_PREFIX_F):]: v.float().clone() for k, v in state.items() if k.startswith(_PREFIX_F)}
+        self.star = {k[len(_PREFIX_STAR):]: v.float().clone() for k, v in state.items() if k.startswith(_PREFIX_STAR)}
 
     # -- resumable runs ------------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, torch.Tensor]:
-        out = dict(super().state_dict())
-        out.update({_PREFIX_F + k: v for k, v in self.fisher.items()})
-        out.update({_PREFIX_STAR + k: v for k, v in self.star.items()})
-        return out
+        return {**super().state_dict(), **self.client_state()}
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        self.fisher = {k[len(_PREFIX_F):]: v.float().clone() for k, v in state.items() if k.startswith(_PREFIX_F)}
-        self.star = {k[len(_PREFIX_STAR):]: v.float().clone() for k, v in state.items() if k.startswith(_PREFIX_STAR)}
+        self.load_client_state(state)
         super().load_state_dict({k: v for k, v in state.items() if not k.startswith("ewc/")})
