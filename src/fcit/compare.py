@@ -75,8 +75,8 @@ def compare(cfg: Config, methods: list[str], seeds: list[int], aggregators: list
         run_dir = out / f"{label}-s{seed}"
         metrics = _finished(run_dir, c)
         if metrics is None:
-            _, metrics = run(c, run_dir, runtime=rt, progress=progress, resume=(run_dir / "checkpoint").exists()
-                             and not (run_dir / "metrics.json").exists())
+            # Not finished (``_finished`` returned None): a checkpoint means an interrupted run to continue.
+            _, metrics = run(c, run_dir, runtime=rt, progress=progress, resume=(run_dir / "checkpoint").exists())
         elif progress:
             print(f"  reusing the finished run in {run_dir}", flush=True)
         results.setdefault((m, agg), []).append(metrics)
