@@ -247,6 +247,15 @@ def _disco(monkeypatch, E=3, **params):
     return Disco(cfg)
 
 
+def _disco_on_micro(micro_backbone, monkeypatch):
+    """DISCO set up on a copy of the micro backbone: (method, model, batcher, initial global state)."""
+    base, processor = micro_backbone
+    disco = _disco(monkeypatch)
+    model = disco.setup(copy.deepcopy(base))
+    disco.bind(processor)
+    return disco, model, Batcher(model, processor), disco.initial_state(model)
+
+
 def test_params_are_validated():
     bad = Config.model_validate({"method": {"name": "disco", "params": {"encoder": "bert"}}})
     with pytest.raises(FcitError, match="method.params.encoder"):
@@ -257,12 +266,7 @@ def test_params_are_validated():
 
 def test_a_client_lost_after_planning_leaves_the_tokens_of_the_others(micro_backbone, micro_samples, monkeypatch):
     # A Flower node that crashes between plan and upload: aggregation gets fewer uploads than planned clients.
-    base, processor = micro_backbone
-    disco = _disco(monkeypatch)
-    model = disco.setup(copy.deepcopy(base))
-    disco.bind(processor)
-    batcher = Batcher(model, processor)
-    gs = disco.initial_state(model)
+    disco, model, batcher, gs = _disco_on_micro(micro_backbone, monkeypatch)
     colour, count = _task(micro_samples, "colour"), _task(micro_samples, "count")
     info = StageInfo(stage=0, num_stages=1, tasks=[0], round=0)
     shards = [colour[:3], colour[3:5], count[:4]]
@@ -280,12 +284,8 @@ def test_a_client_lost_after_planning_leaves_the_tokens_of_the_others(micro_back
 
 
 def test_disco_rounds_by_hand_then_through_the_engine(micro_backbone, micro_samples, monkeypatch, tmp_path):
-    base, processor = micro_backbone
-    disco = _disco(monkeypatch)
-    model = disco.setup(copy.deepcopy(base))
-    disco.bind(processor)
-    batcher = Batcher(model, processor)
-    gs = disco.initial_state(model)
+    disco, model, batcher, gs = _disco_on_micro(micro_backbone, monkeypatch)
+    processor = micro_backbone[1]
     assert {subspace_index(k) for k in gs} == {0, 1, 2, None}
     colour, count, caption = (_task(micro_samples, n) for n in ("colour", "count", "caption"))
 
