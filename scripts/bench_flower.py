@@ -15,12 +15,13 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 from fcit.config import load_config
-from fcit.experiment import run
+from fcit.launch import run
 
 
 def measure(engine: str, args, work: Path, extra: dict | None = None) -> dict:
@@ -31,7 +32,8 @@ def measure(engine: str, args, work: Path, extra: dict | None = None) -> dict:
         over["data.root"] = args.data_root
     cfg = load_config(preset="smoke", overrides=over)
     t0 = time.perf_counter()
-    _, m = run(cfg, work / engine, progress=False)
+    _, result = run(cfg, work / engine, progress=False)
+    m = result.to_dict()
     wall = time.perf_counter() - t0
     rounds = m["rounds"]
     later = [r["seconds"] for r in rounds if r["round"] > 0]
@@ -61,7 +63,8 @@ def main() -> None:
         work = Path(tmp)
         rows = [measure("inprocess", args, work), measure("flower-sim", args, work)]
         if args.deployment:
-            from fcit.federated.flower.launch import LocalDeployment
+            sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the test harness
+            from local_deployment import LocalDeployment
 
             with LocalDeployment(4, work / "federation", node_threads=args.threads) as fed:
                 rows.append(measure("flower", args, work, {"flower.superlink": fed.address,

@@ -36,7 +36,7 @@ def main(run_dirs: list[str]) -> None:
         datasets = exp.scenario.seen_datasets(exp.scenario.num_stages - 1)
         for v in VARIANTS:
             exp.method.params.variant = v
-            res = exp.evaluate(datasets)
+            res = exp.evaluate(datasets, exp.scenario.num_stages - 1)
             last[v].append(sum(r["score"] for r in res.values()) / len(res))
             print(f"{d.name} {v}: Last {last[v][-1]:.1f}", flush=True)
     rows = [{"method": f"DISCO, {v} activation", "last": mean_std(x) if len(x) > 1 else x[0]} for v, x in last.items()]

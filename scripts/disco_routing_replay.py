@@ -10,6 +10,7 @@ clustering leaves a run's routing as it was, or to try other ``tau`` / ``min_sha
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 from collections import defaultdict
 from pathlib import Path
@@ -42,14 +43,15 @@ def main() -> None:
     for t in range(sc.num_stages):
         info = StageInfo(stage=t, num_stages=sc.num_stages, tasks=sc.stage_tasks(t))
         for r in range(cfg.scenario.rounds):
-            info.round = r
-            ids = [disco.client_identity(None, s.samples, info) for s in sc.round_shards(t, r)]
-            plans = disco.plan_round(info, ids, {})
+            info = dataclasses.replace(info, round=r)
+            ids = [disco.client_identity(None, sc.client_data(c.task, c.client_id), info)
+                   for c in sc.assignments(t, r)]
+            plan = disco.plan_round(info, ids, {})
             groups = defaultdict(list)
-            for i, p in enumerate(plans):
+            for i, p in enumerate(plan.clients):
                 groups[p["subspace"]].append(i)
             # What aggregation does to the global tokens once every planned client has uploaded.
-            disco._update_tokens(dict(groups), list(range(len(plans))))
+            disco.update_tokens(plan, dict(groups))
     slots = defaultdict(set)
     for e in disco.routing_log:
         for d in e["datasets"]:

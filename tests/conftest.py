@@ -1,13 +1,9 @@
-import os
-
 import numpy as np
 import pytest
 from PIL import Image
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-
-from fcit.data.records import Sample  # noqa: E402
-from fcit.models.backbone import TinySpec, build_tiny, build_tokenizer  # noqa: E402
+from fcit.data.records import Sample
+from fcit.models.backbone import TinySpec, build_tiny, build_tokenizer
 
 MICRO = TinySpec(image_size=16, patch_size=8, vision_hidden=32, vision_layers=1, vision_heads=2, lm_hidden=32,
                  lm_intermediate=64, lm_layers=2, lm_heads=2, vocab_size=300, max_positions=128)

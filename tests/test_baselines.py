@@ -8,9 +8,9 @@ import torch.nn.functional as F
 
 from fcit.config import Config
 from fcit.errors import FcitError
-from fcit.federated.aggregation import fedavg
-from fcit.federated.client import local_train
-from fcit.methods.base import StageInfo
+from fcit.training.aggregation import fedavg
+from fcit.training.local import local_train
+from fcit.methods.base import StageInfo, Upload
 from fcit.methods.mlora import MLora
 from fcit.methods.moelora import MoELora, MoELoraLinear, moe_layers
 from fcit.methods.olora import OLora, orthogonality_penalty
@@ -34,8 +34,9 @@ def _build(cls, micro_backbone, stages=2, **params):
     base, processor = micro_backbone
     method = cls(_cfg(cls.name, stages=stages, **params))
     model = method.setup(copy.deepcopy(base))
-    method.bind(processor)
-    return method, model, Batcher(model, processor)
+    batcher = Batcher(model, processor)
+    method.bind(processor, batcher)
+    return method, model, batcher
 
 
 @torch.no_grad()
@@ -67,7 +68,8 @@ def _stage(method, model, batcher, gs, t, shards, num_stages=2, after_client=Non
     """One stage of one round through the hooks, in the engine's order."""
     info = StageInfo(stage=t, num_stages=num_stages, tasks=[t])
     gs = method.before_stage(model, info, gs)
-    plans = method.plan_round(info, [method.client_identity(model, s, info) for s in shards], gs)
+    plan = method.plan_round(info, [method.client_identity(model, s, info) for s in shards], gs)
+    plans = plan.clients
     hook = method.client_loss(info, gs)
     results = []
     for i, (s, p) in enumerate(zip(shards, plans)):
@@ -75,7 +77,7 @@ def _stage(method, model, batcher, gs, t, shards, num_stages=2, after_client=Non
         results.append(local_train(model, batcher, gs, s, method.cfg.train, seed=10 * t + i, loss_hook=hook))
         if after_client is not None:
             after_client(model, results[-1])
-    new = method.aggregate(info, results, plans, gs)
+    new = method.aggregate(info, plan, [Upload(i, r) for i, r in enumerate(results)], gs)
     set_state(model, new)
     return method.after_stage(model, info, new, []), results, plans
 
@@ -162,7 +164,7 @@ def test_mlora_inference_is_the_sum_of_the_learned_slots(micro_backbone, micro_s
     _randomise(model)  # slot 2 too: it must stay out since it was never trained
     batch = batcher.train_batch(micro_samples[:2])
     model.eval()
-    with torch.no_grad(), m.inference_gate(model, micro_samples):
+    with torch.no_grad(), m.inference_gate(model, micro_samples, 0):
         plain = model(**batch).logits  # nothing learned yet: the bare backbone
     with torch.no_grad():
         assert torch.allclose(plain, copy.deepcopy(base).eval()(**batch).logits, atol=1e-5)
@@ -175,7 +177,7 @@ def test_mlora_inference_is_the_sum_of_the_learned_slots(micro_backbone, micro_s
         for name, layer in subspace_layers(model):
             w = merged.get_submodule(name).weight
             w += layer.scaling * sum(layer.lora_B[j] @ layer.lora_A[j] for j in (0, 1))
-    with torch.no_grad(), m.inference_gate(model, micro_samples):
+    with torch.no_grad(), m.inference_gate(model, micro_samples, 0):
         for _, layer in subspace_layers(model):
             x = torch.randn(2, 4, layer.base_layer.in_features)
             assert torch.allclose(layer(x), _expected(layer, x, [0, 1]), atol=1e-5)
@@ -275,6 +277,6 @@ def test_moelora_two_stages_through_the_hooks(micro_backbone, micro_samples):
     # B starts at 0, so the routers get their first gradient once the experts have moved (stage 1 here)
     assert any(not torch.equal(gs[k], start[k]) for k in routers)
     model.eval()
-    with torch.no_grad(), m.inference_gate(model, micro_samples):
+    with torch.no_grad(), m.inference_gate(model, micro_samples, 0):
         assert torch.isfinite(model(**batcher.train_batch(micro_samples[:2])).logits).all()
 

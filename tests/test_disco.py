@@ -1,5 +1,6 @@
 import copy
 import dataclasses
+import json
 import math
 import warnings
 
@@ -7,13 +8,14 @@ import pytest
 import torch
 
 from fcit.config import Config
-from fcit.data.scenario import ClientShard
+from fcit.data.scenario import Assignment
 from fcit.errors import FcitError
 from fcit.eval.evaluate import generate
-from fcit.federated.aggregation import fedavg
-from fcit.federated.client import local_train
-from fcit.federated.engine import InProcessEngine, Timer
-from fcit.methods.base import StageInfo
+from fcit.training.aggregation import fedavg
+from fcit.training.local import local_train
+from fcit.engines.inprocess import InProcessTransport
+from fcit.engines.loop import StageLoop
+from fcit.methods.base import StageInfo, Upload
 from fcit.methods.disco import (
     NEW,
     Disco,
@@ -252,8 +254,9 @@ def _disco_on_micro(micro_backbone, monkeypatch):
     base, processor = micro_backbone
     disco = _disco(monkeypatch)
     model = disco.setup(copy.deepcopy(base))
-    disco.bind(processor)
-    return disco, model, Batcher(model, processor), disco.initial_state(model)
+    batcher = Batcher(model, processor)
+    disco.bind(processor, batcher)
+    return disco, model, batcher, disco.initial_state(model)
 
 
 def test_params_are_validated():
@@ -271,13 +274,13 @@ def test_a_client_lost_after_planning_leaves_the_tokens_of_the_others(micro_back
     info = StageInfo(stage=0, num_stages=1, tasks=[0], round=0)
     shards = [colour[:3], colour[3:5], count[:4]]
     ids = [disco.client_identity(model, s, info) for s in shards]
-    plans = disco.plan_round(info, ids, gs)
+    plan = disco.plan_round(info, ids, gs)
     kept = [1, 2]  # client 0 never replies
-    results = []
+    uploads = []
     for i in kept:
-        disco.before_local(model, plans[i])
-        results.append(local_train(model, batcher, gs, shards[i], disco.cfg.train, seed=i))
-    disco.aggregate(info, results, [plans[i] for i in kept], gs)
+        disco.before_local(model, plan.clients[i])
+        uploads.append(Upload(i, local_train(model, batcher, gs, shards[i], disco.cfg.train, seed=i)))
+    disco.aggregate(info, plan, uploads, gs)
     tok = torch.stack([i["text"] for i in ids])
     assert torch.allclose(disco.C["text"][0], tok[1]) and torch.allclose(disco.C["text"][1], tok[2])
     assert disco.N.tolist()[:2] == [2.0, 4.0]
@@ -294,8 +297,9 @@ def test_disco_rounds_by_hand_then_through_the_engine(micro_backbone, micro_samp
     shards = [colour[:3], colour[3:5], count[:4]]
     ids = [disco.client_identity(model, s, info) for s in shards]
     assert ids[0]["count"] == 3 and ids[0]["datasets"] == {"colour": 3}
-    plans = disco.plan_round(info, ids, gs)
-    assert [p["subspace"] for p in plans] == [0, 0, 1] and [p["client"] for p in plans] == [0, 1, 2]
+    plan = disco.plan_round(info, ids, gs)
+    plans = plan.clients
+    assert [p["subspace"] for p in plans] == [0, 0, 1] and len(plan.server["counts"]) == 3
     results = []
     for i, (s, p) in enumerate(zip(shards, plans)):
         disco.before_local(model, p)
@@ -303,7 +307,7 @@ def test_disco_rounds_by_hand_then_through_the_engine(micro_backbone, micro_samp
         per, rest = split_state(res.state)
         assert set(per) == {p["subspace"]} and all("multi_modal_projector" in k for k in rest)
         results.append(res)
-    new = disco.aggregate(info, results, plans, gs)
+    new = disco.aggregate(info, plan, [Upload(i, r) for i, r in enumerate(results)], gs)
     sub0 = fedavg([split_state(r.state)[0][0] for r in results[:2]], [3, 2])
     for k, v in sub0.items():
         assert torch.allclose(new[k], v)
@@ -321,29 +325,33 @@ def test_disco_rounds_by_hand_then_through_the_engine(micro_backbone, micro_samp
     gs = new
 
     # ---- stage 0, round 1: no new slots; each client goes to its task's subspace
-    info.round = 1
+    info = dataclasses.replace(info, round=1)
     shards = [count[4:], colour[:2]]
-    plans = disco.plan_round(info, [disco.client_identity(model, s, info) for s in shards], gs)
-    assert [p["subspace"] for p in plans] == [1, 0]
-    results = []
-    for i, (s, p) in enumerate(zip(shards, plans)):
+    plan = disco.plan_round(info, [disco.client_identity(model, s, info) for s in shards], gs)
+    assert [p["subspace"] for p in plan.clients] == [1, 0]
+    uploads = []
+    for i, (s, p) in enumerate(zip(shards, plan.clients)):
         disco.before_local(model, p)
-        results.append(local_train(model, batcher, gs, s, disco.cfg.train, seed=10 + i))
-    gs = disco.aggregate(info, results, plans, gs)
+        uploads.append(Upload(i, local_train(model, batcher, gs, s, disco.cfg.train, seed=10 + i)))
+    gs = disco.aggregate(info, plan, uploads, gs)
 
-    # ---- stage 1 through the in-process engine (Het-like: an old task recurs next to a new one)
+    # ---- stage 1 through the round loop (Het-like: an old task recurs next to a new one)
     class Scenario:
-        def round_shards(self, t, r):
-            return [ClientShard(client_id=r, position=0, task=0, samples=colour[r:r + 3]),
-                    ClientShard(client_id=2 + r, position=1, task=2, samples=caption[r:r + 4])]
+        def assignments(self, t, r):
+            return [Assignment(client_id=r, position=0, task=0), Assignment(client_id=2 + r, position=1, task=2)]
 
-    engine = InProcessEngine(disco.cfg, model, batcher, Scenario(), disco, Timer())
-    gs, logs = engine.run_stage(StageInfo(stage=1, num_stages=2, tasks=[0, 2]), gs, bar=False)
+        def client_data(self, task, cid):
+            return colour[cid:cid + 3] if task == 0 else caption[cid - 2:cid + 2]
+
+    sc = Scenario()
+    loop = StageLoop(disco, model, sc, InProcessTransport(disco.cfg, model, batcher, sc, disco, progress=False),
+                     rounds=2, seed=0)
+    gs, logs = loop.run(StageInfo(stage=1, num_stages=2, tasks=[0, 2]), gs, bar=False)
     stage1 = [e for e in disco.routing_log if e["stage"] == 1]
     assert [(e["round"], e["subspace"], e["kind"]) for e in stage1] == [
         (0, 0, "matched"), (0, 2, "new"), (1, 0, "nearest"), (1, 2, "nearest")]
     one_subspace = state_bytes(split_state(gs)[0][0]) + state_bytes(split_state(gs)[1])
-    assert all(log["bytes_up"] == 2 * one_subspace for log in logs)
+    assert all(log.bytes_up == 2 * one_subspace for log in logs)
     assert disco.used.all()
 
     # ---- inference: per-sample gates, whatever order and batching generate() uses
@@ -363,7 +371,7 @@ def test_disco_rounds_by_hand_then_through_the_engine(micro_backbone, micro_samp
             assert int(gate.argmax()) == want and float(gate[want]) > 0.99
             seen.append(want)
 
-    with disco.inference_gate(model, tests):
+    with disco.inference_gate(model, tests, 1):
         h = model.register_forward_pre_hook(check, with_kwargs=True)  # runs after DISCO's own hook
         try:
             preds = generate(model, batcher, tests, batch_size=4, max_new_tokens=3)
@@ -372,7 +380,9 @@ def test_disco_rounds_by_hand_then_through_the_engine(micro_backbone, micro_samp
     assert len(preds) == len(tests) and sorted(seen) == [0, 0, 1, 1, 2, 2]
     assert get_gate(model) is None  # the context restores the previous mode
 
-    summary = disco.write_artifacts(tmp_path)
+    from fcit.report.artifacts import write_artifacts
+
+    summary = write_artifacts(disco.artifacts(), tmp_path)
     assert summary["subspaces_formed"] == 3 and summary["routing_accuracy"] == 1.0
     assert summary["slot_of_dataset"] == {"caption": 2, "colour": 0, "count": 1}
     for f in summary["files"]:
@@ -384,6 +394,7 @@ def test_disco_rounds_by_hand_then_through_the_engine(micro_backbone, micro_samp
     save_file({k: v.contiguous() for k, v in disco.state_dict().items()}, str(tmp_path / "m.safetensors"))
     again = _disco(monkeypatch)
     again.load_state_dict(load_file(str(tmp_path / "m.safetensors")))
+    again.load_state_json(json.loads(json.dumps(disco.state_json())))
     assert torch.equal(again.C["text"], disco.C["text"]) and torch.equal(again.N, disco.N)
     assert torch.equal(again.used, disco.used) and again.routing_log == disco.routing_log
     assert again.gate_stats == disco.gate_stats
@@ -393,7 +404,8 @@ def test_disco_overflow_and_image_identity(micro_backbone, micro_samples, monkey
     base, processor = micro_backbone
     disco = _disco(monkeypatch, E=2, identity="text+image")
     model = disco.setup(copy.deepcopy(base))
-    disco.bind(processor)
+    batcher = Batcher(model, processor)
+    disco.bind(processor, batcher)
     info = StageInfo(stage=0, num_stages=1, tasks=[0], round=0)
     shards = [_task(micro_samples[:2], "colour"), _task(micro_samples[2:4], "count"),
               _task(micro_samples[4:], "caption")]
@@ -401,11 +413,10 @@ def test_disco_overflow_and_image_identity(micro_backbone, micro_samples, monkey
     assert ids[0]["image"].shape == (ImageTokenEncoder(model).dim,)
     with warnings.catch_warnings(record=True) as w:
         warnings.simplefilter("always")
-        plans = disco.plan_round(info, ids, disco.initial_state(model))
+        plans = disco.plan_round(info, ids, disco.initial_state(model)).clients
     assert any("subspaces are in use" in str(x.message) for x in w)
     assert all(0 <= p["subspace"] < 2 for p in plans)
     # the gate layers accept per-sample gates computed from text + image
-    batcher = Batcher(model, processor)
     want = ImageTokenEncoder(model).encode(batcher._pixels(shards[0])).mean(0)
     assert torch.allclose(ids[0]["image"], want, atol=1e-6)
     disco.used[:] = True
@@ -418,7 +429,7 @@ def test_disco_overflow_and_image_identity(micro_backbone, micro_samples, monkey
         return real(texts, image_tokens, has_image)
 
     monkeypatch.setattr(disco, "sample_similarity", spy)
-    with disco.inference_gate(model, micro_samples[:3]):
+    with disco.inference_gate(model, micro_samples[:3], 0):
         generate(model, batcher, micro_samples[:3], batch_size=2, max_new_tokens=2)
     assert images_seen == [(2, want.shape[0]), (1, want.shape[0])]  # one prefill per batch, pixels of that batch
     assert sum(st["n"] for st in disco.gate_stats["0"].values()) == 3

@@ -7,7 +7,7 @@ import sys
 import pytest
 
 from fcit.config import load_config
-from fcit.experiment import run
+from fcit.launch import run as _run
 from fcit.methods import REGISTRY
 
 
@@ -19,7 +19,7 @@ def cache_dir(tmp_path_factory):
 @pytest.fixture(scope="session")
 def small_base(tmp_path_factory, cache_dir):
     """`fcit pretrain` at a small size: the real pre-training path, in seconds."""
-    from fcit.models.pretrain import pretrain
+    from fcit.pretrain import pretrain
 
     out = tmp_path_factory.mktemp("base")
     cfg = load_config(preset="smoke", overrides={"data.root": str(cache_dir), "data.synth.n_pretrain": 48})
@@ -47,6 +47,12 @@ def test_smoke_run_writes_the_run_directory(small_base, cache_dir, tmp_path):
     assert "After stage 2" in (run_dir / "results.md").read_text()
     with pytest.raises(Exception, match="already holds a finished run"):
         run(smoke_cfg(small_base, cache_dir, tmp_path), tmp_path / "ft", progress=False)
+
+
+def run(*args, **kwargs):
+    """``fcit.launch.run`` with the result in its metrics.json form, which these tests check."""
+    run_dir, result = _run(*args, **kwargs)
+    return run_dir, result.to_dict()
 
 
 def _rounds(m):

@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 
 from fcit.config import load_config
 from fcit.errors import FcitError
-from fcit.experiment import run
+from fcit.launch import run
 
 pytest.importorskip("flwr")
 
@@ -35,7 +35,7 @@ def final_state(run_dir):
 
 
 def test_records_keep_names_values_and_dtypes():
-    from fcit.federated.flower.records import decode, encode, payload_bytes
+    from fcit.engines.flower.records import decode, encode, payload_bytes
 
     state = {"a.lora_A": torch.randn(3, 4), "b": torch.randn(5).to(torch.bfloat16), "i": torch.arange(3)}
     rd = encode({"plan": {"subspace": 2}, "x": [1, 2]}, {"global": state, "empty": {}}, {"num-examples": 7})
@@ -47,16 +47,21 @@ def test_records_keep_names_values_and_dtypes():
     assert payload_bytes(rd) >= 12 * 4 + 5 * 4 + 3 * 8
 
 
-@pytest.mark.parametrize("method", ["finetune", "disco", "ewc"])  # ewc: client state + stage end
+# ewc: shared client state + the stage-end exchange; lwf, olora: shared client state
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["finetune", "disco", "ewc", "lwf", "olora"])
 def test_flower_simulation_equals_the_in_process_engine(cache_dir, tmp_path, method):
     _, ref = run(cfg_for(cache_dir, tmp_path, **{"method.name": method}), tmp_path / "inprocess", progress=False)
     _, sim = run(cfg_for(cache_dir, tmp_path, **{"method.name": method, "federation.engine": "flower-sim"}),
                  tmp_path / "sim", progress=False)
-    assert sim["matrix"] == ref["matrix"]
-    assert [r["clients"] for r in sim["rounds"]] == [r["clients"] for r in ref["rounds"]]
-    assert [r["samples"] for r in sim["rounds"]] == [r["samples"] for r in ref["rounds"]]
-    for a, b in zip(sim["rounds"], ref["rounds"]):
-        assert abs(a["loss"] - b["loss"]) <= 1e-6
+    assert sim.matrix == ref.matrix
+    assert [r.clients for r in sim.rounds] == [r.clients for r in ref.rounds]
+    assert [r.samples for r in sim.rounds] == [r.samples for r in ref.rounds]
+    # One round loop: the logs agree on everything but wall time.
+    assert [(r.bytes_up, r.bytes_down, r.dropped) for r in sim.rounds] == [
+        (r.bytes_up, r.bytes_down, r.dropped) for r in ref.rounds]
+    for a, b in zip(sim.rounds, ref.rounds):
+        assert abs(a.loss - b.loss) <= 1e-6
     # The strongest check: every aggregated tensor of the final global state.
     s, r = final_state(tmp_path / "sim"), final_state(tmp_path / "inprocess")
     assert s.keys() == r.keys()
@@ -68,8 +73,9 @@ def test_flower_simulation_equals_the_in_process_engine(cache_dir, tmp_path, met
         assert [e["subspace"] for e in routing[0]] == [e["subspace"] for e in routing[1]]
 
 
+@pytest.mark.slow
 def test_clients_without_a_node_are_dropped_and_min_replies_stops_the_run(cache_dir, tmp_path):
-    from fcit.federated.flower.launch import run_simulation
+    from fcit.launch.flower import run_simulation
 
     # 4 clients, 3 nodes: every round that selects client 3 goes on with the other client.
     cfg = cfg_for(cache_dir, tmp_path, **{"method.name": "disco", "scenario.rounds": 2,
@@ -77,20 +83,21 @@ def test_clients_without_a_node_are_dropped_and_min_replies_stops_the_run(cache_
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         m = run_simulation(cfg, tmp_path / "partial", progress=False, num_nodes=3)
-    picked = [r for r in m["rounds"] if 3 in r["dropped"]]
+    picked = [r for r in m.rounds if 3 in r.dropped]
     assert picked, "the smoke selection should pick client 3 at least once"
-    assert all(3 not in r["clients"] and len(r["clients"]) == 1 for r in picked)
-    assert all(r["failures"][0]["client"] == 3 and "no connected node" in r["failures"][0]["why"] for r in picked)
+    assert all(3 not in r.clients and len(r.clients) == 1 for r in picked)
+    assert all(r.failures[0]["client"] == 3 and "no connected node" in r.failures[0]["why"] for r in picked)
     assert any("client 3 dropped" in str(w.message) for w in caught)
-    assert len(m["matrix"]["rows"]) == 2
+    assert len(m.matrix.rows) == 2
     # Asking for both replies makes the first such round fatal, with a message that says how to go on.
     strict = cfg.model_copy(update={"federation": cfg.federation.model_copy(update={"min_replies": 2})})
     with pytest.raises(FcitError, match="min_replies=2.*--resume"):
         run_simulation(strict, tmp_path / "strict", progress=False, num_nodes=3)
 
 
+@pytest.mark.slow
 def test_deployment_superlink_and_three_supernodes_survive_a_node_crash(cache_dir, tmp_path):
-    from fcit.federated.flower.launch import LocalDeployment
+    from local_deployment import LocalDeployment
 
     out = tmp_path / "run"
     crash: dict = {}
@@ -111,10 +118,10 @@ def test_deployment_superlink_and_three_supernodes_survive_a_node_crash(cache_di
         threading.Thread(target=kill_after_stage_one, daemon=True).start()
         _, m = run(cfg, out, progress=False)
         assert "at" in crash, "the node was never killed"
-    assert len(m["matrix"]["rows"]) == 2
-    stage2 = [r for r in m["rounds"] if r["stage"] == 1]
-    assert all(2 not in r["clients"] for r in stage2)
-    assert any(2 in r["dropped"] for r in stage2), "seed 0 selects client 2 in stage 2: it must show as dropped"
+    assert len(m.matrix.rows) == 2
+    stage2 = [r for r in m.rounds if r.stage == 1]
+    assert all(2 not in r.clients for r in stage2)
+    assert any(2 in r.dropped for r in stage2), "seed 0 selects client 2 in stage 2: it must show as dropped"
     routing = json.loads((out / "disco" / "routing.json").read_text())
     assert sum(routing["used"]) >= 1
     # Every daemon is gone once the federation is closed.
@@ -128,7 +135,7 @@ def test_deployment_superlink_and_three_supernodes_survive_a_node_crash(cache_di
 
 
 def test_node_command_and_flower_config_validation(tmp_path):
-    from fcit.federated.flower.launch import node_command, write_app, write_connection
+    from fcit.launch.flower import node_command, write_app, write_connection
 
     cmd = node_command("link.example.org:9093", 7, data_root=str(tmp_path), root_certificates="ca.crt",
                        auth_key="node7", port=9100)
@@ -154,7 +161,7 @@ def test_node_command_and_flower_config_validation(tmp_path):
 
     conf = tomllib.loads((app / "pyproject.toml").read_text())["tool"]["flwr"]["app"]
     assert json.loads(conf["config"]["fcit-config"])["seed"] == 3
-    assert conf["components"]["clientapp"] == "fcit.federated.flower.client_app:app"
+    assert conf["components"]["clientapp"] == "fcit.engines.flower.client_app:app"
     write_connection(tmp_path, cfg)
     conn = tomllib.loads((tmp_path / "config.toml").read_text())["superlink"]
     assert conn["default"] == "fcit" and conn["fcit"] == {"address": "h:1", "insecure": True}

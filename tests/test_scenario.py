@@ -115,18 +115,19 @@ def test_more_per_round_than_clients_rejected(bench):
         Scenario(cfg, 0, bench)
 
 
-def test_round_shards_hom_and_het(bench):
+def test_round_assignments_and_client_data_hom_and_het(bench):
     hom = _sc(bench)
-    for s in hom.round_shards(2, 1):
-        assert s.task == 2 and s.samples is hom.shares(2)[s.client_id] and s.samples
-        assert {x.dataset for x in s.samples} == {"IconQA"}
+    for a in hom.assignments(2, 1):
+        data = hom.client_data(a.task, a.client_id)
+        assert a.task == 2 and data is hom.shares(2)[a.client_id] and data
+        assert {x.dataset for x in data} == {"IconQA"}
     het = _sc(bench, mode="het")
-    shards = het.round_shards(3, 0)
-    assert [s.client_id for s in shards] == het.selected(3, 0)
-    assert [s.position for s in shards] == list(range(5))
-    assert [s.task for s in shards] == SEQ_DYN_LIST[3]
-    for s in shards:
-        assert s.samples is het.shares(s.task)[s.client_id] and s.samples
+    assigned = het.assignments(3, 0)
+    assert [a.client_id for a in assigned] == het.selected(3, 0)
+    assert [a.position for a in assigned] == list(range(5))
+    assert [a.task for a in assigned] == SEQ_DYN_LIST[3]
+    for a in assigned:
+        assert het.client_data(a.task, a.client_id) is het.shares(a.task)[a.client_id]
 
 
 def test_partition_of_tasks(bench):

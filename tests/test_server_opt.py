@@ -5,7 +5,7 @@ import torch
 
 from fcit.config import FederationConfig
 from fcit.errors import FcitError
-from fcit.federated.server_opt import (
+from fcit.training.server_opt import (
     FedAdagrad,
     FedAdam,
     FedAvg,
@@ -13,9 +13,8 @@ from fcit.federated.server_opt import (
     FedYogi,
     ServerOptimizer,
     build_server_optimizer,
-    combine_hooks,
-    fedprox_hook,
 )
+from fcit.training.losses import combine_hooks, fedprox_hook
 
 ETA, B1, B2, TAU = 0.5, 0.9, 0.99, 0.1
 
@@ -166,7 +165,7 @@ def test_errors_are_one_line_fcit_errors():
                  ("fedyogi", FedYogi)]
 )
 def test_build_from_config(name, cls):
-    cfg = FederationConfig(aggregator=name, server_lr=0.3, beta1=0.8, beta2=0.95, tau=0.01)
+    cfg = FederationConfig(aggregator=name, server_lr=0.3, beta1=0.8, beta2=0.95, adaptivity=0.01)
     opt = build_server_optimizer(cfg)
     assert type(opt) is cls and opt.weighting == "samples"
     assert (opt.server_lr, opt.beta1, opt.beta2, opt.tau) == (0.3, 0.8, 0.95, 0.01)

@@ -6,7 +6,7 @@ import torch
 from fcit.config import TrainConfig
 from fcit.errors import FcitError
 from fcit.eval.evaluate import generate
-from fcit.federated.client import local_train
+from fcit.training.local import local_train
 from fcit.models.inputs import Batcher
 from fcit.models.lora import get_state, trainable_names
 from fcit.models.subspace_lora import (

@@ -3,8 +3,8 @@ import copy
 import torch
 
 from fcit.config import ModelConfig, TrainConfig
-from fcit.federated.aggregation import fedavg
-from fcit.federated.client import local_train
+from fcit.training.aggregation import fedavg
+from fcit.training.local import local_train
 from fcit.models.inputs import IGNORE, Batcher
 from fcit.models.lora import attach_lora, get_state, trainable_names
 

@@ -3,15 +3,11 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
 from fcit.errors import FcitError
 
-# Nothing is ever fetched from a hub; say so before transformers is imported anywhere.
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 
 
 def _config_args(p: argparse.ArgumentParser) -> None:
@@ -34,7 +30,7 @@ def _load(args: argparse.Namespace, extra: dict | None = None):
 
 def cmd_run(args: argparse.Namespace) -> None:
     from fcit.config import Config
-    from fcit.experiment import run
+    from fcit.launch import run
     from fcit.report.tables import matrix_markdown
 
     if args.resume:
@@ -47,9 +43,9 @@ def cmd_run(args: argparse.Namespace) -> None:
         run_dir = Path(args.resume)
         if args.engine or args.superlink:
             # A run may move engines when it resumes (e.g. a deployment that lost too many nodes, finished in-process).
-            cfg = Config.model_validate({**cfg.model_dump(), **_engine_overrides(args, cfg.model_dump())})
+            cfg = Config.model_validate({**cfg.model_dump(), **_engine_keys(args, cfg.model_dump())})
     else:
-        extra = _engine_overrides(args, {})
+        extra = _engine_keys(args, {})
         if args.method:
             extra["method.name"] = args.method
         if args.out:
@@ -58,18 +54,15 @@ def cmd_run(args: argparse.Namespace) -> None:
             extra["run_name"] = args.name
         cfg = _load(args, extra)
         run_dir = None
-    run_dir, metrics = run(cfg, run_dir, progress=not args.quiet, resume=bool(args.resume))
-    from fcit.eval.metrics import AccuracyMatrix
-
-    print(matrix_markdown(AccuracyMatrix.from_dict(metrics["matrix"]), metrics["summary"],
-                          f"{metrics['method']} on {metrics['scenario']}"))
-    t = metrics["timing"]
+    run_dir, result = run(cfg, run_dir, progress=not args.quiet, resume=bool(args.resume))
+    print(matrix_markdown(result.matrix, result.summary.to_dict(), f"{result.method} on {result.scenario}"))
+    t = result.timing
     print(f"\ntime: setup {t.get('setup', 0):.0f}s, then {t['total']:.0f}s (train {t['train']:.0f}s, eval {t['eval']:.0f}s, "
           f"aggregation {t['aggregation']:.1f}s, other {t['other']:.0f}s)")
     print(f"run directory: {run_dir}")
 
 
-def _engine_overrides(args: argparse.Namespace, base: dict) -> dict:
+def _engine_keys(args: argparse.Namespace, base: dict) -> dict:
     """--engine / --superlink / --insecure / --root-certificates as config keys (dotted, or nested over ``base``)."""
     flat = {}
     if args.engine:
@@ -93,7 +86,7 @@ def _engine_overrides(args: argparse.Namespace, base: dict) -> dict:
 def cmd_node(args: argparse.Namespace) -> None:
     import subprocess
 
-    from fcit.federated.flower.launch import flower_env, node_command
+    from fcit.launch.flower import flower_env, node_command
 
     cmd = node_command(args.superlink, args.client_id, data_root=args.data_root, partitions=args.partitions,
                        insecure=args.insecure, root_certificates=args.root_certificates, auth_key=args.auth_key,
@@ -120,7 +113,7 @@ def cmd_compare(args: argparse.Namespace) -> None:
 
 
 def cmd_pretrain(args: argparse.Namespace) -> None:
-    from fcit.models.pretrain import pretrain
+    from fcit.pretrain import pretrain
 
     cfg = _load(args)
     out = pretrain(cfg, Path(args.out) if args.out else None, epochs=args.epochs, progress=not args.quiet)

@@ -12,7 +12,11 @@ from pathlib import Path
 
 from fcit.config import Config
 from fcit.errors import FcitError
-from fcit.experiment import Runtime, run, write_json
+from fcit.experiment import write_json
+from fcit.launch import run
+from fcit.methods.base import Kind
+from fcit.results import RunResult
+from fcit.runtime import Runtime
 
 
 def _canonical(cfg: Config) -> dict:
@@ -27,7 +31,7 @@ def _canonical(cfg: Config) -> dict:
     return d
 
 
-def _finished(run_dir: Path, cfg: Config) -> dict | None:
+def _finished(run_dir: Path, cfg: Config) -> RunResult | None:
     """The metrics of a finished run of exactly this config in ``run_dir`` (an interrupted comparison, or one
     assembled from runs made elsewhere), else None. A finished run of another config is an error, not a reuse."""
     import json
@@ -37,7 +41,7 @@ def _finished(run_dir: Path, cfg: Config) -> dict | None:
         return None
     if not c.exists() or _canonical(Config.model_validate(json.loads(c.read_text()))) != _canonical(cfg):
         raise FcitError(f"compare: {run_dir} holds a finished run of a different config; remove it or pick --out")
-    return json.loads(m.read_text())
+    return RunResult.load(run_dir)
 
 
 def compare(cfg: Config, methods: list[str], seeds: list[int], aggregators: list[str] | None = None,
@@ -57,7 +61,7 @@ def compare(cfg: Config, methods: list[str], seeds: list[int], aggregators: list
     # Validate every combination before the first (long) run starts.
     combos = []
     for m in methods:
-        for agg in aggregators if REGISTRY[m].kind == "federated" else [aggregators[0]]:
+        for agg in aggregators if REGISTRY[m].kind == Kind.FEDERATED else [aggregators[0]]:
             for seed in seeds:
                 c = cfg.model_copy(deep=True)
                 c = Config.model_validate({**c.model_dump(), "seed": seed,
@@ -66,7 +70,7 @@ def compare(cfg: Config, methods: list[str], seeds: list[int], aggregators: list
                 REGISTRY[m](c)
                 combos.append((m, agg, seed, c))
     rt = Runtime.build(cfg, progress=progress)
-    results: dict[tuple[str, str], list[dict]] = {}
+    results: dict[tuple[str, str], list[RunResult]] = {}
     t0 = time.perf_counter()
     for i, (m, agg, seed, c) in enumerate(combos):
         label = m if len(aggregators) == 1 else f"{m}+{agg}"
@@ -85,10 +89,10 @@ def compare(cfg: Config, methods: list[str], seeds: list[int], aggregators: list
         label = m if len(aggregators) == 1 else f"{m} ({agg})"
         row = {"method": label}
         for key in ("last", "avg", "forgetting"):
-            vals = [x["summary"][key] for x in ms if x["summary"].get(key) is not None]
+            vals = [getattr(x.summary, key) for x in ms if getattr(x.summary, key) is not None]
             if vals:
                 row[key] = mean_std(vals) if len(vals) > 1 else vals[0]
-        row["seconds"] = sum(x["timing"]["total"] for x in ms) / len(ms)
+        row["seconds"] = sum(x.timing["total"] for x in ms) / len(ms)
         rows.append(row)
     title = (f"### {sc.setting}-{sc.mode}, beta={sc.beta:g}, seeds {','.join(map(str, seeds))}"
              f" ({len(combos)} runs, {time.perf_counter() - t0:.0f}s)\n\n")

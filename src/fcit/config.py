@@ -114,7 +114,8 @@ class FederationConfig(_Strict):
     weighting: Literal["samples", "uniform"] = "samples"  # client weights in the pseudo-gradient
     beta1: float = Field(0.9, ge=0, lt=1)
     beta2: float = Field(0.99, ge=0, lt=1)
-    tau: float = Field(1e-3, gt=0, description="adaptivity of FedAdam/FedAdagrad/FedYogi")
+    # Reddi et al. call it tau; named for what it is, so it is not mistaken for DISCO's routing threshold tau.
+    adaptivity: float = Field(1e-3, gt=0, description="adaptivity (Reddi et al.'s tau) of FedAdam/FedAdagrad/FedYogi")
     prox_mu: float = Field(0.0, ge=0, description="FedProx proximal coefficient on the client (0 = off)")
 
 

@@ -3,34 +3,34 @@
 Run directory: ``config.json`` (resolved config), ``metrics.json`` (accuracy matrix, Last/Avg/forgetting, per-round
 logs, time breakdown), ``results.md``, ``matrix.png`` and ``checkpoint/`` (global state after the last finished stage,
 so ``fcit run --resume DIR`` continues a crashed run from there).
+
+The stage loop is here, once: train the stage (``fcit.engines.loop.StageLoop`` over the run's transport), evaluate
+every dataset seen so far, checkpoint. Which engine carries the rounds is the caller's choice (``fcit.launch``).
 """
 
 from __future__ import annotations
 
-import copy
 import json
 import os
 import time
-from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
-import torch
 from tqdm.auto import tqdm
 
 from fcit.config import Config
 from fcit.data import registry
 from fcit.errors import FcitError
+from fcit.engines.inprocess import InProcessTransport
+from fcit.engines.loop import RoundFailed, StageLoop, Timer, Transport
 from fcit.eval.evaluate import generate
-from fcit.federated.client import local_train
-from fcit.federated.engine import InProcessEngine, Timer
 from fcit.methods import build_method
-from fcit.methods.base import Method, StageInfo
-from fcit.models.backbone import load_backbone
-from fcit.models.inputs import Batcher
-from fcit.models.lora import set_state
-from fcit.models.vision_cache import VisionFeatureCache
+from fcit.methods.base import Kind, Method, StageInfo
+from fcit.models.lora import set_state, sub_dict
+from fcit.results import RoundLog, RunResult, Summary
+from fcit.runtime import Runtime, prepare_model, set_threads
+from fcit.training.local import local_train
 
 
 def write_json(path: Path, obj: Any) -> None:
@@ -38,31 +38,6 @@ def write_json(path: Path, obj: Any) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(obj, indent=2, sort_keys=True))
     os.replace(tmp, path)
-
-
-@dataclass
-class Runtime:
-    """What is built once per process and shared by every run of a comparison: the benchmark and the base model."""
-
-    bench: Any
-    base_model: torch.nn.Module
-    processor: Any
-
-    @classmethod
-    def build(cls, cfg: Config, progress: bool = True) -> "Runtime":
-        from fcit.data.loader import open_benchmark
-
-        bench = open_benchmark(cfg, progress=progress)
-        model, processor = load_backbone(cfg.model.path, cfg.model.dtype)
-        return cls(bench, model, processor)
-
-    def fresh_model(self) -> torch.nn.Module:
-        # Methods inject adapters in place, so every run gets its own copy of the frozen backbone.
-        return copy.deepcopy(self.base_model)
-
-
-def _set_threads(cfg: Config) -> None:
-    torch.set_num_threads(cfg.threads or max(1, os.cpu_count() or 1))
 
 
 def default_run_dir(cfg: Config, method: str) -> Path:
@@ -73,46 +48,35 @@ def default_run_dir(cfg: Config, method: str) -> Path:
     return Path(cfg.out_dir) / name
 
 
-def prepare_model(cfg: Config, method: Method, base_model: torch.nn.Module, processor) -> tuple[Any, Batcher, Any]:
-    """The method's model on a frozen backbone, its batcher and vision-feature cache, built the same way by the server
-    and by every Flower client (so both start from identical adapters)."""
-    # Seeded, so that any adapter tensor the global state does not carry starts identical on every party.
-    torch.manual_seed(cfg.seed)
-    model = method.setup(base_model)
-    cache = VisionFeatureCache(model, cfg.model.vision_cache_mb) if cfg.model.vision_cache_mb > 0 else None
-    batcher = Batcher(model, processor, system_prompt=cfg.model.system_prompt, max_length=cfg.train.max_length)
-    method.batcher = batcher
-    method.bind(processor)
-    return model, batcher, cache
-
-
 class Experiment:
     """Server side of a run: the method's global state, the stage loop, evaluation after each stage, the run directory.
 
-    ``engine_factory(experiment)`` gives the object that runs one stage's rounds (``run_stage``); by default the
-    in-process engine, the Flower ServerApp passes one that talks to its Grid.
+    ``transport`` carries each round's messages to the clients; by default they run in this process
+    (``InProcessTransport``), the Flower ServerApp passes one over its Grid.
     """
 
     def __init__(self, cfg: Config, run_dir: Path, runtime: Optional[Runtime] = None, progress: bool = True,
-                 engine_factory: Optional[Callable[["Experiment"], Any]] = None):
+                 transport: Optional[Transport] = None):
         self._t_created = time.perf_counter()
-        self.engine_factory = engine_factory
         self.method: Method = build_method(cfg)  # validates method params before any heavy work
         self.cfg = cfg
         self.run_dir = Path(run_dir)
         self.progress = progress
-        _set_threads(cfg)
+        set_threads(cfg)
         from fcit.data.scenario import Scenario
 
         self.rt = runtime or Runtime.build(cfg, progress=progress)
         self.scenario = Scenario(cfg.scenario, cfg.seed, self.rt.bench, partitions_root=cfg.data.partitions)
         base = self.rt.fresh_model() if runtime is not None else self.rt.base_model
-        self.model, self.batcher, self.vision_cache = prepare_model(cfg, self.method, base, self.rt.processor)
+        prepared = prepare_model(cfg, self.method, base, self.rt.processor)
+        self.model, self.batcher, self.vision_cache = prepared.model, prepared.batcher, prepared.vision_cache
+        self.transport: Transport = transport or InProcessTransport(cfg, self.model, self.batcher, self.scenario,
+                                                                    self.method, progress=progress)
         self.timer = Timer()
         self._tests: dict[str, list] = {}
 
     # -- evaluation ---------------------------------------------------------------------------------------------
-    def evaluate(self, datasets: list[str]) -> dict[str, dict]:
+    def evaluate(self, datasets: list[str], stage: int) -> dict[str, dict]:
         from fcit.eval.scorers import score_dataset
 
         t0 = time.perf_counter()
@@ -122,7 +86,7 @@ class Experiment:
             if d not in self._tests:
                 self._tests[d] = self.rt.bench.test(d, limit=e.max_test)
             samples = self._tests[d]
-            with self.method.inference_gate(self.model, samples):
+            with self.method.inference_gate(self.model, samples, stage):
                 preds = generate(self.model, self.batcher, samples, e.batch_size, e.max_new_tokens)
             res = score_dataset(d, preds, samples)
             res.pop("correct", None)
@@ -151,12 +115,12 @@ class Experiment:
         if not (ck / "progress.json").is_file():
             return None
         tensors = load_file(str(ck / "state.safetensors"))
-        state = {k[7:]: v for k, v in tensors.items() if k.startswith("global/")}
-        self.method.load_state_dict({k[7:]: v for k, v in tensors.items() if k.startswith("method/")})
+        state = sub_dict(tensors, "global/")
+        self.method.load_state_dict(sub_dict(tensors, "method/"))
         return state, json.loads((ck / "progress.json").read_text())
 
     # -- the run ----------------------------------------------------------------------------------------------
-    def run(self, resume: bool = False) -> dict:
+    def run(self, resume: bool = False) -> RunResult:
         from fcit.eval.metrics import AccuracyMatrix
 
         t_start = time.perf_counter()
@@ -164,41 +128,49 @@ class Experiment:
         write_json(self.run_dir / "config.json", self.cfg.model_dump(mode="json"))
         sc = self.scenario
         matrix = AccuracyMatrix(datasets=[], rows=[])
-        logs: list[dict] = []
+        logs: list[RoundLog] = []
         details: list[dict] = []
         start_stage = 0
         global_state = self.method.initial_state(self.model)
         if resume and (ck := self.load_checkpoint()) is not None:
             global_state, prog = ck
             matrix = AccuracyMatrix.from_dict(prog["matrix"])
-            logs, details, start_stage = prog["rounds"], prog["details"], prog["next_stage"]
+            logs = [RoundLog.from_dict(r) for r in prog["rounds"]]
+            details, start_stage = prog["details"], prog["next_stage"]
+            self.method.load_state_json(prog.get("method_state", {}))
             self.timer.seconds.update(prog["timing"])
 
         kind = self.method.kind
         # Time to the first stage: data generation (first run), model load, partitions; the issue bounds it at 60 s.
         self.timer.seconds.setdefault("setup", time.perf_counter() - self._t_created)
-        if kind == "federated":
-            engine = (self.engine_factory(self) if self.engine_factory is not None else
-                      InProcessEngine(self.cfg, self.model, self.batcher, sc, self.method, self.timer))
+        if kind == Kind.FEDERATED:
+            loop = StageLoop(self.method, self.model, sc, self.transport, rounds=self.cfg.scenario.rounds,
+                             seed=self.cfg.seed, min_replies=self.cfg.federation.min_replies, timer=self.timer)
             stages = tqdm(range(start_stage, sc.num_stages), desc="stages", disable=not self.progress,
                           initial=start_stage, total=sc.num_stages)
             for t in stages:
                 info = StageInfo(stage=t, num_stages=sc.num_stages, tasks=sc.stage_tasks(t))
                 global_state = self.method.before_stage(self.model, info, global_state)
-                global_state, round_logs = engine.run_stage(info, global_state, bar=self.progress)
+                try:
+                    global_state, round_logs = loop.run(info, global_state, bar=self.progress)
+                except RoundFailed as err:
+                    raise FcitError(f"{err}; the run stopped and `fcit run --resume {self.run_dir}` continues it "
+                                    f"from the last finished stage") from None
                 logs += round_logs
-                res = self.evaluate(sc.seen_datasets(t))
+                res = self.evaluate(sc.seen_datasets(t), t)
                 matrix.add_stage({d: r["score"] for d, r in res.items()})
                 details.append(res)
                 stages.set_postfix(avg_seen=f"{sum(r['score'] for r in res.values()) / len(res):.1f}")
-                self._save_checkpoint(global_state, {"next_stage": t + 1, "matrix": matrix.to_dict(), "rounds": logs,
-                                                     "details": details, "timing": self.timer.seconds})
+                self._save_checkpoint(global_state, {"next_stage": t + 1, "matrix": matrix.to_dict(),
+                                                     "rounds": [r.to_dict() for r in logs], "details": details,
+                                                     "method_state": self.method.state_json(),
+                                                     "timing": self.timer.seconds})
         else:
-            if kind == "centralized":
+            if kind == Kind.CENTRALIZED:
                 self._train_centralized(global_state)
             # The model does not change between stages, so one evaluation fills every row of the matrix.
             all_seen = sc.seen_datasets(sc.num_stages - 1)
-            res = self.evaluate(all_seen)
+            res = self.evaluate(all_seen, sc.num_stages - 1)
             for t in range(sc.num_stages):
                 matrix.add_stage({d: res[d]["score"] for d in sc.seen_datasets(t)})
             details.append(res)
@@ -216,52 +188,31 @@ class Experiment:
         self.timer.add("train", time.perf_counter() - t0)
         set_state(self.model, res.state)
 
-    def _write_results(self, matrix, logs: list[dict], details: list[dict]) -> dict:
+    def _write_results(self, matrix, logs: list[RoundLog], details: list[dict]) -> RunResult:
         from fcit.eval.metrics import summary
+        from fcit.report.artifacts import write_artifacts
         from fcit.report.plots import matrix_heatmap
         from fcit.report.tables import matrix_markdown
 
         sc = self.scenario
         last_stage_tasks = sc.stage_tasks(sc.num_stages - 1)
-        final_ds = [d for k in last_stage_tasks for d in sc.tasks[k]] if self.method.kind == "federated" else sc.seen_datasets(sc.num_stages - 1)
+        final_ds = ([d for k in last_stage_tasks for d in sc.tasks[k]] if self.method.kind == Kind.FEDERATED
+                    else sc.seen_datasets(sc.num_stages - 1))
         groups = None
         if self.cfg.scenario.setting == "capability":
             groups = {}
             for d in matrix.datasets:
                 groups.setdefault(registry.get(d).group, []).append(d)
-        summ = summary(matrix, final_ds, groups)
+        summ = Summary.from_dict(summary(matrix, final_ds, groups))
         t = self.timer.seconds
         # "total" runs from the first stage on; "setup" (before it) is reported beside it.
         t["other"] = max(0.0, t.get("total", 0.0) - t["train"] - t["eval"] - t["aggregation"])
-        metrics = {
-            "method": self.method.name,
-            "scenario": sc.name,
-            "seed": self.cfg.seed,
-            "matrix": matrix.to_dict(),
-            "summary": summ,
-            "per_dataset": details,
-            "rounds": logs,
-            "timing": t,
-        }
-        metrics["method_artifacts"] = self.method.write_artifacts(self.run_dir)
-        write_json(self.run_dir / "metrics.json", metrics)
+        result = RunResult(method=self.method.name, scenario=sc.name, seed=self.cfg.seed, matrix=matrix,
+                           summary=summ, per_dataset=details, rounds=logs, timing=t,
+                           method_artifacts=write_artifacts(self.method.artifacts(), self.run_dir))
+        write_json(self.run_dir / "metrics.json", result.to_dict())
         title = f"{self.method.name} on {sc.name} (beta={self.cfg.scenario.beta:g}, seed {self.cfg.seed})"
-        md = matrix_markdown(matrix, summ, title)
+        md = matrix_markdown(matrix, summ.to_dict(), title)
         (self.run_dir / "results.md").write_text(md)
         matrix_heatmap(matrix, self.run_dir / "matrix.png", title)
-        return metrics
-
-
-def run(cfg: Config, run_dir: Path | None = None, runtime: Optional[Runtime] = None, progress: bool = True,
-        resume: bool = False) -> tuple[Path, dict]:
-    run_dir = Path(run_dir) if run_dir else default_run_dir(cfg, cfg.method.name)
-    if not resume and (run_dir / "metrics.json").exists():
-        raise FcitError(f"run directory {run_dir} already holds a finished run; pick another --out or --name")
-    engine = cfg.federation.engine
-    if engine != "inprocess" and build_method(cfg).kind == "federated":
-        from fcit.federated.flower.launch import run_deployment, run_simulation
-
-        launch = run_simulation if engine == "flower-sim" else run_deployment
-        return run_dir, launch(cfg, run_dir, resume=resume, progress=progress)
-    exp = Experiment(cfg, run_dir, runtime=runtime, progress=progress)
-    return run_dir, exp.run(resume=resume)
+        return result

@@ -69,12 +69,13 @@ def het_table(num_tasks: int, num_stages: int, positions: int, seed: int) -> lis
     )
 
 
-@dataclass
-class ClientShard:
+@dataclass(frozen=True)
+class Assignment:
+    """Who trains what in a round: the selected client, its position in the round, and the task it trains."""
+
     client_id: int
     position: int
     task: int
-    samples: list[Sample]
 
 
 def _group_name(datasets: list[str], k: int) -> str:
@@ -193,13 +194,16 @@ class Scenario:
         rng = seeded_rng(self.seed, t, r, STREAM_SELECTION)
         return sorted(int(c) for c in rng.choice(K, m, replace=False))
 
-    def round_shards(self, t: int, r: int) -> list[ClientShard]:
+    def assignments(self, t: int, r: int) -> list[Assignment]:
+        """Round r of stage t: each selected client with the task it trains (Hom: the stage's; Het: its position's
+        entry in the table). Needs no training data, so a server that holds none (Flower) asks it too."""
         clients = self.selected(t, r)
         tasks = self.table[t] if self.table is not None else [t] * len(clients)
-        return [
-            ClientShard(client_id=c, position=p, task=k, samples=self.shares(k)[c])
-            for p, (c, k) in enumerate(zip(clients, tasks))
-        ]
+        return [Assignment(client_id=c, position=p, task=int(k)) for p, (c, k) in enumerate(zip(clients, tasks))]
+
+    def client_data(self, task: int, client_id: int) -> list[Sample]:
+        """Client ``client_id``'s training share of ``task``: what it trains on whenever it is asked to train it."""
+        return self.shares(task)[client_id]
 
     def task_train(self, k: int) -> list[Sample]:
         """All training data the federation holds for task k (the union of its client shares)."""

@@ -1,13 +1,20 @@
 """The small interface a continual method plugs into, with hook names in the spirit of Avalanche's callbacks.
 
 A method is one file: a subclass of ``Method`` overriding only the hooks it needs, plus a line in
-``fcit.methods.REGISTRY``. The engines (in-process, Flower) call these hooks and nothing else, so a method runs
-unchanged on every engine. The defaults implement Finetune: one LoRA, FedAvg of all trainable tensors.
+``fcit.methods.REGISTRY``. The one round loop (``fcit.engines.loop``) calls these hooks and nothing else, whichever
+engine carries the messages, so a method runs unchanged on every engine. The defaults implement Finetune: one LoRA,
+FedAvg of all trainable tensors.
+
+State that passes between hooks travels through their arguments and return values: ``plan_round`` returns a
+``RoundPlan`` whose ``server`` part the loop hands back to ``aggregate`` with the uploads, each tagged with the plan
+entry it answers. What a method keeps across rounds and stages is its own server state, saved by ``state_dict`` /
+``state_json`` for resumed runs.
 """
 
 from __future__ import annotations
 
 import contextlib
+import enum
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Optional, Sequence
 
@@ -16,9 +23,11 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 
 from fcit.config import Config
 from fcit.errors import FcitError
-from fcit.federated.server_opt import build_server_optimizer
-from fcit.federated.client import LocalResult, LossHook
-from fcit.models.lora import State, attach_lora, get_state
+from fcit.models.inputs import Batcher
+from fcit.models.lora import State, attach_lora, get_state, sub_dict
+from fcit.training.local import LocalResult
+from fcit.training.losses import LossHook
+from fcit.training.server_opt import build_server_optimizer
 
 
 class Params(BaseModel):
@@ -27,7 +36,15 @@ class Params(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
-@dataclass
+class Kind(str, enum.Enum):
+    """How a method trains: the stage x round loop, one centralized run on the union of all tasks, or not at all."""
+
+    FEDERATED = "federated"
+    CENTRALIZED = "centralized"
+    NONE = "none"
+
+
+@dataclass(frozen=True)
 class StageInfo:
     """What a hook may know about where the run is."""
 
@@ -35,14 +52,54 @@ class StageInfo:
     num_stages: int
     tasks: list[int]  # tasks trained in this stage
     round: int = 0
-    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class RoundPlan:
+    """The server's plan for one round: one instruction per planned client (sent to it), and what ``aggregate``
+    needs besides the uploads (kept on the server, never sent)."""
+
+    clients: list[dict[str, Any]]
+    server: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Upload:
+    """One client's reply: its local result, and the entry of ``RoundPlan.clients`` it trained (clients that never
+    reply leave gaps, so the position in the list of uploads is not the plan entry)."""
+
+    index: int
+    result: LocalResult
+
+
+@dataclass
+class Heatmap:
+    """A figure as data: the report layer draws it (methods never import plotting)."""
+
+    values: list[list[float]]
+    rows: list[str]
+    cols: list[str]
+    title: str
+    vmin: Optional[float] = None
+    vmax: Optional[float] = None
+    xlabel: str = ""
+    ylabel: str = ""
+
+
+@dataclass
+class Artifacts:
+    """What a method reports about itself after a run: ``summary`` goes into metrics.json, ``files`` (relative path
+    -> JSON data) and ``heatmaps`` (relative path of a PNG -> figure) into the run directory."""
+
+    summary: dict[str, Any] = field(default_factory=dict)
+    files: dict[str, Any] = field(default_factory=dict)
+    heatmaps: dict[str, Heatmap] = field(default_factory=dict)
 
 
 class Method:
     name: ClassVar[str] = "finetune"
     summary: ClassVar[str] = "One LoRA tuned on each stage in turn, FedAvg on the server (the lower bound)."
-    # "federated": the stage x round loop; "centralized": one run on the union of all tasks; "none": no training
-    kind: ClassVar[str] = "federated"
+    kind: ClassVar[Kind] = Kind.FEDERATED
     Params: ClassVar[type[Params]] = Params
 
     def __init__(self, cfg: Config):
@@ -55,16 +112,18 @@ class Method:
             msg = "unknown key" if e["type"] == "extra_forbidden" else e["msg"]
             raise FcitError(f"config: method.params.{loc}: {msg} (method {self.name})") from None
         self.server_opt = build_server_optimizer(cfg.federation)
-        # Set by the engine that owns the Batcher before any client hook runs (EWC builds Fisher batches with it).
-        self.batcher = None
+        self.processor = None
+        self.batcher: Optional[Batcher] = None
 
     # -- model ------------------------------------------------------------------------------------------------
     def setup(self, model: torch.nn.Module) -> torch.nn.Module:
         """Attach the method's adapters to the frozen backbone and mark what trains."""
         return attach_lora(model, self.cfg.model)
 
-    def bind(self, processor) -> None:
-        """Receive the backbone's processor (tokenizer, image processor) once the model is set up."""
+    def bind(self, processor, batcher: Batcher) -> None:
+        """Receive the backbone's processor (tokenizer, image processor) and the batcher of the model that was set
+        up, before any other hook runs (EWC builds Fisher batches with it, DISCO reads instructions back)."""
+        self.processor, self.batcher = processor, batcher
 
     def initial_state(self, model: torch.nn.Module) -> State:
         """The global state the server starts from: every tensor the method will ever aggregate."""
@@ -87,13 +146,17 @@ class Method:
         return global_state
 
     # -- one round: client identity -> server plan -> local training -> aggregation -------------------------------
+    uses_identity: ClassVar[bool] = False  # True: the loop asks clients for ``client_identity`` before planning
+
     def client_identity(self, model: torch.nn.Module, samples: Sequence, info: StageInfo) -> dict[str, Any]:
-        """Client side, before training: what the server needs to plan the round (DISCO: the identity token)."""
+        """Client side, before training: what the server needs to plan the round (DISCO: the identity token).
+
+        A client's data of a stage is fixed, so is its identity: the loop asks each client once per stage and task."""
         return {}
 
-    def plan_round(self, info: StageInfo, identities: Sequence[dict], global_state: State) -> list[dict[str, Any]]:
+    def plan_round(self, info: StageInfo, identities: Sequence[dict], global_state: State) -> RoundPlan:
         """Server side: one instruction per selected client (DISCO: which subspace it trains)."""
-        return [{} for _ in identities]
+        return RoundPlan([{} for _ in identities])
 
     def before_local(self, model: torch.nn.Module, plan: dict[str, Any]) -> None:
         """Client side: prepare the model for this client's plan (e.g. activate a subspace, set what trains)."""
@@ -102,36 +165,42 @@ class Method:
         """An extra loss term for local training (EWC, LwF, FedProx...); None for plain task loss."""
         return None
 
-    def client_state(self) -> dict[str, torch.Tensor]:
-        """Server side: what a remote client needs besides the global state to run ``before_local`` and
-        ``client_loss`` (EWC: Fisher and anchor; LwF: the teacher). Engines whose clients live in other processes
-        (Flower) send it with every training message; the in-process engine's clients share this object."""
+    def shared_with_clients(self) -> dict[str, torch.Tensor]:
+        """Server side: what a client needs besides the global state to run ``before_local`` and ``client_loss``
+        (EWC: Fisher and anchor; LwF: the teacher). Engines whose clients live in other processes (Flower) send it
+        with every training message; in-process clients share this object."""
         return {}
 
-    def load_client_state(self, state: dict[str, torch.Tensor]) -> None:
-        """Client side: receive ``client_state()`` from the server before ``before_local``."""
+    def receive_from_server(self, state: dict[str, torch.Tensor]) -> None:
+        """Client side, in another process than the server: ``shared_with_clients()``, before ``before_local``."""
 
-    def aggregate(
-        self, info: StageInfo, results: Sequence[LocalResult], plans: Sequence[dict], global_state: State
-    ) -> State:
+    def aggregate(self, info: StageInfo, plan: RoundPlan, uploads: Sequence[Upload], global_state: State) -> State:
         """Server side: the new global state from the clients' uploads (only their trainable tensors)."""
+        results = [u.result for u in uploads]
         new = self.server_opt.step(global_state, [r.state for r in results], [r.num_samples for r in results])
         return {**global_state, **new}
 
     # -- inference ---------------------------------------------------------------------------------------------
-    def inference_gate(self, model: torch.nn.Module, samples) -> contextlib.AbstractContextManager:
-        """Context in which generation for ``samples`` runs (e.g. per-sample subspace gates)."""
+    def inference_gate(self, model: torch.nn.Module, samples, stage: int) -> contextlib.AbstractContextManager:
+        """Context in which generation for ``samples`` after ``stage`` runs (e.g. per-sample subspace gates)."""
         return contextlib.nullcontext()
 
     # -- reporting ----------------------------------------------------------------------------------------------
-    def write_artifacts(self, run_dir) -> dict[str, Any]:
-        """Write method-specific pictures/logs into the run directory; returns a summary merged into metrics.json."""
-        return {}
+    def artifacts(self) -> Artifacts:
+        """Method-specific logs and figures as data, written and drawn by ``fcit.report``."""
+        return Artifacts()
 
     # -- resumable runs ----------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, torch.Tensor]:
-        """Everything a resumed run needs besides the global state; subclasses extend and call super()."""
+        """The tensors a resumed run needs besides the global state; subclasses extend and call super()."""
         return {f"server_opt/{k}": v for k, v in self.server_opt.state_dict().items()}
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        self.server_opt.load_state_dict({k[11:]: v for k, v in state.items() if k.startswith("server_opt/")})
+        self.server_opt.load_state_dict(sub_dict(state, "server_opt/"))
+
+    def state_json(self) -> dict[str, Any]:
+        """What else a resumed run needs that is not a tensor (logs), as JSON data."""
+        return {}
+
+    def load_state_json(self, state: dict[str, Any]) -> None:
+        pass

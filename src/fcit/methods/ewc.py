@@ -22,9 +22,9 @@ import torch
 from pydantic import ConfigDict, Field
 
 from fcit.errors import FcitError
-from fcit.federated.client import LossHook
 from fcit.methods.base import Method, Params, StageInfo
-from fcit.models.lora import State
+from fcit.models.lora import State, sub_dict
+from fcit.training.losses import LossHook
 
 _PREFIX_F, _PREFIX_STAR = "ewc/fisher/", "ewc/star/"
 
@@ -50,16 +50,12 @@ class Ewc(Method):
         self.star: State = {}
 
     # -- client: Fisher estimate ---------------------------------------------------------------------------------
-    def _find_batcher(self, info: StageInfo):
-        b = self.batcher if self.batcher is not None else info.extra.get("batcher")
-        if b is None:
-            raise FcitError("ewc: no batcher to build Fisher batches with (set method.batcher before training)")
-        return b
-
     def client_after_stage(self, model: torch.nn.Module, samples: Sequence, info: StageInfo) -> Optional[State]:
         if not samples:
             return None
-        batcher = self._find_batcher(info)
+        batcher = self.batcher
+        if batcher is None:
+            raise FcitError("ewc: no batcher to build Fisher batches with (Method.bind was not called)")
         named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         if not named:
             return None
@@ -147,18 +143,18 @@ class Ewc(Method):
         return hook
 
     # -- what a remote client needs for the penalty (and, with the server optimizer's state, a resumed run) --------
-    def client_state(self) -> dict[str, torch.Tensor]:
+    def shared_with_clients(self) -> dict[str, torch.Tensor]:
         return {**{_PREFIX_F + k: v for k, v in self.fisher.items()},
                 **{_PREFIX_STAR + k: v for k, v in self.star.items()}}
 
-    def load_client_state(self, state: dict[str, torch.Tensor]) -> None:
-        self.fisher = {k[len(_PREFIX_F):]: v.float().clone() for k, v in state.items() if k.startswith(_PREFIX_F)}
-        self.star = {k[len(_PREFIX_STAR):]: v.float().clone() for k, v in state.items() if k.startswith(_PREFIX_STAR)}
+    def receive_from_server(self, state: dict[str, torch.Tensor]) -> None:
+        self.fisher = {k: v.float().clone() for k, v in sub_dict(state, _PREFIX_F).items()}
+        self.star = {k: v.float().clone() for k, v in sub_dict(state, _PREFIX_STAR).items()}
 
     # -- resumable runs ------------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, torch.Tensor]:
-        return {**super().state_dict(), **self.client_state()}
+        return {**super().state_dict(), **self.shared_with_clients()}
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        self.load_client_state(state)
+        self.receive_from_server(state)
         super().load_state_dict({k: v for k, v in state.items() if not k.startswith("ewc/")})

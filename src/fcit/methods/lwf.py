@@ -23,10 +23,10 @@ import torch
 import torch.nn.functional as F
 from pydantic import Field
 
-from fcit.federated.client import LossHook
 from fcit.methods.base import Method, Params, StageInfo
 from fcit.models.inputs import IGNORE
-from fcit.models.lora import State
+from fcit.models.lora import State, sub_dict
+from fcit.training.losses import LossHook
 
 
 class LwfParams(Params):
@@ -64,11 +64,11 @@ class Lwf(Method):
         self.old = {k: v.detach().clone() for k, v in global_state.items()} if info.stage > 0 else {}
         return super().before_stage(model, info, global_state)
 
-    def client_state(self) -> dict[str, torch.Tensor]:
+    def shared_with_clients(self) -> dict[str, torch.Tensor]:
         return {f"lwf/old/{k}": v for k, v in self.old.items()}
 
-    def load_client_state(self, state: dict[str, torch.Tensor]) -> None:
-        self.old = {k[len("lwf/old/"):]: v for k, v in state.items() if k.startswith("lwf/old/")}
+    def receive_from_server(self, state: dict[str, torch.Tensor]) -> None:
+        self.old = sub_dict(state, "lwf/old/")
 
     def teacher_logits(self, model: torch.nn.Module, batch: dict) -> torch.Tensor:
         params = dict(model.named_parameters())

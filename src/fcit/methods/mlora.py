@@ -18,7 +18,7 @@ Reference section 10 defines it as multi-LoRA expansion without routing. On ``fc
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Iterator, Literal, Optional, Sequence
+from typing import Iterator, Optional, Sequence
 
 import torch
 from pydantic import Field
@@ -26,18 +26,10 @@ from pydantic import Field
 from fcit.config import Config
 from fcit.data import registry
 from fcit.errors import FcitError
-from fcit.federated.aggregation import aggregate_per_subspace
-from fcit.federated.client import LocalResult
-from fcit.methods.base import Method, StageInfo
-from fcit.methods.base import Params as BaseParams
-from fcit.models.lora import State, get_state
-from fcit.models.subspace_lora import (
-    SubspaceLoraConfig,
-    attach_subspace_lora,
-    set_active,
-    subspace_index,
-    subspace_names,
-)
+from fcit.methods.base import RoundPlan, StageInfo, Upload
+from fcit.methods.subspace import SlotMethod, SubspaceParams
+from fcit.models.lora import State
+from fcit.models.subspace_lora import SubspaceLoraConfig, set_active
 
 _LAST = "mlora/last_trained"
 
@@ -53,7 +45,7 @@ def scenario_stage_count(cfg: Config) -> int:
     return min(n, sc.stages) if sc.stages else n
 
 
-class MLoraParams(BaseParams):
+class MLoraParams(SubspaceParams):
     max_stages: Optional[int] = Field(
         None, ge=1, description="number of LoRA slots; None: the scenario's stage count (task 8, capability 4)"
     )
@@ -61,11 +53,9 @@ class MLoraParams(BaseParams):
     alpha: Optional[float] = Field(
         None, gt=0, description="LoRA alpha of each slot (s = alpha / rank); None: model.lora.alpha"
     )
-    dropout: Optional[float] = Field(None, ge=0, lt=1, description="None: model.lora.dropout")
-    init: Literal["peft", "gaussian"] = "peft"
 
 
-class MLora(Method):
+class MLora(SlotMethod):
     name = "mlora"
     summary = "M-LoRA: a new LoRA per stage, earlier ones frozen but kept in the forward, all summed at inference."
     Params = MLoraParams
@@ -82,29 +72,13 @@ class MLora(Method):
     @property
     def lora_config(self) -> SubspaceLoraConfig:
         p, lc = self.params, self.cfg.model.lora
-        return SubspaceLoraConfig(
-            num_subspaces=self.num_slots,
-            rank=p.rank if p.rank is not None else lc.r,
-            alpha=p.alpha if p.alpha is not None else lc.alpha,
-            dropout=lc.dropout if p.dropout is None else p.dropout,
-            target=lc.target,
-            scale_by="subspace",
-            init=p.init,
-            init_seed=self.cfg.seed,
-            train_projector=self.cfg.model.train_projector,
-        )
+        return self.subspace_config(self.num_slots, rank=p.rank if p.rank is not None else lc.r,
+                                    alpha=p.alpha if p.alpha is not None else lc.alpha, scale_by="subspace")
 
     def setup(self, model: torch.nn.Module) -> torch.nn.Module:
-        model = attach_subspace_lora(model, self.lora_config)
+        model = super().setup(model)
         self._activate(model, 0, ())
         return model
-
-    def initial_state(self, model: torch.nn.Module) -> State:
-        # Every slot travels in the global state (the frozen ones too: a client needs them in its forward).
-        names = subspace_names(model) + [
-            n for n, p in model.named_parameters() if p.requires_grad and subspace_index(n) is None
-        ]
-        return get_state(model, names)
 
     def _activate(self, model: torch.nn.Module, slot: Optional[int], frozen_on: Sequence[int]) -> None:
         frozen = tuple(int(i) for i in frozen_on)
@@ -129,24 +103,16 @@ class MLora(Method):
         self.training_mode(model, info.stage)
         return global_state
 
-    def plan_round(self, info: StageInfo, identities: Sequence[dict], global_state: State) -> list[dict[str, Any]]:
-        return [{"slot": int(info.stage)} for _ in identities]
+    def plan_round(self, info: StageInfo, identities: Sequence[dict], global_state: State) -> RoundPlan:
+        return RoundPlan([{"slot": int(info.stage)} for _ in identities])
 
-    def before_local(self, model: torch.nn.Module, plan: dict[str, Any]) -> None:
+    def before_local(self, model: torch.nn.Module, plan: dict) -> None:
         self.training_mode(model, int(plan["slot"]))
 
-    def aggregate(
-        self, info: StageInfo, results: Sequence[LocalResult], plans: Sequence[dict], global_state: State
-    ) -> State:
-        if not results:
+    def aggregate(self, info: StageInfo, plan: RoundPlan, uploads: Sequence[Upload], global_state: State) -> State:
+        if not uploads:
             return global_state
-        new, groups = aggregate_per_subspace(
-            [r.state for r in results],
-            [r.num_samples for r in results],
-            [int(plan["slot"]) for plan in plans],
-            lambda slot, states, w: self.server_opt.step(global_state, states, w, group=f"slot{slot}"),
-            lambda states, w: self.server_opt.step(global_state, states, w),
-        )
+        new, groups = self.aggregate_slots(plan, uploads, global_state)
         self.last_trained = max(self.last_trained, max(groups))
         return {**global_state, **new}
 
@@ -160,7 +126,7 @@ class MLora(Method):
         return global_state
 
     # -- inference -----------------------------------------------------------------------------------------------
-    def inference_gate(self, model: torch.nn.Module, samples) -> contextlib.AbstractContextManager:
+    def inference_gate(self, model: torch.nn.Module, samples, stage: int) -> contextlib.AbstractContextManager:
         return self._inference_context(model)
 
     @contextlib.contextmanager

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import math
 import zlib
-from typing import Literal, Optional
+from typing import Optional
 
 import numpy as np
 import torch
@@ -31,8 +31,7 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
-from fcit.methods.base import Method
-from fcit.methods.base import Params as BaseParams
+from fcit.methods.subspace import SubspaceMethod, SubspaceParams
 from fcit.models.subspace_lora import SubspaceLinear, SubspaceLoraConfig, attach_subspace_lora, subspace_layers
 
 
@@ -102,17 +101,15 @@ def attach_moelora(model: nn.Module, cfg: SubspaceLoraConfig) -> nn.Module:
     return model
 
 
-class MoELoraParams(BaseParams):
+class MoELoraParams(SubspaceParams):
     num_experts: int = Field(4, ge=1, description="experts per target layer")
     rank: int = Field(2, ge=1, description="rank of each expert (4 x 2 = Finetune's r = 8)")
     alpha: Optional[float] = Field(
         None, gt=0, description="per-expert LoRA alpha, s = alpha / rank; None: Finetune's s = lora.alpha / lora.r"
     )
-    dropout: Optional[float] = Field(None, ge=0, lt=1, description="None: model.lora.dropout")
-    init: Literal["peft", "gaussian"] = "peft"
 
 
-class MoELora(Method):
+class MoELora(SubspaceMethod):
     name = "moelora"
     summary = "MoELoRA: E small LoRA experts per layer mixed per token by a learned softmax router, averaged as a LoRA."
     Params = MoELoraParams
@@ -121,17 +118,7 @@ class MoELora(Method):
     def lora_config(self) -> SubspaceLoraConfig:
         p, lc = self.params, self.cfg.model.lora
         alpha = p.alpha if p.alpha is not None else lc.alpha / lc.r * p.rank
-        return SubspaceLoraConfig(
-            num_subspaces=p.num_experts,
-            rank=p.rank,
-            alpha=alpha,
-            dropout=lc.dropout if p.dropout is None else p.dropout,
-            target=lc.target,
-            scale_by="subspace",
-            init=p.init,
-            init_seed=self.cfg.seed,
-            train_projector=self.cfg.model.train_projector,
-        )
+        return self.subspace_config(p.num_experts, rank=p.rank, alpha=alpha, scale_by="subspace")
 
     def setup(self, model: torch.nn.Module) -> torch.nn.Module:
         return attach_moelora(model, self.lora_config)

@@ -1,6 +1,6 @@
 """Centralized multi-task learning: the upper bound of the benchmark."""
 
-from fcit.methods.base import Method
+from fcit.methods.base import Kind, Method
 
 
 class MultiTask(Method):
@@ -9,4 +9,4 @@ class MultiTask(Method):
         "Centralized upper bound: one LoRA trained on the union of all stages' data with the federated run's "
         "sample budget (local_epochs passes), evaluated once."
     )
-    kind = "centralized"
+    kind = Kind.CENTRALIZED

@@ -19,11 +19,11 @@ from typing import Optional
 import torch
 from pydantic import ConfigDict, Field
 
-from fcit.federated.client import LossHook
 from fcit.methods.base import StageInfo
 from fcit.methods.mlora import MLora, MLoraParams
 from fcit.models.lora import State
 from fcit.models.subspace_lora import subspace_layers
+from fcit.training.losses import LossHook
 
 
 class OLoraParams(MLoraParams):

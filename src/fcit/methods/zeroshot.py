@@ -2,13 +2,13 @@
 
 import torch
 
-from fcit.methods.base import Method
+from fcit.methods.base import Kind, Method
 
 
 class ZeroShot(Method):
     name = "zeroshot"
     summary = "The base model with no adapter and no training (the floor of the benchmark)."
-    kind = "none"
+    kind = Kind.NONE
 
     def setup(self, model: torch.nn.Module) -> torch.nn.Module:
         for p in model.parameters():

@@ -6,7 +6,6 @@ embedded model is the code that tunes ``llava-hf/llava-1.5-7b-hf`` from a local 
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
@@ -132,7 +131,6 @@ def resolve_model_path(path: str | None) -> Path:
 
 def load_backbone(path: str | None, dtype: str = "float32"):
     """Load (model, processor) from a local directory with the generic Auto classes; never touches a hub."""
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from transformers import AutoModelForImageTextToText, AutoProcessor
     from transformers.utils import logging as hf_logging
 

@@ -16,7 +16,6 @@ are encoded once per evaluation.
 
 from __future__ import annotations
 
-import os
 from typing import Optional, Protocol, Sequence
 
 import torch
@@ -89,7 +88,6 @@ class MiniLMEncoder(_CachedTextEncoder):
 
     def __init__(self, path: Optional[str] = None, batch_size: int = 64, max_length: int = 256):
         super().__init__()
-        os.environ.setdefault("HF_HUB_OFFLINE", "1")
         from transformers import AutoModel, AutoTokenizer
 
         _quiet_hf()
@@ -121,7 +119,6 @@ class CLIPTextEncoder(_CachedTextEncoder):
 
     def __init__(self, path: str, batch_size: int = 64):
         super().__init__()
-        os.environ.setdefault("HF_HUB_OFFLINE", "1")
         from transformers import AutoTokenizer, CLIPTextModel
 
         _quiet_hf()

@@ -47,5 +47,10 @@ def set_state(model, state: State) -> None:
         params[n].copy_(v)
 
 
+def sub_dict(d: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    """The entries of ``d`` under ``prefix``, with the prefix taken off their names."""
+    return {k[len(prefix):]: v for k, v in d.items() if k.startswith(prefix)}
+
+
 def state_bytes(state: State) -> int:
     return sum(v.numel() * v.element_size() for v in state.values())

@@ -28,7 +28,7 @@ def pretrain(cfg: Config, out: Optional[Path] = None, epochs: Optional[int] = No
              spec: TinySpec = TinySpec()) -> Path:
     from fcit.data import synth
     from fcit.data.loader import load_train_file
-    from fcit.federated.client import local_train
+    from fcit.training.local import local_train
     from fcit.models.lora import get_state, set_state
 
     out = Path(out) if out else EMBEDDED_DIR

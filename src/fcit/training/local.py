@@ -1,11 +1,12 @@
-"""One client's local update: the same function for the in-process engine, the Flower ClientApp and centralized runs."""
+"""Local training: one party's update of the trainable tensors, the same function for every engine's clients, centralized
+runs and pre-training."""
 
 from __future__ import annotations
 
 import math
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 
@@ -13,12 +14,9 @@ from fcit.config import TrainConfig
 from fcit.data.records import Sample
 from fcit.models.inputs import Batcher
 from fcit.models.lora import State, get_state, set_state
+from fcit.training.losses import LossHook
 
 PROJECTOR = "multi_modal_projector"
-
-# A method's extra loss term: (model, batch, task loss, model outputs) -> loss
-LossHook = Callable[[torch.nn.Module, dict, torch.Tensor, Any], torch.Tensor]
-
 
 @dataclass
 class LocalResult:
@@ -111,16 +109,3 @@ def _train(model, batcher, start, samples, cfg, seed, loss_hook, epochs, progres
         steps=steps,
         seconds=time.perf_counter() - t0,
     )
-
-
-def client_update(method, model: torch.nn.Module, batcher: Batcher, cfg, info, global_state: State, plan: dict,
-                  samples: Sequence[Sample], seed: int) -> LocalResult:
-    """One selected client's round, as every engine runs it: the method prepares the model for the server's plan,
-    then the local update with the method's loss term and FedProx's proximal term."""
-    from fcit.federated.server_opt import combine_hooks, fedprox_hook
-
-    method.before_local(model, plan)
-    mu = cfg.federation.prox_mu
-    # FedProx lives here, not in a method, so it composes with every method's own loss term.
-    hook = combine_hooks(method.client_loss(info, global_state), fedprox_hook(global_state, mu) if mu > 0 else None)
-    return local_train(model, batcher, global_state, samples, cfg.train, seed=seed, loss_hook=hook)

@@ -1,4 +1,4 @@
-"""Server optimizers (FedAvg, FedAvgM, FedAdam, FedAdagrad, FedYogi) and the FedProx client term, over state dicts.
+"""Server optimizers (FedAvg, FedAvgM, FedAdam, FedAdagrad, FedYogi) over state dicts.
 
 Plain code, independent of any engine: ``step`` takes the global state, the clients' uploads and their weights, and
 returns new values for the uploaded keys. Formulas follow reference section 3.1, i.e. OpenFedLLM, which the reference's
@@ -34,8 +34,7 @@ from typing import Literal, Optional, Sequence
 import torch
 
 from fcit.errors import FcitError
-from fcit.federated.aggregation import fedavg
-from fcit.federated.client import LossHook
+from fcit.training.aggregation import fedavg
 from fcit.models.lora import State
 
 Weighting = Literal["samples", "uniform"]
@@ -215,49 +214,4 @@ def build_server_optimizer(cfg, weighting: Optional[Weighting] = None) -> Server
         # An unset eta: 1 keeps FedAvgM's first round equal to FedAvg; the FedOpt family uses the reference's 1e-3,
         # since with eta = 1 its first step moves every coordinate by about eta / sqrt(1 - beta2).
         lr = 1.0 if cls in (FedAvg, FedAvgM) else 1e-3
-    return cls(server_lr=lr, beta1=cfg.beta1, beta2=cfg.beta2, tau=cfg.tau, weighting=w)
-
-
-# -- client-side loss terms ------------------------------------------------------------------------------------------
-def fedprox_hook(global_state: State, mu: float) -> LossHook:
-    """loss + mu/2 * sum ||theta - theta_global||^2 over the trainable parameters that appear in ``global_state``.
-
-    Tensors not in ``global_state`` (or frozen) carry no term, so a method that trains only a slice of its state gets a
-    proximal term on exactly what it trains. The anchor is detached and kept in fp32 on the parameter's device.
-    """
-    anchor = {k: v.detach() for k, v in global_state.items()}
-    cache: dict[int, list[tuple[torch.nn.Parameter, torch.Tensor]]] = {}
-
-    def hook(model, batch, loss, *_):
-        if mu == 0:
-            return loss
-        pairs = cache.get(id(model))
-        if pairs is None:
-            # One model object serves every simulated client of the round, so names and device copies are resolved
-            # once; requires_grad is read per call because before_local may change what trains between clients.
-            params = dict(model.named_parameters())
-            pairs = [(params[k], a.to(params[k].device, torch.float32)) for k, a in anchor.items() if k in params]
-            cache.clear()
-            cache[id(model)] = pairs
-        terms = [((p.float() - a) ** 2).sum() for p, a in pairs if p.requires_grad]
-        if not terms:
-            return loss
-        return loss + (0.5 * mu * torch.stack(terms).sum()).to(loss.dtype)
-
-    return hook
-
-
-def combine_hooks(*hooks: Optional[LossHook]) -> Optional[LossHook]:
-    """Chain loss hooks left to right; None entries are skipped, and no hooks at all gives None (plain task loss)."""
-    hs = [h for h in hooks if h is not None]
-    if not hs:
-        return None
-    if len(hs) == 1:
-        return hs[0]
-
-    def hook(model, batch, loss, *extra):
-        for h in hs:
-            loss = h(model, batch, loss, *extra)
-        return loss
-
-    return hook
+    return cls(server_lr=lr, beta1=cfg.beta1, beta2=cfg.beta2, tau=cfg.adaptivity, weighting=w)

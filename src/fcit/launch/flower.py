@@ -3,7 +3,6 @@ SuperNode for one institution (``fcit node``)."""
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import socket
@@ -12,9 +11,10 @@ import sys
 from pathlib import Path
 from typing import Optional
 
-import fcit.federated.flower  # noqa: F401  (Flower's environment switches, before flwr loads)
+from fcit import env
 from fcit.config import Config
 from fcit.errors import FcitError
+from fcit.results import RunResult
 
 CONNECTION = "fcit"
 
@@ -23,12 +23,9 @@ def flower_env(home: Path) -> dict[str, str]:
     """The environment every Flower process of fcit gets: no runtime installs, no telemetry, no update check, and a
     Flower home of its own (connections, logs, SuperLink state)."""
     home.mkdir(parents=True, exist_ok=True)
-    env = dict(os.environ)
-    env.update({"FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1", "FLWR_TELEMETRY_ENABLED": "0",
-                "FLWR_DISABLE_UPDATE_CHECK": "1", "HF_HUB_OFFLINE": "1", "FLWR_HOME": str(home)})
     # SuperLink and SuperNode start `flower-superexec` by name: it must be this environment's.
-    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
-    return env
+    return env.child_env(FLWR_HOME=str(home),
+                         PATH=os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]))
 
 
 def _bin(name: str) -> str:
@@ -48,7 +45,7 @@ def free_port() -> int:
 
 # -- simulation ----------------------------------------------------------------------------------------------------
 def run_simulation(cfg: Config, run_dir: Path, resume: bool = False, progress: bool = True,
-                   num_nodes: Optional[int] = None) -> dict:
+                   num_nodes: Optional[int] = None) -> RunResult:
     """The run on Flower's simulation engine: virtual SuperNodes executed by Ray actors, one per client.
 
     ``num_nodes`` < ``num_clients`` leaves clients num_nodes..num_clients-1 without a node, as institutions that are
@@ -57,8 +54,8 @@ def run_simulation(cfg: Config, run_dir: Path, resume: bool = False, progress: b
 
     from flwr.simulation import run_simulation as flwr_run_simulation
 
-    from fcit.federated.flower.client_app import app as client_app
-    from fcit.federated.flower.server_app import make_server_app
+    from fcit.engines.flower.client_app import app as client_app
+    from fcit.launch.server_app import make_server_app
 
     fl = cfg.flower
     client_cpus = fl.client_cpus or 1.0
@@ -67,22 +64,23 @@ def run_simulation(cfg: Config, run_dir: Path, resume: bool = False, progress: b
                        "log_to_driver": False}
     if fl.ray_address:
         init_args = {"address": fl.ray_address, "logging_level": logging.ERROR}
-    os.environ.setdefault("FLWR_HOME", str(Path(run_dir).resolve() / "flower-home"))
     # Ray starts its workers at niceness 15: next to any other busy process the clients then crawl (measured: 25x
     # slower model loads beside two training runs). The clients are the work here, so they run at normal priority.
-    os.environ.setdefault("RAY_worker_niceness", "0")
     # Ray's workers import fcit, so they must find the same package whatever their working directory.
-    src = str(Path(__file__).resolve().parents[3])
-    os.environ["PYTHONPATH"] = os.pathsep.join(p for p in [src, os.environ.get("PYTHONPATH", "")] if p)
+    src = str(Path(__file__).resolve().parents[2])
+    scoped_env = {"FLWR_HOME": os.environ.get("FLWR_HOME", str(Path(run_dir).resolve() / "flower-home")),
+                  "RAY_worker_niceness": os.environ.get("RAY_worker_niceness", "0"),
+                  "PYTHONPATH": os.pathsep.join(p for p in [src, os.environ.get("PYTHONPATH", "")] if p)}
     outcome: dict = {}
     server = make_server_app(cfg, str(run_dir), resume, progress, outcome, client_threads=max(1, int(client_cpus)))
-    flwr_run_simulation(
-        server_app=server,
-        client_app=client_app,
-        num_supernodes=num_nodes or cfg.scenario.num_clients,
-        backend_config={"client_resources": {"num_cpus": client_cpus, "num_gpus": fl.client_gpus},
-                        "init_args": init_args},
-    )
+    with env.scoped(**scoped_env):
+        flwr_run_simulation(
+            server_app=server,
+            client_app=client_app,
+            num_supernodes=num_nodes or cfg.scenario.num_clients,
+            backend_config={"client_resources": {"num_cpus": client_cpus, "num_gpus": fl.client_gpus},
+                            "init_args": init_args},
+        )
     if "error" in outcome:
         raise outcome["error"]
     if "metrics" not in outcome:
@@ -109,8 +107,8 @@ packages = ["."]
 publisher = "fcit"
 
 [tool.flwr.app.components]
-serverapp = "fcit.federated.flower.server_app:app"
-clientapp = "fcit.federated.flower.client_app:app"
+serverapp = "fcit.launch.server_app:app"
+clientapp = "fcit.engines.flower.client_app:app"
 
 [tool.flwr.app.config]
 fcit-config = '''{config}'''
@@ -144,7 +142,7 @@ def write_connection(home: Path, cfg: Config) -> None:
     (home / "config.toml").write_text("\n".join(lines) + "\n")
 
 
-def run_deployment(cfg: Config, run_dir: Path, resume: bool = False, progress: bool = True) -> dict:
+def run_deployment(cfg: Config, run_dir: Path, resume: bool = False, progress: bool = True) -> RunResult:
     """Submit the run to a SuperLink with ``flwr run`` and follow its log until it ends.
 
     The ServerApp runs next to the SuperLink and writes the run directory there: run this on the SuperLink's host
@@ -177,7 +175,8 @@ def run_deployment(cfg: Config, run_dir: Path, resume: bool = False, progress: b
         tail = log_path.read_text().strip().splitlines()[-3:]
         raise FcitError(f"flower: the run did not finish (flwr run exit {rc}); log: {log_path}; last lines: "
                         + " | ".join(tail))
-    return json.loads(metrics_path.read_text())
+    # The ServerApp ran in the SuperLink's process tree; its result reaches us through the run directory.
+    return RunResult.load(run_dir)
 
 
 # -- one institution -----------------------------------------------------------------------------------------------
@@ -201,144 +200,3 @@ def node_command(superlink: str, client_id: int, *, data_root: Optional[str] = N
     if auth_key:
         cmd += ["--auth-supernode-private-key", str(Path(auth_key).resolve())]
     return cmd
-
-
-# -- a whole federation on one machine ------------------------------------------------------------------------------
-def _related_pids(root: int) -> list[int]:
-    """``root``'s descendants, plus the SuperExec processes Flower detaches from it (they name it in --parent-pid)."""
-    children: dict[int, list[int]] = {}
-    adopted: list[int] = []
-    for d in Path("/proc").iterdir():
-        if not d.name.isdigit():
-            continue
-        try:
-            ppid = int((d / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            cmd = (d / "cmdline").read_bytes().split(b"\0")
-        except (OSError, IndexError, ValueError):
-            continue
-        children.setdefault(ppid, []).append(int(d.name))
-        if b"--parent-pid" in cmd and cmd[cmd.index(b"--parent-pid") + 1:][:1] == [str(root).encode()]:
-            adopted.append(int(d.name))
-    out, todo = [], [root, *adopted]
-    while todo:
-        p = todo.pop()
-        if p in out:
-            continue
-        out.append(p)
-        todo += children.get(p, [])
-    return out
-
-
-def stop_process(pid: int, timeout: float = 10.0) -> None:
-    """SIGTERM ``pid`` and everything it started, then SIGKILL whatever is still alive after ``timeout``."""
-    import signal
-    import time
-
-    pids = _related_pids(pid) if Path(f"/proc/{pid}").exists() else [pid]
-    for p in pids:
-        try:
-            os.kill(p, signal.SIGTERM)
-        except ProcessLookupError:
-            pass
-    deadline = time.monotonic() + timeout
-    for p in pids:
-        while time.monotonic() < deadline:
-            try:
-                os.waitpid(p, os.WNOHANG)
-            except ChildProcessError:
-                pass
-            if not _alive(p):
-                break
-            time.sleep(0.1)
-        if _alive(p):
-            try:
-                os.kill(p, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-
-
-def _alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):
-        return False
-    return state != "Z"
-
-
-class LocalDeployment:
-    """A SuperLink and ``n`` SuperNodes (client ids 0..n-1) on 127.0.0.1 with free ports, for tests and benchmarks of
-    the deployment engine: insecure, or TLS with ``tls=(ca.crt, server.pem, server.key)`` (a certificate for
-    127.0.0.1). Every process is stopped by PID on exit, also after a failure."""
-
-    def __init__(self, n: int, workdir: Path, node_threads: int = 1, tls: Optional[tuple[str, str, str]] = None):
-        self.n, self.workdir, self.node_threads, self.tls = n, Path(workdir), node_threads, tls
-        self.port = free_port()
-        self.superlink: Optional[subprocess.Popen] = None
-        self.nodes: dict[int, subprocess.Popen] = {}
-        self.env = flower_env(self.workdir / "flower-home")
-
-    @property
-    def address(self) -> str:
-        return f"127.0.0.1:{self.port}"
-
-    def _spawn(self, cmd: list[str], log_name: str) -> subprocess.Popen:
-        log = open(self.workdir / log_name, "w")
-        return subprocess.Popen(cmd, env=self.env, stdout=log, stderr=subprocess.STDOUT)
-
-    def __enter__(self) -> "LocalDeployment":
-        import time
-
-        self.workdir.mkdir(parents=True, exist_ok=True)
-        try:
-            security = ["--insecure"] if self.tls is None else [
-                "--ssl-ca-certfile", self.tls[0], "--ssl-certfile", self.tls[1], "--ssl-keyfile", self.tls[2]]
-            self.superlink = self._spawn([_bin("flower-superlink"), *security, "--host", "127.0.0.1", "--port",
-                                          str(self.port), "--database", str(self.workdir / "superlink.db")],
-                                         "superlink.log")
-            self._wait_port(self.port, self.superlink, "superlink.log")
-            for i in range(self.n):
-                self.start_node(i)
-            # Nodes register within a second or two; the ServerApp discovers them when it starts.
-            time.sleep(2.0)
-        except BaseException:
-            self.__exit__(None, None, None)
-            raise
-        return self
-
-    def start_node(self, i: int) -> None:
-        cmd = node_command(self.address, i, insecure=self.tls is None,
-                           root_certificates=self.tls[0] if self.tls else None, threads=self.node_threads)
-        self.nodes[i] = self._spawn(cmd, f"supernode-{i}.log")
-
-    def kill_node(self, i: int) -> None:
-        """Stop client ``i``'s SuperNode abruptly (SIGKILL), as a crashed institution would."""
-        import signal
-
-        p = self.nodes.pop(i)
-        for q in _related_pids(p.pid):
-            try:
-                os.kill(q, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        p.wait(timeout=10)
-
-    def _wait_port(self, port: int, proc: subprocess.Popen, log: str, timeout: float = 60.0) -> None:
-        import time
-
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if proc.poll() is not None:
-                raise FcitError(f"flower: {log.split('.')[0]} exited at start; see {self.workdir / log}")
-            with socket.socket() as s:
-                if s.connect_ex(("127.0.0.1", port)) == 0:
-                    return
-            time.sleep(0.2)
-        raise FcitError(f"flower: nothing listens on port {port} after {timeout:g} s; see {self.workdir / log}")
-
-    def __exit__(self, *exc) -> None:
-        for p in list(self.nodes.values()):
-            stop_process(p.pid)
-        self.nodes.clear()
-        if self.superlink is not None:
-            stop_process(self.superlink.pid)
-            self.superlink = None

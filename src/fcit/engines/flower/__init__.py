@@ -1,0 +1,9 @@
+"""fcit's clients on Flower (Message API, flwr 1.41).
+
+* ``records``: what travels in a Message (tensors in ArrayRecords, everything else as one JSON ConfigRecord).
+* ``transport``: the server side of the round loop over a Flower Grid (``FlowerTransport``).
+* ``client_app``: the ClientApp (``app``): hello / identity / train / stage_end, running ``engines.client``.
+
+The ServerApp and the launchers (``fcit run --engine flower-sim | flower``, ``fcit node``) sit above the experiment
+in ``fcit.launch``. Flower's environment switches are set by ``fcit.env`` when ``fcit`` is imported.
+"""

@@ -1,0 +1,194 @@
+"""DISCO's server-side routing as plain functions (tensors in, tensors out; no model): similarities, the
+threshold routing of client identity tokens to subspaces, greedy disjoint grouping of new clients, the running mean
+of the global tokens, and the inference gate's weights from similarities.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Literal, Optional, Sequence
+
+import torch
+
+NEW = -1  # route(): "no used subspace is close enough, open a new one"
+Variant = Literal["softmax", "concat", "cosine", "argmax"]
+
+
+def cosine_matrix(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """(n, m) cosine similarities in fp32; a zero vector (an unused centre) has similarity 0 to everything."""
+    a = torch.nn.functional.normalize(torch.as_tensor(a).float().reshape(-1, a.shape[-1]), dim=-1)
+    b = torch.nn.functional.normalize(torch.as_tensor(b).float().reshape(-1, b.shape[-1]), dim=-1)
+    return a @ b.T
+
+
+def route_sim(sim: torch.Tensor, used: torch.Tensor, tau: float) -> list[int]:
+    """Per row: the most similar used slot if its similarity is >= tau, else ``NEW``."""
+    used = torch.as_tensor(used, dtype=torch.bool)
+    if not bool(used.any()):
+        return [NEW] * sim.shape[0]
+    masked = sim.float().masked_fill(~used, -math.inf)
+    best, slot = masked.max(dim=1)
+    return [int(j) if float(b) >= tau else NEW for b, j in zip(best, slot)]
+
+
+def route(tokens: torch.Tensor, C: torch.Tensor, N: torch.Tensor, used: Optional[torch.Tensor] = None,
+          tau: float = 0.9) -> list[int]:
+    """Route client tokens (n, d) to global tokens C (E, d): a used slot with cos >= tau, else ``NEW``.
+
+    ``used`` defaults to ``N > 0``.
+    """
+    used = torch.as_tensor(N) > 0 if used is None else used
+    return route_sim(cosine_matrix(tokens, C), used, tau)
+
+
+def greedy_threshold_clusters(tokens: Optional[torch.Tensor] = None, tau: float = 0.9, *,
+                              sim: Optional[torch.Tensor] = None,
+                              weights: Optional[Sequence[float]] = None) -> list[list[int]]:
+    """Disjoint groups: the heaviest unassigned item opens a group and takes every *unassigned* item with cos >= tau.
+
+    The reference lets a later group re-take items of an earlier one (section 5.4); here each item is in exactly one
+    group. Anchors are taken in order of ``weights`` (a client's sample count; ties and no weights: input order)
+    because a small client's mean token is noisy: anchored on a 3-sample client, a task's round split in two groups
+    and took a second subspace (measured, seed 2 of the embedded benchmark), while every client of that round was
+    >= tau from the largest one. Groups are returned in order of their first member, so the subspace numbering does
+    not depend on the anchor order. Pass ``tokens`` (n, d) or a precomputed (n, n) similarity ``sim``.
+    """
+    if sim is None:
+        if tokens is None:
+            raise ValueError("greedy_threshold_clusters: pass tokens or sim")
+        sim = cosine_matrix(tokens, tokens)
+    n = sim.shape[0]
+    order = list(range(n)) if weights is None else sorted(range(n), key=lambda i: -float(weights[i]))
+    assigned = [False] * n
+    groups: list[list[int]] = []
+    for p in order:
+        if assigned[p]:
+            continue
+        group = sorted([p] + [q for q in order if not assigned[q] and q != p and float(sim[p, q]) >= tau])
+        for q in group:
+            assigned[q] = True
+        groups.append(group)
+    return sorted(groups, key=min)
+
+
+def assign_slots(sim_c: torch.Tensor, sim_pair: torch.Tensor, used: torch.Tensor, tau: float,
+                 allow_new: bool = True, counts: Optional[torch.Tensor] = None, min_share: float = 0.0,
+                 stage_slots: Optional[Sequence[int]] = None) -> tuple[list[int], list[str]]:
+    """The server's plan: a slot per client and why (``matched`` | ``new`` | ``merged`` | ``overflow`` | ``nearest``).
+
+    ``sim_c`` (n, E): clients vs global tokens; ``sim_pair`` (n, n): clients vs clients; ``used`` (E,) bool.
+    With ``allow_new=False`` (rounds after the first of a stage) every client takes its nearest slot among
+    ``stage_slots`` (the slots the stage's first round chose; all used slots when not given), so a client whose
+    few samples give an off token cannot train another task's subspace. A new group holding less than ``min_share`` of
+    the round's samples does not open a subspace (its token is too noisy to found one, the reference's tiny-singleton
+    rule): it joins the most similar group or slot. When all E slots are taken, a group that needs a new one falls
+    back to its nearest slot with a warning.
+    """
+    used = torch.as_tensor(used, dtype=torch.bool)
+    n, E = sim_c.shape
+    if not allow_new and bool(used.any()):
+        allowed = used.clone()
+        if stage_slots:
+            allowed = torch.zeros_like(used)
+            allowed[list(stage_slots)] = True
+        nearest = sim_c.float().masked_fill(~allowed, -math.inf).argmax(dim=1)
+        return [int(j) for j in nearest], ["nearest"] * n
+    slots = route_sim(sim_c, used, tau)
+    kinds = ["matched" if s != NEW else "" for s in slots]
+    pending = [i for i, s in enumerate(slots) if s == NEW]
+    if not pending:
+        return slots, kinds
+    counts = torch.ones(n) if counts is None else torch.as_tensor(counts, dtype=torch.float32)
+    total = float(counts.sum()) or 1.0
+    clusters = greedy_threshold_clusters(sim=sim_pair[pending][:, pending], tau=tau, weights=counts[pending].tolist())
+    groups = [[pending[g] for g in group] for group in clusters]
+    tiny = [g for g in groups if float(counts[g].sum()) / total < min_share]
+    solid = [g for g in groups if g not in tiny]
+    if not solid and not bool(used.any()):
+        solid, tiny = tiny[:1], tiny[1:]  # the very first round must open something
+    taken = used.clone()
+    opened: dict[int, list[int]] = {}
+    for members in solid:
+        free = (~taken).nonzero().flatten()
+        if len(free):
+            slot, kind = int(free[0]), "new"
+            taken[slot] = True
+            opened[slot] = list(members)
+        else:
+            slot, kind = _nearest_slot(members, sim_c, sim_pair, used, opened), "overflow"
+            warnings.warn(
+                f"DISCO: all {E} subspaces are in use; clients {members} share subspace {slot} (the nearest) "
+                f"instead of a new one; raise method.params.num_subspaces to keep them apart",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+        for m in members:
+            slots[m], kinds[m] = slot, kind
+    # A tiny group joins what this round's other clients train (same stage, so most likely the same task); only
+    # when every client of the round is tiny does it fall back to the nearest existing subspace.
+    peers: dict[int, list[int]] = {}
+    for i, j in enumerate(slots):
+        if j != NEW and kinds[i] != "merged":
+            peers.setdefault(j, []).append(i)
+    for members in tiny:
+        slot = _nearest_slot(members, sim_c, sim_pair, used if not peers else torch.zeros_like(used), peers)
+        for m in members:
+            slots[m], kinds[m] = slot, "merged"
+    return slots, kinds
+
+
+def _nearest_slot(members: list[int], sim_c: torch.Tensor, sim_pair: torch.Tensor, used: torch.Tensor,
+                  opened: dict[int, list[int]]) -> int:
+    """The slot most similar to a group: a used slot by its global token, or one opened this round by its members."""
+    cand: dict[int, float] = {int(j): float(sim_c[members, j].mean()) for j in used.nonzero().flatten()}
+    for j, mem in opened.items():
+        cand[j] = float(sim_pair[members][:, mem].mean())
+    slot = max(cand.items(), key=lambda kv: kv[1])[0]
+    if slot in opened:
+        opened[slot].extend(members)
+    return slot
+
+
+def update_centres(C: torch.Tensor, N: torch.Tensor, slot: int, tokens: torch.Tensor,
+                   counts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Running mean of slot's global token: C <- (N C + sum n mu) / (N + sum n); N <- N + sum n. Returns new tensors.
+
+    The reference writes ``C*N + sum/(N + n)`` (section 5.4), scaling a re-used centre by about N; this is the
+    intended formula, in fp32.
+    """
+    C, N = C.clone().float(), N.clone().float()
+    tokens = torch.as_tensor(tokens).float().reshape(-1, C.shape[1])
+    counts = torch.as_tensor(counts, dtype=torch.float32).reshape(-1)
+    total = float(counts.sum())
+    if total <= 0:
+        return C, N
+    C[slot] = (N[slot] * C[slot] + (counts[:, None] * tokens).sum(0)) / (N[slot] + total)
+    N[slot] = N[slot] + total
+    return C, N
+
+
+def gates(sim: torch.Tensor, variant: Variant = "softmax", eps: float = 0.05,
+          used: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Per-sample subspace weights (n, E) from similarities to the global tokens; unused slots always get 0.
+
+    softmax: softmax(sim / eps) over used slots (the paper); concat: 1 for every used slot (plain concatenated LoRA);
+    cosine: the raw similarity; argmax: one-hot at the most similar used slot. With no used slot: all zeros.
+    """
+    sim = torch.as_tensor(sim).float()
+    if sim.dim() == 1:
+        sim = sim.unsqueeze(0)
+    n, E = sim.shape
+    used = torch.ones(E, dtype=torch.bool) if used is None else torch.as_tensor(used, dtype=torch.bool)
+    if not bool(used.any()):
+        return torch.zeros(n, E)
+    masked = sim.masked_fill(~used, -math.inf)
+    if variant == "softmax":
+        return torch.softmax(masked / eps, dim=1)
+    if variant == "concat":
+        return used.float().expand(n, E).clone()
+    if variant == "cosine":
+        return sim.masked_fill(~used, 0.0)
+    if variant == "argmax":
+        return torch.nn.functional.one_hot(masked.argmax(dim=1), E).float()
+    raise ValueError(f"unknown gate variant {variant!r}")

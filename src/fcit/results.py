@@ -1,0 +1,106 @@
+"""The typed results a run produces, from one round up to the whole run: what every engine returns, what the run
+directory's ``metrics.json`` holds, what the reports and ``fcit compare`` read back.
+
+``to_dict`` / ``from_dict`` are the JSON form (keys as in ``metrics.json``); nothing else in fcit builds or reads
+these as loose dicts.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any, Optional
+
+from fcit.errors import FcitError
+from fcit.eval.metrics import AccuracyMatrix
+
+
+@dataclass
+class RoundLog:
+    """One communication round as the server saw it; lists are per replying client, in round-position order."""
+
+    stage: int
+    round: int
+    clients: list[int]
+    tasks: list[int]
+    samples: list[int]
+    loss: float  # sample-weighted mean of the clients' mean training loss
+    bytes_up: int  # trainable tensors uploaded by the replying clients
+    bytes_down: int  # global state sent to every client asked to train
+    seconds: float
+    dropped: list[int] = field(default_factory=list)  # selected clients whose update is missing
+    failures: list[dict] = field(default_factory=list)  # {"client", "what", "why"} per failed exchange
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "RoundLog":
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+
+@dataclass
+class Summary:
+    last: float
+    avg: float
+    forgetting: Optional[float]
+    last_groups: Optional[float] = None  # Capability setting: the same over capability-group means
+    avg_groups: Optional[float] = None
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        return {k: v for k, v in d.items() if v is not None or k == "forgetting"}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "Summary":
+        return cls(**{k: d.get(k) for k in ("last", "avg", "forgetting", "last_groups", "avg_groups")})
+
+
+@dataclass
+class RunResult:
+    """Everything ``metrics.json`` records about one finished run."""
+
+    method: str
+    scenario: str
+    seed: int
+    matrix: AccuracyMatrix
+    summary: Summary
+    per_dataset: list[dict]  # per evaluation: dataset -> score, raw metrics and a few examples
+    rounds: list[RoundLog]
+    timing: dict[str, float]
+    method_artifacts: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "method": self.method,
+            "scenario": self.scenario,
+            "seed": self.seed,
+            "matrix": self.matrix.to_dict(),
+            "summary": self.summary.to_dict(),
+            "per_dataset": self.per_dataset,
+            "rounds": [r.to_dict() for r in self.rounds],
+            "timing": self.timing,
+            "method_artifacts": self.method_artifacts,
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "RunResult":
+        return cls(
+            method=d["method"], scenario=d["scenario"], seed=int(d["seed"]),
+            matrix=AccuracyMatrix.from_dict(d["matrix"]), summary=Summary.from_dict(d["summary"]),
+            per_dataset=d["per_dataset"], rounds=[RoundLog.from_dict(r) for r in d["rounds"]],
+            timing=d["timing"], method_artifacts=d.get("method_artifacts", {}),
+        )
+
+    @classmethod
+    def load(cls, run_dir: Path) -> "RunResult":
+        """The result of the finished run in ``run_dir`` (its ``metrics.json``)."""
+        path = Path(run_dir) / "metrics.json"
+        try:
+            return cls.from_dict(json.loads(path.read_text()))
+        except FileNotFoundError:
+            raise FcitError(f"{run_dir}: no metrics.json (the run has not finished)") from None
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
+            raise FcitError(f"{path}: damaged metrics file ({type(exc).__name__}: {exc})") from None
