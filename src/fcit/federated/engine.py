@@ -18,6 +18,7 @@ from fcit.federated.client import client_update
 from fcit.methods.base import Method, StageInfo
 from fcit.models.inputs import Batcher
 from fcit.models.lora import State, set_state, state_bytes
+from fcit.training.guard import check_stage_progress, check_update, in_round, located
 
 
 def client_seed(seed: int, stage: int, rnd: int, client: int) -> int:
@@ -52,12 +53,16 @@ class InProcessEngine:
             results = []
             for shard, plan in zip(tqdm(shards, desc="clients", leave=False, disable=not bar), plans):
                 t0 = time.perf_counter()
-                res = client_update(self.method, self.model, self.batcher, self.cfg, info, global_state, plan,
-                                    shard.samples, client_seed(self.cfg.seed, info.stage, r, shard.client_id))
+                where = f"stage {info.stage + 1} round {r + 1} client {shard.client_id}"
+                with located(where):
+                    res = client_update(self.method, self.model, self.batcher, self.cfg, info, global_state, plan,
+                                        shard.samples, client_seed(self.cfg.seed, info.stage, r, shard.client_id))
+                check_update(res.loss, res.state, where)
                 self.timer.add("train", time.perf_counter() - t0)
                 results.append(res)
             t0 = time.perf_counter()
-            global_state = self.method.aggregate(info, results, plans, global_state)
+            with in_round(info.stage, r, shards):
+                global_state = self.method.aggregate(info, results, plans, global_state)
             self.timer.add("aggregation", time.perf_counter() - t0)
             log = {
                 "stage": info.stage,
@@ -71,7 +76,9 @@ class InProcessEngine:
                 "seconds": time.perf_counter() - t_round,
             }
             logs.append(log)
+            check_update(log["loss"], global_state, f"stage {info.stage + 1} round {r + 1} (aggregated)")
             rounds.set_postfix(loss=f"{log['loss']:.3f}")
+        check_stage_progress([x["loss"] for x in logs], f"stage {info.stage + 1}")
         return self._finish_stage(info, global_state, shards), logs
 
     def _finish_stage(self, info: StageInfo, global_state: State, shards) -> State:
