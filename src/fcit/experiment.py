@@ -8,7 +8,6 @@ so ``fcit run --resume DIR`` continues a crashed run from there).
 from __future__ import annotations
 
 import copy
-import json
 import os
 import time
 from dataclasses import dataclass
@@ -19,9 +18,10 @@ from typing import Any, Callable, Optional
 import torch
 from tqdm.auto import tqdm
 
+from fcit import rundir
 from fcit.config import Config
 from fcit.data import registry
-from fcit.errors import FcitError
+from fcit.data.validation import validate_scenario
 from fcit.eval.evaluate import generate
 from fcit.federated.client import local_train
 from fcit.federated.engine import InProcessEngine, Timer
@@ -31,13 +31,8 @@ from fcit.models.backbone import load_backbone
 from fcit.models.inputs import Batcher
 from fcit.models.lora import set_state
 from fcit.models.vision_cache import VisionFeatureCache
-
-
-def write_json(path: Path, obj: Any) -> None:
-    """Atomic write: a crash never leaves a truncated file behind."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True))
-    os.replace(tmp, path)
+from fcit.rundir import write_json
+from fcit.training.guard import empty_predictions_warning, located
 
 
 @dataclass
@@ -53,7 +48,7 @@ class Runtime:
         from fcit.data.loader import open_benchmark
 
         bench = open_benchmark(cfg, progress=progress)
-        model, processor = load_backbone(cfg.model.path, cfg.model.dtype)
+        model, processor = load_backbone(cfg.model.path, cfg.model.dtype, allow_missing=cfg.model.allow_missing)
         return cls(bench, model, processor)
 
     def fresh_model(self) -> torch.nn.Module:
@@ -107,12 +102,14 @@ class Experiment:
         self.rt = runtime or Runtime.build(cfg, progress=progress)
         self.scenario = Scenario(cfg.scenario, cfg.seed, self.rt.bench, partitions_root=cfg.data.partitions)
         base = self.rt.fresh_model() if runtime is not None else self.rt.base_model
+        validate_scenario(self.rt.bench, self.scenario)
         self.model, self.batcher, self.vision_cache = prepare_model(cfg, self.method, base, self.rt.processor)
         self.timer = Timer()
         self._tests: dict[str, list] = {}
+        self.warnings: list[str] = []
 
     # -- evaluation ---------------------------------------------------------------------------------------------
-    def evaluate(self, datasets: list[str]) -> dict[str, dict]:
+    def evaluate(self, datasets: list[str], when: str = "evaluation") -> dict[str, dict]:
         from fcit.eval.scorers import score_dataset
 
         t0 = time.perf_counter()
@@ -125,6 +122,8 @@ class Experiment:
             with self.method.inference_gate(self.model, samples):
                 preds = generate(self.model, self.batcher, samples, e.batch_size, e.max_new_tokens)
             res = score_dataset(d, preds, samples)
+            if (w := empty_predictions_warning(d, preds, when)) is not None:
+                self.warnings.append(w)
             res.pop("correct", None)
             res["examples"] = [{"q": s.prompt, "gt": s.answer, "pred": p} for s, p in list(zip(samples, preds))[:3]]
             out[d] = res
@@ -133,27 +132,16 @@ class Experiment:
 
     # -- checkpointing -------------------------------------------------------------------------------------------
     def _save_checkpoint(self, state: dict, progress: dict) -> None:
-        from safetensors.torch import save_file
-
-        ck = self.run_dir / "checkpoint"
-        ck.mkdir(parents=True, exist_ok=True)
-        tensors = {f"global/{k}": v.contiguous() for k, v in state.items()}
-        tensors.update({f"method/{k}": v.contiguous() for k, v in self.method.state_dict().items()})
-        save_file(tensors, str(ck / "state.safetensors.tmp"))
-        os.replace(ck / "state.safetensors.tmp", ck / "state.safetensors")
-        write_json(ck / "progress.json", progress)
+        rundir.save_checkpoint(self.run_dir, self.cfg, state, self.method.state_dict(), progress)
 
     def load_checkpoint(self) -> tuple[dict, dict] | None:
         """The global state and progress of the last finished stage (method state is loaded into the method)."""
-        from safetensors.torch import load_file
-
-        ck = self.run_dir / "checkpoint"
-        if not (ck / "progress.json").is_file():
+        ck = rundir.load_checkpoint(self.run_dir, self.cfg, self.scenario.num_stages)
+        if ck is None:
             return None
-        tensors = load_file(str(ck / "state.safetensors"))
-        state = {k[7:]: v for k, v in tensors.items() if k.startswith("global/")}
-        self.method.load_state_dict({k[7:]: v for k, v in tensors.items() if k.startswith("method/")})
-        return state, json.loads((ck / "progress.json").read_text())
+        state, method_state, progress = ck
+        self.method.load_state_dict(method_state)
+        return state, progress
 
     # -- the run ----------------------------------------------------------------------------------------------
     def run(self, resume: bool = False) -> dict:
@@ -168,11 +156,14 @@ class Experiment:
         details: list[dict] = []
         start_stage = 0
         global_state = self.method.initial_state(self.model)
+        total_before = 0.0  # wall time of the stages a resumed run inherits
         if resume and (ck := self.load_checkpoint()) is not None:
             global_state, prog = ck
             matrix = AccuracyMatrix.from_dict(prog["matrix"])
             logs, details, start_stage = prog["rounds"], prog["details"], prog["next_stage"]
             self.timer.seconds.update(prog["timing"])
+            total_before = self.timer.seconds.pop("total", 0.0)
+            self.warnings = prog.get("warnings", [])
 
         kind = self.method.kind
         # Time to the first stage: data generation (first run), model load, partitions; the issue bounds it at 60 s.
@@ -187,12 +178,13 @@ class Experiment:
                 global_state = self.method.before_stage(self.model, info, global_state)
                 global_state, round_logs = engine.run_stage(info, global_state, bar=self.progress)
                 logs += round_logs
-                res = self.evaluate(sc.seen_datasets(t))
+                res = self.evaluate(sc.seen_datasets(t), when=f"after stage {t + 1}")
                 matrix.add_stage({d: r["score"] for d, r in res.items()})
                 details.append(res)
                 stages.set_postfix(avg_seen=f"{sum(r['score'] for r in res.values()) / len(res):.1f}")
+                timing = {**self.timer.seconds, "total": total_before + time.perf_counter() - t_start}
                 self._save_checkpoint(global_state, {"next_stage": t + 1, "matrix": matrix.to_dict(), "rounds": logs,
-                                                     "details": details, "timing": self.timer.seconds})
+                                                     "details": details, "timing": timing, "warnings": self.warnings})
         else:
             if kind == "centralized":
                 self._train_centralized(global_state)
@@ -202,7 +194,7 @@ class Experiment:
             for t in range(sc.num_stages):
                 matrix.add_stage({d: res[d]["score"] for d in sc.seen_datasets(t)})
             details.append(res)
-        self.timer.add("total", time.perf_counter() - t_start)
+        self.timer.add("total", total_before + time.perf_counter() - t_start)
         return self._write_results(matrix, logs, details)
 
     def _train_centralized(self, start: dict) -> None:
@@ -211,7 +203,9 @@ class Experiment:
         steps = -(-len(data) // self.cfg.train.batch_size) * self.cfg.train.local_epochs
         bar = tqdm(total=steps, desc="centralized multi-task", disable=not self.progress)
         t0 = time.perf_counter()
-        res = local_train(self.model, self.batcher, start, data, self.cfg.train, seed=self.cfg.seed, progress=bar.update)
+        with located("centralized training"):
+            res = local_train(self.model, self.batcher, start, data, self.cfg.train, seed=self.cfg.seed,
+                              progress=bar.update)
         bar.close()
         self.timer.add("train", time.perf_counter() - t0)
         set_state(self.model, res.state)
@@ -242,6 +236,7 @@ class Experiment:
             "per_dataset": details,
             "rounds": logs,
             "timing": t,
+            "warnings": self.warnings,
         }
         metrics["method_artifacts"] = self.method.write_artifacts(self.run_dir)
         write_json(self.run_dir / "metrics.json", metrics)
@@ -255,13 +250,13 @@ class Experiment:
 def run(cfg: Config, run_dir: Path | None = None, runtime: Optional[Runtime] = None, progress: bool = True,
         resume: bool = False) -> tuple[Path, dict]:
     run_dir = Path(run_dir) if run_dir else default_run_dir(cfg, cfg.method.name)
-    if not resume and (run_dir / "metrics.json").exists():
-        raise FcitError(f"run directory {run_dir} already holds a finished run; pick another --out or --name")
-    engine = cfg.federation.engine
-    if engine != "inprocess" and build_method(cfg).kind == "federated":
-        from fcit.federated.flower.launch import run_deployment, run_simulation
+    build_method(cfg)  # method params are checked before the run directory is touched
+    with rundir.open_run(run_dir, cfg, resume):
+        engine = cfg.federation.engine
+        if engine != "inprocess" and build_method(cfg).kind == "federated":
+            from fcit.federated.flower.launch import run_deployment, run_simulation
 
-        launch = run_simulation if engine == "flower-sim" else run_deployment
-        return run_dir, launch(cfg, run_dir, resume=resume, progress=progress)
-    exp = Experiment(cfg, run_dir, runtime=runtime, progress=progress)
-    return run_dir, exp.run(resume=resume)
+            launch = run_simulation if engine == "flower-sim" else run_deployment
+            return run_dir, launch(cfg, run_dir, resume=resume, progress=progress)
+        exp = Experiment(cfg, run_dir, runtime=runtime, progress=progress)
+        return run_dir, exp.run(resume=resume)
