@@ -52,6 +52,7 @@ from fcit.models.identity import (
     vision_tower,
 )
 from fcit.models.lora import State, get_state
+from fcit.rundir import write_json
 from fcit.models.subspace_lora import (
     SubspaceLoraConfig,
     attach_subspace_lora,
@@ -595,7 +596,7 @@ class Disco(Method):
         slot_of = self.slot_of_dataset()
         used = [int(j) for j in self.used.nonzero().flatten()]
         names = {j: "+".join(d for d, s in slot_of.items() if s == j) for j in range(self.E)}
-        (out / "routing.json").write_text(json.dumps({
+        write_json(out / "routing.json", {
             "params": self.params.model_dump(mode="json"),
             "routing": self.routing_log,
             "counts": [float(n) for n in self.N],
@@ -603,7 +604,7 @@ class Disco(Method):
             "token_norms": {m: [round(float(x), 4) for x in c.norm(dim=1)] for m, c in self.C.items()},
             "slot_of_dataset": slot_of,
             "gate_stats": self.gate_stats,
-        }, indent=1))
+        }, indent=1, sort_keys=False)
         files = ["routing.json"]
         if used and self.C:
             sim = torch.stack([cosine_matrix(c[used], c[used]) for c in self.C.values()]).mean(0)

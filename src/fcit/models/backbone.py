@@ -156,8 +156,14 @@ def load_backbone(path: str | None, dtype: str = "float32", allow_missing: bool 
     p = resolve_model_path(path)
     try:
         processor = AutoProcessor.from_pretrained(p)
-        model, info = AutoModelForImageTextToText.from_pretrained(p, dtype=getattr(torch, dtype),
-                                                                  output_loading_info=True)
+        # Its multi-line load report would bury the one-line error check_loading_info gives for the same keys.
+        verbosity = hf_logging.get_verbosity()
+        hf_logging.set_verbosity_error()
+        try:
+            model, info = AutoModelForImageTextToText.from_pretrained(p, dtype=getattr(torch, dtype),
+                                                                      output_loading_info=True)
+        finally:
+            hf_logging.set_verbosity(verbosity)
     except Exception as exc:  # noqa: BLE001 - surface the first line of whatever HF raised
         raise FcitError(f"model.path: cannot load {p}: {str(exc).splitlines()[0]}") from None
     check_loading_info(info, p, allow_missing)
