@@ -175,7 +175,7 @@ def test_resume_refuses_options_it_cannot_honour(capsys, stuck, tmp_path):
 def test_a_run_directory_in_use_is_refused(capsys, small, tmp_path):
     d = tmp_path / "busy"
     d.mkdir()
-    with rundir._locked(d):
+    with rundir.locked(d):
         rc, err = fcit(capsys, "run", *small, "--out", tmp_path, "--name", "busy", "--quiet")
     assert rc == 2 and "is in use by another fcit process" in err, err
 

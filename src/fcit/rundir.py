@@ -194,7 +194,7 @@ def write_status(run_dir: Path, status: str, reason: Optional[str] = None) -> No
 
 
 @contextmanager
-def _locked(run_dir: Path) -> Iterator[None]:
+def locked(run_dir: Path) -> Iterator[None]:
     import fcntl
 
     path = run_dir / LOCK_FILE
@@ -227,9 +227,12 @@ def _refuse_existing(run_dir: Path) -> None:
 
 
 def _reason(err: BaseException) -> str:
-    text = str(err).strip().splitlines()
-    return f"{type(err).__name__}: {text[0] if text else ''}".strip(": ") if not isinstance(err, FcitError) \
-        else (text[0] if text else type(err).__name__)
+    """One line for status.json: an FcitError is already worded for the user; anything else keeps its type."""
+    lines = str(err).strip().splitlines()
+    first = lines[0] if lines else ""
+    if isinstance(err, FcitError):
+        return first or type(err).__name__
+    return f"{type(err).__name__}: {first}" if first else type(err).__name__
 
 
 @contextmanager
@@ -241,7 +244,7 @@ def open_run(run_dir: Path, cfg: "Config", resume: bool) -> Iterator[None]:
         run_dir.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise FcitError(f"{run_dir}: cannot create the run directory: {e.strerror or e}") from None
-    with _locked(run_dir):
+    with locked(run_dir):
         if resume:
             verify_resume(run_dir, cfg)
         else:
