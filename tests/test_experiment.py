@@ -143,7 +143,7 @@ def test_compare_tabulates_and_reuses_finished_runs(small_base, cache_dir, tmp_p
 
 
 def test_compare_treats_explicit_default_method_params_as_the_same_run():
-    from fcit.compare import _canonical
+    from fcit.rundir import canonical as _canonical
 
     base = load_config(overrides={"method.name": "ewc"})
     explicit = load_config(overrides={"method.name": "ewc", "method.params.lambda": 1000, "threads": 1})

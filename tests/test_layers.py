@@ -10,7 +10,7 @@ SRC = Path(__file__).resolve().parents[1] / "src"
 
 # Bottom to top; a module may import its own layer (without a cycle) and any layer below.
 LAYERS = [
-    ("fcit", "fcit.env", "fcit.errors"),
+    ("fcit", "fcit.env", "fcit.errors", "fcit.jsonio"),
     ("fcit.config",),
     ("fcit.data",),
     ("fcit.models",),
@@ -20,7 +20,7 @@ LAYERS = [
     ("fcit.results",),
     ("fcit.report",),
     ("fcit.engines",),
-    ("fcit.experiment", "fcit.pretrain"),
+    ("fcit.experiment", "fcit.pretrain", "fcit.rundir"),
     ("fcit.launch",),
     ("fcit.compare",),
     ("fcit.cli",),

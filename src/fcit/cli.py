@@ -34,12 +34,10 @@ def cmd_run(args: argparse.Namespace) -> None:
     from fcit.report.tables import matrix_markdown
 
     if args.resume:
-        import json
+        from fcit.rundir import read_config
 
-        cfg_file = Path(args.resume) / "config.json"
-        if not cfg_file.is_file():
-            raise FcitError(f"--resume: no config.json in {args.resume}")
-        cfg = Config.model_validate(json.loads(cfg_file.read_text()))
+        _refuse_with_resume(args)
+        cfg = read_config(Path(args.resume))
         run_dir = Path(args.resume)
         if args.engine or args.superlink:
             # A run may move engines when it resumes (e.g. a deployment that lost too many nodes, finished in-process).
@@ -59,7 +57,23 @@ def cmd_run(args: argparse.Namespace) -> None:
     t = result.timing
     print(f"\ntime: setup {t.get('setup', 0):.0f}s, then {t['total']:.0f}s (train {t['train']:.0f}s, eval {t['eval']:.0f}s, "
           f"aggregation {t['aggregation']:.1f}s, other {t['other']:.0f}s)")
+    for w in result.warnings:
+        print(f"warning: {w}", file=sys.stderr)
     print(f"run directory: {run_dir}")
+
+
+def _refuse_with_resume(args: argparse.Namespace) -> None:
+    """A resumed run continues with its own config.json; options that would change it cannot be honoured, and
+    ignoring them silently would report results of a run the user did not ask for."""
+    given = [f"--set {o}" for o in args.overrides]
+    given += [f"--{k} {getattr(args, k)}" for k in ("method", "seed", "config", "out", "name")
+              if getattr(args, k) is not None]
+    if args.preset != "default":
+        given.append(f"--preset {args.preset}")
+    if given:
+        raise FcitError(f"--resume continues {args.resume} with its own config.json and cannot honour "
+                        f"{', '.join(given)}; only --engine/--superlink/--insecure/--root-certificates may change "
+                        f"on resume (start a new run to change anything else)")
 
 
 def _engine_keys(args: argparse.Namespace, base: dict) -> dict:
@@ -104,7 +118,10 @@ def cmd_compare(args: argparse.Namespace) -> None:
     from fcit.compare import compare
 
     cfg = _load(args)
-    seeds = [int(x) for x in args.seeds.split(",")]
+    try:
+        seeds = [int(x) for x in args.seeds.split(",")]
+    except ValueError:
+        raise FcitError(f"--seeds: expected comma-separated integers, got {args.seeds!r}") from None
     aggs = args.aggregators.split(",") if args.aggregators else None
     out, table = compare(cfg, args.methods.split(","), seeds, aggs, Path(args.out) if args.out else None,
                          progress=not args.quiet)
@@ -136,6 +153,12 @@ def cmd_data_show(args: argparse.Namespace) -> None:
     cfg = _load(args)
     print(show(cfg, args.setting, args.beta, Path(args.out)))
     print(f"sample grid written to {Path(args.out) / 'samples.png'}")
+
+
+def cmd_data_check(args: argparse.Namespace) -> None:
+    from fcit.data.validation import check_config
+
+    print(check_config(_load(args), progress=not args.quiet).summary())
 
 
 def cmd_methods(args: argparse.Namespace) -> None:
@@ -198,6 +221,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--beta", type=float, default=None, help="Dirichlet beta (default: the config's)")
     p.add_argument("--out", default="fcit-data-show", help="folder for samples.png")
     p.set_defaults(func=cmd_data_show)
+    p = data.add_parser("check", help="parse every file and image header the configured run would read, then stop")
+    _config_args(p)
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_data_check)
 
     p = sub.add_parser("node", help="start a Flower SuperNode for one institution (one client id)")
     _flower_args(p, "the SuperLink's Fleet address HOST:PORT", required=True)
@@ -222,9 +249,10 @@ def main(argv: list[str] | None = None) -> int:
     except FcitError as err:
         print(f"fcit: error: {err}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("fcit: interrupted; finished stages are checkpointed: continue with `fcit run --resume RUN_DIR`",
-              file=sys.stderr)
+    except KeyboardInterrupt as err:
+        where = getattr(err, "run_dir", None)
+        tail = f": continue with `fcit run --resume {where}`" if where is not None else ""
+        print(f"fcit: interrupted; finished stages are checkpointed{tail}", file=sys.stderr)
         return 130
     return 0
 

@@ -10,38 +10,34 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-from fcit.config import Config
+from pydantic import ValidationError
+
+from fcit.config import Config, one_line
 from fcit.errors import FcitError
-from fcit.experiment import write_json
+from fcit.jsonio import write_json
 from fcit.launch import run
 from fcit.methods.base import Kind
 from fcit.results import RunResult
+from fcit.rundir import canonical, read_config
 from fcit.runtime import Runtime
-
-
-def _canonical(cfg: Config) -> dict:
-    """What a run computes from: the config without where and how fast it ran, with the method's parameters
-    resolved (so ``lambda: 1000`` given explicitly equals the default 1000)."""
-    from fcit.methods import REGISTRY
-
-    d = cfg.model_dump(exclude={"out_dir", "run_name", "threads"})
-    method = REGISTRY.get(cfg.method.name)
-    if method is not None:
-        d["method"]["params"] = method.Params.model_validate(cfg.method.params).model_dump()
-    return d
 
 
 def _finished(run_dir: Path, cfg: Config) -> RunResult | None:
     """The metrics of a finished run of exactly this config in ``run_dir`` (an interrupted comparison, or one
     assembled from runs made elsewhere), else None. A finished run of another config is an error, not a reuse."""
-    import json
-
     m, c = run_dir / "metrics.json", run_dir / "config.json"
     if not m.exists():
         return None
-    if not c.exists() or _canonical(Config.model_validate(json.loads(c.read_text()))) != _canonical(cfg):
+    if not c.exists() or canonical(read_config(run_dir)) != canonical(cfg):
         raise FcitError(f"compare: {run_dir} holds a finished run of a different config; remove it or pick --out")
-    return RunResult.load(run_dir)
+    try:
+        return RunResult.load(run_dir)
+    except FcitError as err:
+        raise FcitError(f"compare: {err}; remove the run directory to rerun it") from None
+
+
+def _label(method: str, agg: str, aggregators: list[str]) -> str:
+    return method if len(aggregators) == 1 else f"{method}+{agg}"
 
 
 def compare(cfg: Config, methods: list[str], seeds: list[int], aggregators: list[str] | None = None,
@@ -64,23 +60,30 @@ def compare(cfg: Config, methods: list[str], seeds: list[int], aggregators: list
         for agg in aggregators if REGISTRY[m].kind == Kind.FEDERATED else [aggregators[0]]:
             for seed in seeds:
                 c = cfg.model_copy(deep=True)
-                c = Config.model_validate({**c.model_dump(), "seed": seed,
-                                           "method": {**c.method.model_dump(), "name": m},
-                                           "federation": {**c.federation.model_dump(), "aggregator": agg}})
+                try:
+                    c = Config.model_validate({**c.model_dump(), "seed": seed,
+                                               "method": {**c.method.model_dump(), "name": m},
+                                               "federation": {**c.federation.model_dump(), "aggregator": agg}})
+                except ValidationError as err:
+                    raise FcitError(f"compare: {m} seed {seed} aggregator {agg}: {one_line(err)}") from None
                 REGISTRY[m](c)
                 combos.append((m, agg, seed, c))
+    # Damaged or foreign finished runs are reported now, not after hours of the runs before them.
+    for m, agg, seed, c in combos:
+        _finished(out / f"{_label(m, agg, aggregators)}-s{seed}", c)
     rt = Runtime.build(cfg, progress=progress)
     results: dict[tuple[str, str], list[RunResult]] = {}
     t0 = time.perf_counter()
     for i, (m, agg, seed, c) in enumerate(combos):
-        label = m if len(aggregators) == 1 else f"{m}+{agg}"
+        label = _label(m, agg, aggregators)
         if progress:
             print(f"[{i + 1}/{len(combos)}] {label} seed {seed}", flush=True)
         run_dir = out / f"{label}-s{seed}"
         metrics = _finished(run_dir, c)
         if metrics is None:
             # Not finished (``_finished`` returned None): a checkpoint means an interrupted run to continue.
-            _, metrics = run(c, run_dir, runtime=rt, progress=progress, resume=(run_dir / "checkpoint").exists())
+            # Any trace of an earlier attempt (config.json) means continue it: a fresh run would be refused there.
+            _, metrics = run(c, run_dir, runtime=rt, progress=progress, resume=(run_dir / "config.json").exists())
         elif progress:
             print(f"  reusing the finished run in {run_dir}", flush=True)
         results.setdefault((m, agg), []).append(metrics)

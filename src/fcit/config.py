@@ -17,13 +17,18 @@ from fcit.errors import FcitError
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # No NaN/Infinity anywhere: `--set scenario.beta=Infinity` parses as JSON and would pass every bound.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+
+
+# numpy's SeedSequence and torch.manual_seed both take this range; outside it they fail deep inside a run.
+SEED_MAX = 2**32 - 1
 
 
 class SynthConfig(_Strict):
     """FCIT-Synth generation knobs; the generated benchmark is cached per distinct value of this block."""
 
-    seed: int = 0
+    seed: int = Field(0, ge=0, le=SEED_MAX)
     n_train: int = Field(1000, ge=10, description="training samples per dataset")
     n_test: int = Field(100, ge=5, description="test samples per dataset")
     n_pretrain: int = Field(20000, ge=10, description="samples in the generic pre-training mixture")
@@ -51,7 +56,7 @@ class ScenarioConfig(_Strict):
     task_order: Optional[list[str]] = None  # default: registry.TASK_ORDER
     capability_order: Optional[list[list[str]]] = None  # default: registry.CAPABILITY_ORDER
     het_table: Optional[list[list[int]]] = None  # per stage: position -> task index; default: reference section 4
-    het_table_seed: Optional[int] = None  # draw a Het table with this seed instead of the default
+    het_table_seed: Optional[int] = Field(None, ge=0, le=SEED_MAX)  # draw a Het table with this seed instead of the default
 
     @model_validator(mode="after")
     def _check(self) -> "ScenarioConfig":
@@ -78,6 +83,9 @@ class ModelConfig(_Strict):
     vision_cache_mb: float = Field(2048, ge=0)
     system_prompt: str = ""  # set LLaVA-1.5's system sentence when tuning the real 7B checkpoint
     lora: LoraConfig = LoraConfig()
+    # Load a checkpoint whose weights do not cover every parameter (those keep their random init): only for a
+    # deliberately partial checkpoint; by default missing or misnamed weights are an error.
+    allow_missing: bool = False
 
 
 class TrainConfig(_Strict):
@@ -144,7 +152,7 @@ class EvalConfig(_Strict):
 
 
 class Config(_Strict):
-    seed: int = 0
+    seed: int = Field(0, ge=0, le=SEED_MAX)
     threads: Optional[int] = Field(None, ge=1, description="torch CPU threads (default: all cores)")
     out_dir: str = "runs"
     run_name: Optional[str] = None
@@ -198,7 +206,7 @@ def parse_override(item: str) -> tuple[str, Any]:
     return key.strip(), value
 
 
-def _one_line(err: ValidationError) -> str:
+def one_line(err: ValidationError) -> str:
     e = err.errors()[0]
     loc = ".".join(str(p) for p in e["loc"]) or "config"
     msg = e["msg"].removeprefix("Value error, ")
@@ -208,6 +216,17 @@ def _one_line(err: ValidationError) -> str:
     tail = "" if e["type"] in ("extra_forbidden", "missing") or isinstance(got, dict) else f" (got {got!r})"
     more = f" [+{len(err.errors()) - 1} more]" if len(err.errors()) > 1 else ""
     return f"config: {loc}: {msg}{tail}{more}"
+
+
+def _parse_error(exc: Exception) -> str:
+    """One line with the position: YAML's own message puts the line number on a later line of the text."""
+    mark = getattr(exc, "problem_mark", None)
+    if mark is not None:
+        what = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        return f"line {mark.line + 1} col {mark.column + 1}: {what}"
+    if isinstance(exc, json.JSONDecodeError):
+        return f"line {exc.lineno} col {exc.colno}: {exc.msg}"
+    return str(exc).splitlines()[0]
 
 
 def load_config(
@@ -230,7 +249,7 @@ def load_config(
             else:
                 data = json.loads(text)
         except Exception as exc:  # noqa: BLE001 - any parse error becomes one line
-            raise FcitError(f"config: cannot parse {p}: {str(exc).splitlines()[0]}") from None
+            raise FcitError(f"config: cannot parse {p}: {_parse_error(exc)}") from None
         if not isinstance(data, dict):
             raise FcitError(f"config: {p}: top level must be a mapping")
         raw = _merge(raw, data)
@@ -240,4 +259,4 @@ def load_config(
     try:
         return Config.model_validate(raw)
     except ValidationError as err:
-        raise FcitError(_one_line(err)) from None
+        raise FcitError(one_line(err)) from None

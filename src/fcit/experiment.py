@@ -10,34 +10,29 @@ every dataset seen so far, checkpoint. Which engine carries the rounds is the ca
 
 from __future__ import annotations
 
-import json
-import os
 import time
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Optional
+from typing import Optional
 
 from tqdm.auto import tqdm
 
+from fcit import rundir
 from fcit.config import Config
 from fcit.data import registry
+from fcit.data.validation import validate_scenario
 from fcit.errors import FcitError
 from fcit.engines.inprocess import InProcessTransport
 from fcit.engines.loop import RoundFailed, StageLoop, Timer, Transport
 from fcit.eval.evaluate import generate
+from fcit.jsonio import write_json
 from fcit.methods import build_method
 from fcit.methods.base import Kind, Method, StageInfo
-from fcit.models.lora import set_state, sub_dict
+from fcit.models.lora import set_state
 from fcit.results import RoundLog, RunResult, Summary
 from fcit.runtime import Runtime, prepare_model, set_threads
+from fcit.training.guard import empty_predictions_warning, located
 from fcit.training.local import local_train
-
-
-def write_json(path: Path, obj: Any) -> None:
-    """Atomic write: a crash never leaves a truncated file behind."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True))
-    os.replace(tmp, path)
 
 
 def default_run_dir(cfg: Config, method: str) -> Path:
@@ -68,12 +63,14 @@ class Experiment:
         self.rt = runtime or Runtime.build(cfg, progress=progress)
         self.scenario = Scenario(cfg.scenario, cfg.seed, self.rt.bench, partitions_root=cfg.data.partitions)
         base = self.rt.fresh_model() if runtime is not None else self.rt.base_model
+        validate_scenario(self.rt.bench, self.scenario)  # a bad file of the last stage fails before stage 1
         prepared = prepare_model(cfg, self.method, base, self.rt.processor)
         self.model, self.batcher, self.vision_cache = prepared.model, prepared.batcher, prepared.vision_cache
         self.transport: Transport = transport or InProcessTransport(cfg, self.model, self.batcher, self.scenario,
                                                                     self.method, progress=progress)
         self.timer = Timer()
         self._tests: dict[str, list] = {}
+        self.warnings: list[str] = []
 
     # -- evaluation ---------------------------------------------------------------------------------------------
     def evaluate(self, datasets: list[str], stage: int) -> dict[str, dict]:
@@ -89,6 +86,8 @@ class Experiment:
             with self.method.inference_gate(self.model, samples, stage):
                 preds = generate(self.model, self.batcher, samples, e.batch_size, e.max_new_tokens)
             res = score_dataset(d, preds, samples)
+            if (w := empty_predictions_warning(d, preds, f"after stage {stage + 1}")) is not None:
+                self.warnings.append(w)
             res.pop("correct", None)
             res["examples"] = [{"q": s.prompt, "gt": s.answer, "pred": p} for s, p in list(zip(samples, preds))[:3]]
             out[d] = res
@@ -97,27 +96,16 @@ class Experiment:
 
     # -- checkpointing -------------------------------------------------------------------------------------------
     def _save_checkpoint(self, state: dict, progress: dict) -> None:
-        from safetensors.torch import save_file
-
-        ck = self.run_dir / "checkpoint"
-        ck.mkdir(parents=True, exist_ok=True)
-        tensors = {f"global/{k}": v.contiguous() for k, v in state.items()}
-        tensors.update({f"method/{k}": v.contiguous() for k, v in self.method.state_dict().items()})
-        save_file(tensors, str(ck / "state.safetensors.tmp"))
-        os.replace(ck / "state.safetensors.tmp", ck / "state.safetensors")
-        write_json(ck / "progress.json", progress)
+        rundir.save_checkpoint(self.run_dir, self.cfg, state, self.method.state_dict(), progress)
 
     def load_checkpoint(self) -> tuple[dict, dict] | None:
         """The global state and progress of the last finished stage (method state is loaded into the method)."""
-        from safetensors.torch import load_file
-
-        ck = self.run_dir / "checkpoint"
-        if not (ck / "progress.json").is_file():
+        ck = rundir.load_checkpoint(self.run_dir, self.cfg, self.scenario.num_stages)
+        if ck is None:
             return None
-        tensors = load_file(str(ck / "state.safetensors"))
-        state = sub_dict(tensors, "global/")
-        self.method.load_state_dict(sub_dict(tensors, "method/"))
-        return state, json.loads((ck / "progress.json").read_text())
+        state, method_state, progress = ck
+        self.method.load_state_dict(method_state)
+        return state, progress
 
     # -- the run ----------------------------------------------------------------------------------------------
     def run(self, resume: bool = False) -> RunResult:
@@ -132,6 +120,7 @@ class Experiment:
         details: list[dict] = []
         start_stage = 0
         global_state = self.method.initial_state(self.model)
+        total_before = 0.0  # wall time of the stages a resumed run inherits
         if resume and (ck := self.load_checkpoint()) is not None:
             global_state, prog = ck
             matrix = AccuracyMatrix.from_dict(prog["matrix"])
@@ -139,6 +128,8 @@ class Experiment:
             details, start_stage = prog["details"], prog["next_stage"]
             self.method.load_state_json(prog.get("method_state", {}))
             self.timer.seconds.update(prog["timing"])
+            total_before = self.timer.seconds.pop("total", 0.0)
+            self.warnings = prog.get("warnings", [])
 
         kind = self.method.kind
         # Time to the first stage: data generation (first run), model load, partitions; the issue bounds it at 60 s.
@@ -161,10 +152,11 @@ class Experiment:
                 matrix.add_stage({d: r["score"] for d, r in res.items()})
                 details.append(res)
                 stages.set_postfix(avg_seen=f"{sum(r['score'] for r in res.values()) / len(res):.1f}")
+                timing = {**self.timer.seconds, "total": total_before + time.perf_counter() - t_start}
                 self._save_checkpoint(global_state, {"next_stage": t + 1, "matrix": matrix.to_dict(),
                                                      "rounds": [r.to_dict() for r in logs], "details": details,
                                                      "method_state": self.method.state_json(),
-                                                     "timing": self.timer.seconds})
+                                                     "timing": timing, "warnings": self.warnings})
         else:
             if kind == Kind.CENTRALIZED:
                 self._train_centralized(global_state)
@@ -174,7 +166,7 @@ class Experiment:
             for t in range(sc.num_stages):
                 matrix.add_stage({d: res[d]["score"] for d in sc.seen_datasets(t)})
             details.append(res)
-        self.timer.add("total", time.perf_counter() - t_start)
+        self.timer.add("total", total_before + time.perf_counter() - t_start)
         return self._write_results(matrix, logs, details)
 
     def _train_centralized(self, start: dict) -> None:
@@ -183,7 +175,9 @@ class Experiment:
         steps = -(-len(data) // self.cfg.train.batch_size) * self.cfg.train.local_epochs
         bar = tqdm(total=steps, desc="centralized multi-task", disable=not self.progress)
         t0 = time.perf_counter()
-        res = local_train(self.model, self.batcher, start, data, self.cfg.train, seed=self.cfg.seed, progress=bar.update)
+        with located("centralized training"):
+            res = local_train(self.model, self.batcher, start, data, self.cfg.train, seed=self.cfg.seed,
+                              progress=bar.update)
         bar.close()
         self.timer.add("train", time.perf_counter() - t0)
         set_state(self.model, res.state)
@@ -208,7 +202,7 @@ class Experiment:
         # "total" runs from the first stage on; "setup" (before it) is reported beside it.
         t["other"] = max(0.0, t.get("total", 0.0) - t["train"] - t["eval"] - t["aggregation"])
         result = RunResult(method=self.method.name, scenario=sc.name, seed=self.cfg.seed, matrix=matrix,
-                           summary=summ, per_dataset=details, rounds=logs, timing=t,
+                           summary=summ, per_dataset=details, rounds=logs, timing=t, warnings=self.warnings,
                            method_artifacts=write_artifacts(self.method.artifacts(), self.run_dir))
         write_json(self.run_dir / "metrics.json", result.to_dict())
         title = f"{self.method.name} on {sc.name} (beta={self.cfg.scenario.beta:g}, seed {self.cfg.seed})"

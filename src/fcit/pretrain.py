@@ -8,7 +8,6 @@ keeps zero-shot scores low and leaves every task to be learned by the continual 
 from __future__ import annotations
 
 import hashlib
-import json
 import time
 from pathlib import Path
 from typing import Optional
@@ -18,6 +17,7 @@ from tqdm.auto import tqdm
 
 from fcit.config import Config, TrainConfig
 from fcit.models.backbone import EMBEDDED_DIR, TinySpec, build_tiny, build_tokenizer
+from fcit.jsonio import write_json
 from fcit.models.inputs import Batcher
 
 PRETRAIN_TRAIN = TrainConfig(lr=1e-3, projector_lr_scale=1.0, weight_decay=0.01, warmup_ratio=0.03, batch_size=32,
@@ -52,7 +52,7 @@ def pretrain(cfg: Config, out: Optional[Path] = None, epochs: Optional[int] = No
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out)
     processor.save_pretrained(out)
-    (out / "fcit_pretrain.json").write_text(json.dumps({
+    write_json(out / "fcit_pretrain.json", {
         "spec": spec.__dict__,
         "synth": scfg.model_dump(),
         "generator_version": synth.GENERATOR_VERSION,
@@ -65,5 +65,5 @@ def pretrain(cfg: Config, out: Optional[Path] = None, epochs: Optional[int] = No
         "mean_loss": round(res.loss, 4),
         "seconds": round(time.perf_counter() - t0, 1),
         "params": sum(p.numel() for p in model.parameters()),
-    }, indent=2))
+    }, sort_keys=False)
     return out

@@ -7,13 +7,13 @@ these as loose dicts.
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Optional
 
 from fcit.errors import FcitError
 from fcit.eval.metrics import AccuracyMatrix
+from fcit.jsonio import read_json
 
 
 @dataclass
@@ -71,6 +71,7 @@ class RunResult:
     rounds: list[RoundLog]
     timing: dict[str, float]
     method_artifacts: dict[str, Any] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)  # e.g. a dataset on which every prediction was empty
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -83,6 +84,7 @@ class RunResult:
             "rounds": [r.to_dict() for r in self.rounds],
             "timing": self.timing,
             "method_artifacts": self.method_artifacts,
+            "warnings": self.warnings,
         }
 
     @classmethod
@@ -91,16 +93,15 @@ class RunResult:
             method=d["method"], scenario=d["scenario"], seed=int(d["seed"]),
             matrix=AccuracyMatrix.from_dict(d["matrix"]), summary=Summary.from_dict(d["summary"]),
             per_dataset=d["per_dataset"], rounds=[RoundLog.from_dict(r) for r in d["rounds"]],
-            timing=d["timing"], method_artifacts=d.get("method_artifacts", {}),
+            timing=d["timing"], method_artifacts=d.get("method_artifacts", {}), warnings=d.get("warnings", []),
         )
 
     @classmethod
     def load(cls, run_dir: Path) -> "RunResult":
         """The result of the finished run in ``run_dir`` (its ``metrics.json``)."""
         path = Path(run_dir) / "metrics.json"
+        data = read_json(path, "a finished run's metrics")
         try:
-            return cls.from_dict(json.loads(path.read_text()))
-        except FileNotFoundError:
-            raise FcitError(f"{run_dir}: no metrics.json (the run has not finished)") from None
-        except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
+            return cls.from_dict(data)
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise FcitError(f"{path}: damaged metrics file ({type(exc).__name__}: {exc})") from None

@@ -37,7 +37,7 @@ class Runtime:
         from fcit.models.backbone import load_backbone
 
         bench = open_benchmark(cfg, progress=progress)
-        model, processor = load_backbone(cfg.model.path, cfg.model.dtype)
+        model, processor = load_backbone(cfg.model.path, cfg.model.dtype, allow_missing=cfg.model.allow_missing)
         return cls(bench, model, processor)
 
     def fresh_model(self) -> torch.nn.Module:

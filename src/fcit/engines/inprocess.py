@@ -19,6 +19,7 @@ from fcit.engines.loop import TrainJob
 from fcit.methods.base import Method, StageInfo
 from fcit.models.inputs import Batcher
 from fcit.models.lora import State
+from fcit.training.guard import located
 from fcit.training.local import LocalResult
 
 
@@ -41,8 +42,9 @@ class InProcessTransport:
         out = {}
         for job in tqdm(jobs, desc="clients", leave=False, disable=not self.progress):
             c = job.client
-            out[c.client_id] = client_update(self.method, self.model, self.batcher, self.cfg, info, global_state,
-                                             job.plan, self.scenario.client_data(c.task, c.client_id), job.seed)
+            with located(f"stage {info.stage + 1} round {info.round + 1} client {c.client_id}"):
+                out[c.client_id] = client_update(self.method, self.model, self.batcher, self.cfg, info, global_state,
+                                                 job.plan, self.scenario.client_data(c.task, c.client_id), job.seed)
         return out
 
     def stage_end(self, info: StageInfo, clients: Sequence[Assignment], global_state: State,

@@ -9,7 +9,9 @@ method closes the stage. Engines differ only in how those messages travel, which
 * ``fcit.engines.flower.transport.FlowerTransport``: every client a Flower node (simulation or deployment).
 
 A transport may lose clients (a crashed node, a timeout): it leaves them out of its reply and reports why in
-``take_failures``; the round goes on while ``min_replies`` clients answered.
+``take_failures``; the round goes on while ``min_replies`` clients answered. Training that goes wrong is never a
+lost client: a non-finite loss or update, or a stage whose loss never moves, stops the run
+(``fcit.training.guard.TrainingDiverged``) naming stage, round and client.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from fcit.errors import FcitError
 from fcit.methods.base import Method, RoundPlan, StageInfo, Upload
 from fcit.models.lora import State, set_state, state_bytes
 from fcit.results import RoundLog
+from fcit.training.guard import check_stage_progress, check_update, in_round
 from fcit.training.local import LocalResult
 
 
@@ -97,6 +100,7 @@ class StageLoop:
             global_state, log, last = self.run_round(replace(info, round=r), global_state, known)
             logs.append(log)
             rounds.set_postfix(loss=f"{log.loss:.3f}")
+        check_stage_progress([log.loss for log in logs], f"stage {info.stage + 1}")
         return self.finish_stage(info, global_state, last), logs
 
     def run_round(self, info: StageInfo, global_state: State,
@@ -122,12 +126,15 @@ class StageLoop:
         self.timer.add("train", time.perf_counter() - t0)
         uploads = [Upload(i, replies[c.client_id]) for i, c in enumerate(active) if c.client_id in replies]
         self._check(len(uploads), len(clients), where)
-        t0 = time.perf_counter()
-        down = state_bytes(global_state) * len(jobs)
-        global_state = self.method.aggregate(info, plan, uploads, global_state)
-        self.timer.add("aggregation", time.perf_counter() - t0)
         done = [active[u.index] for u in uploads]
         results = [u.result for u in uploads]
+        for c, res in zip(done, results):
+            check_update(res.loss, res.state, f"{where} client {c.client_id}")
+        t0 = time.perf_counter()
+        down = state_bytes(global_state) * len(jobs)
+        with in_round(info.stage, info.round, [(c.client_id, r.num_samples) for c, r in zip(done, results)]):
+            global_state = self.method.aggregate(info, plan, uploads, global_state)
+        self.timer.add("aggregation", time.perf_counter() - t0)
         samples = [res.num_samples for res in results]
         log = RoundLog(
             stage=info.stage,
@@ -142,6 +149,7 @@ class StageLoop:
             dropped=[c.client_id for c in clients if c not in done],
             failures=self.transport.take_failures(),
         )
+        check_update(log.loss, global_state, f"{where} (aggregated)")
         return global_state, log, done
 
     def finish_stage(self, info: StageInfo, global_state: State, last: list[Assignment]) -> State:

@@ -9,8 +9,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Optional
 
+from fcit import rundir
 from fcit.config import Config
-from fcit.errors import FcitError
 from fcit.experiment import Experiment, default_run_dir
 from fcit.methods import build_method
 from fcit.methods.base import Kind
@@ -20,15 +20,17 @@ from fcit.runtime import Runtime
 
 def run(cfg: Config, run_dir: Path | None = None, runtime: Optional[Runtime] = None, progress: bool = True,
         resume: bool = False) -> tuple[Path, RunResult]:
+    """One run in ``run_dir`` (default: a new folder under ``cfg.out_dir``), held for this process alone (a lock,
+    ``status.json``; with ``resume`` the checkpoint is verified against ``cfg`` first)."""
     run_dir = Path(run_dir) if run_dir else default_run_dir(cfg, cfg.method.name)
-    if not resume and (run_dir / "metrics.json").exists():
-        raise FcitError(f"run directory {run_dir} already holds a finished run; pick another --out or --name")
-    engine = cfg.federation.engine
-    # Only the stage x round loop has clients to place; centralized and untrained methods run here.
-    if engine != "inprocess" and build_method(cfg).kind == Kind.FEDERATED:
-        from fcit.launch.flower import run_deployment, run_simulation
+    method = build_method(cfg)  # method params are checked before the run directory is touched
+    with rundir.open_run(run_dir, cfg, resume):
+        engine = cfg.federation.engine
+        # Only the stage x round loop has clients to place; centralized and untrained methods run here.
+        if engine != "inprocess" and method.kind == Kind.FEDERATED:
+            from fcit.launch.flower import run_deployment, run_simulation
 
-        launch = run_simulation if engine == "flower-sim" else run_deployment
-        return run_dir, launch(cfg, run_dir, resume=resume, progress=progress)
-    exp = Experiment(cfg, run_dir, runtime=runtime, progress=progress)
-    return run_dir, exp.run(resume=resume)
+            launch = run_simulation if engine == "flower-sim" else run_deployment
+            return run_dir, launch(cfg, run_dir, resume=resume, progress=progress)
+        exp = Experiment(cfg, run_dir, runtime=runtime, progress=progress)
+        return run_dir, exp.run(resume=resume)

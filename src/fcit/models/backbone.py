@@ -129,7 +129,23 @@ def resolve_model_path(path: str | None) -> Path:
     return p
 
 
-def load_backbone(path: str | None, dtype: str = "float32"):
+def check_loading_info(info: dict, path: Path, allow_missing: bool = False) -> None:
+    """A checkpoint whose weights do not cover the model's parameters would train a randomly initialised backbone
+    with no other sign than bad scores; refuse it unless ``model.allow_missing`` says it is meant."""
+    missing = sorted(info.get("missing_keys") or [])
+    mismatched = [k for k, *_ in info.get("mismatched_keys") or []]
+    if allow_missing or not (missing or mismatched):
+        return
+    keys = missing or mismatched
+    shown = ", ".join(keys[:3]) + (f" (+{len(keys) - 3} more)" if len(keys) > 3 else "")
+    unexpected = sorted(info.get("unexpected_keys") or [])
+    hint = f"; the file has {len(unexpected)} unexpected keys, e.g. {unexpected[0]} (misnamed?)" if unexpected else ""
+    what = "missing weights for" if missing else "weights of the wrong shape for"
+    raise FcitError(f"model.path: {path}: {what} {len(keys)} parameters: {shown}{hint}; "
+                    f"set model.allow_missing=true if a partial checkpoint is intended")
+
+
+def load_backbone(path: str | None, dtype: str = "float32", allow_missing: bool = False):
     """Load (model, processor) from a local directory with the generic Auto classes; never touches a hub."""
     from transformers import AutoModelForImageTextToText, AutoProcessor
     from transformers.utils import logging as hf_logging
@@ -138,9 +154,17 @@ def load_backbone(path: str | None, dtype: str = "float32"):
     p = resolve_model_path(path)
     try:
         processor = AutoProcessor.from_pretrained(p)
-        model = AutoModelForImageTextToText.from_pretrained(p, dtype=getattr(torch, dtype))
+        # Its multi-line load report would bury the one-line error check_loading_info gives for the same keys.
+        verbosity = hf_logging.get_verbosity()
+        hf_logging.set_verbosity_error()
+        try:
+            model, info = AutoModelForImageTextToText.from_pretrained(p, dtype=getattr(torch, dtype),
+                                                                      output_loading_info=True)
+        finally:
+            hf_logging.set_verbosity(verbosity)
     except Exception as exc:  # noqa: BLE001 - surface the first line of whatever HF raised
         raise FcitError(f"model.path: cannot load {p}: {str(exc).splitlines()[0]}") from None
+    check_loading_info(info, p, allow_missing)
     tok = processor.tokenizer
     if tok.pad_token_id is None:
         tok.pad_token = tok.unk_token or tok.eos_token

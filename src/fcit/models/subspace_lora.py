@@ -32,7 +32,6 @@ The forward has three modes, all driven by one routing context shared by every l
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import re
 import zlib
@@ -47,6 +46,7 @@ from torch import nn
 
 from fcit.errors import FcitError
 from fcit.models.lora import State
+from fcit.jsonio import write_json
 
 DEFAULT_TARGET = r".*language_model.*\.(gate_proj|up_proj|down_proj)"
 PROJECTOR = "multi_modal_projector"
@@ -402,5 +402,5 @@ def export_peft(
     save_file(tensors, str(out / "adapter_model.safetensors"), metadata={"format": "pt"})
     meta = {"subspaces": slots, "weights": [weights[i] for i in slots], "rank_per_subspace": rt.q,
             "scaling": rt.cfg.scaling}
-    (out / "fcit_subspaces.json").write_text(json.dumps(meta, indent=2))
+    write_json(out / "fcit_subspaces.json", meta, sort_keys=False)
     return out

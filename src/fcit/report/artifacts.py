@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from fcit.jsonio import write_json
 from fcit.methods.base import Artifacts
 from fcit.report.plots import heatmap
 
@@ -18,7 +18,7 @@ def write_artifacts(artifacts: Artifacts, run_dir: Path) -> dict[str, Any]:
     for rel, data in artifacts.files.items():
         path = Path(run_dir) / rel
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(data, indent=1))
+        write_json(path, data, indent=1, sort_keys=False)
         written.append(rel)
     for rel, h in artifacts.heatmaps.items():
         path = Path(run_dir) / rel

@@ -15,6 +15,7 @@ from fcit.data.records import Sample
 from fcit.models.inputs import Batcher
 from fcit.models.lora import State, get_state, set_state
 from fcit.training.losses import LossHook
+from fcit.training.guard import TrainingDiverged
 
 PROJECTOR = "multi_modal_projector"
 
@@ -92,6 +93,9 @@ def _train(model, batcher, start, samples, cfg, seed, loss_hook, epochs, progres
             loss = out.loss
             if loss_hook is not None:
                 loss = loss_hook(model, batch, loss, out)
+            if not torch.isfinite(loss.detach()):
+                # Stop at the first NaN step: every later step, and the upload, would only spread it.
+                raise TrainingDiverged(f"loss is {float(loss.detach())} at local step {steps + 1}; lower train.lr")
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
             opt.step()

@@ -26,6 +26,7 @@ from fcit.engines.flower.records import decode, encode
 from fcit.engines.loop import TrainJob
 from fcit.methods.base import StageInfo
 from fcit.models.lora import State
+from fcit.training.guard import TrainingDiverged
 from fcit.training.local import LocalResult
 
 HELLO_TIMEOUT = 120.0  # seconds a new node gets to say who it is
@@ -125,6 +126,9 @@ class FlowerTransport:
             if c is None:
                 continue
             if rep.has_error():
+                if TrainingDiverged.__name__ in rep.error.reason:
+                    # The client's training diverged: not a lost node but a run to stop, as in-process.
+                    raise TrainingDiverged(f"{what} client {c}: {rep.error.reason.strip().splitlines()[-1]}")
                 errored.add(c)
                 self._fail(c, what, f"error {rep.error.code}: {rep.error.reason}")
                 continue
