@@ -28,6 +28,7 @@ from fcit.federated.engine import InProcessEngine, Timer
 from fcit.methods import build_method
 from fcit.methods.base import Method, StageInfo
 from fcit.models.backbone import load_backbone
+from fcit.models.device import upcast_trainables
 from fcit.models.inputs import Batcher
 from fcit.models.lora import set_state
 from fcit.models.vision_cache import VisionFeatureCache
@@ -53,7 +54,7 @@ class Runtime:
         from fcit.data.loader import open_benchmark
 
         bench = open_benchmark(cfg, progress=progress)
-        model, processor = load_backbone(cfg.model.path, cfg.model.dtype)
+        model, processor = load_backbone(cfg.model.path, cfg.model.dtype, cfg.device, cfg.model.attn_implementation)
         return cls(bench, model, processor)
 
     def fresh_model(self) -> torch.nn.Module:
@@ -79,8 +80,10 @@ def prepare_model(cfg: Config, method: Method, base_model: torch.nn.Module, proc
     # Seeded, so that any adapter tensor the global state does not carry starts identical on every party.
     torch.manual_seed(cfg.seed)
     model = method.setup(base_model)
-    cache = VisionFeatureCache(model, cfg.model.vision_cache_mb) if cfg.model.vision_cache_mb > 0 else None
-    batcher = Batcher(model, processor, system_prompt=cfg.model.system_prompt, max_length=cfg.train.max_length)
+    upcast_trainables(model)  # a half-precision base trains fp32 adapters (no-op for float32)
+    cache = VisionFeatureCache(model, cfg.model.vision_cache_mb) if cfg.model.vision_cache_mb != 0 else None
+    batcher = Batcher(model, processor, system_prompt=cfg.model.system_prompt, max_length=cfg.train.max_length,
+                      cache_mb=cfg.model.vision_cache_mb)
     method.batcher = batcher
     method.bind(processor)
     return model, batcher, cache
@@ -108,6 +111,10 @@ class Experiment:
         self.scenario = Scenario(cfg.scenario, cfg.seed, self.rt.bench, partitions_root=cfg.data.partitions)
         base = self.rt.fresh_model() if runtime is not None else self.rt.base_model
         self.model, self.batcher, self.vision_cache = prepare_model(cfg, self.method, base, self.rt.processor)
+        # A max_length that cannot hold a prompt fails here, not in the middle of a stage.
+        sc = self.scenario
+        self.batcher.check_max_length([s for k in sorted({k for t in range(sc.num_stages) for k in sc.stage_tasks(t)})
+                                       for d in sc.tasks[k] for s in self.rt.bench.train(d)])
         self.timer = Timer()
         self._tests: dict[str, list] = {}
 

@@ -130,19 +130,29 @@ def resolve_model_path(path: str | None) -> Path:
     return p
 
 
-def load_backbone(path: str | None, dtype: str = "float32"):
-    """Load (model, processor) from a local directory with the generic Auto classes; never touches a hub."""
+def load_backbone(path: str | None, dtype: str = "float32", device: str = "cpu", attn_implementation: str = "sdpa"):
+    """Load (model, processor) from a local directory with the generic Auto classes onto ``device``; never touches
+    a hub. ``device`` is a config value (auto, cpu, cuda:N)."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from transformers import AutoModelForImageTextToText, AutoProcessor
     from transformers.utils import logging as hf_logging
 
+    from fcit.models.device import enable_tf32, resolve_device
+
     hf_logging.disable_progress_bar()
+    dev = resolve_device(device)
     p = resolve_model_path(path)
     try:
         processor = AutoProcessor.from_pretrained(p)
-        model = AutoModelForImageTextToText.from_pretrained(p, dtype=getattr(torch, dtype))
+        # device_map loads the weights straight onto the GPU: a 7B model never sits in host memory first.
+        placement = {"device_map": dev} if dev.type != "cpu" else {}
+        model = AutoModelForImageTextToText.from_pretrained(
+            p, dtype=getattr(torch, dtype), attn_implementation=attn_implementation, **placement
+        )
     except Exception as exc:  # noqa: BLE001 - surface the first line of whatever HF raised
         raise FcitError(f"model.path: cannot load {p}: {str(exc).splitlines()[0]}") from None
+    if dev.type == "cuda":
+        enable_tf32()
     tok = processor.tokenizer
     if tok.pad_token_id is None:
         tok.pad_token = tok.unk_token or tok.eos_token

@@ -50,7 +50,7 @@ class ClientRuntime:
 
         method = build_method(cfg)
         bench = open_benchmark(cfg, progress=False)
-        base, processor = load_backbone(cfg.model.path, cfg.model.dtype)
+        base, processor = load_backbone(cfg.model.path, cfg.model.dtype, cfg.device, cfg.model.attn_implementation)
         model, batcher, cache = prepare_model(cfg, method, base, processor)
         scenario = Scenario(cfg.scenario, cfg.seed, bench, partitions_root=cfg.data.partitions)
         return cls(cfg, model, method, batcher, scenario, cache)
