@@ -5,15 +5,17 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Optional, Sequence
 
 import torch
 
-from fcit.config import TrainConfig
 from fcit.data.records import Sample
 from fcit.models.device import autocast_for, base_dtype, enable_gradient_checkpointing, model_device
 from fcit.models.inputs import IGNORE, Batcher
 from fcit.models.lora import State, get_state, set_state
+
+if TYPE_CHECKING:  # the GPU benchmark imports this module where pydantic is not installed
+    from fcit.config import TrainConfig
 
 PROJECTOR = "multi_modal_projector"
 

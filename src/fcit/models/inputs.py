@@ -5,7 +5,6 @@ from __future__ import annotations
 from typing import Optional, Sequence
 
 import torch
-from PIL import Image
 
 from fcit.data.records import Sample
 from fcit.errors import FcitError
@@ -65,6 +64,7 @@ class Batcher:
         else:
             self._template_owner = None
         self._special = set(self.tok.all_special_ids)
+        self._given: dict[str, dict[str, torch.Tensor]] = {}
         self._cache = TensorLRU(0 if not cache_images else default_cache_mb() if cache_mb is None else cache_mb)
         ip = processor.image_processor
         size = getattr(ip, "crop_size", None) or ip.size
@@ -159,11 +159,19 @@ class Batcher:
         return longest
 
     # ---- images -----------------------------------------------------------------------------------------------
-    def load_image(self, path: str) -> dict[str, torch.Tensor]:
+    def load_image(self, path: str) -> torch.Tensor:
+        """One image's pixel tensor (C, H, W), as LLaVA's processor makes it."""
+        return self.image_outputs(path)["pixel_values"][0]
+
+    def image_outputs(self, path: str) -> dict[str, torch.Tensor]:
         """The image processor's outputs for one image (each with a leading image/patch dimension), on the CPU."""
+        if path in self._given:
+            return self._given[path]
         hit = self._cache.get(path) if self._cache.enabled else None
         if hit is not None:
             return hit
+        from PIL import Image  # here, so that text and pre-processed inputs need no Pillow
+
         try:
             with Image.open(path) as im:
                 im = im.convert("RGB")
@@ -181,8 +189,12 @@ class Batcher:
             self._cache.put(path, feats)
         return feats
 
+    def give_image(self, path: str, outputs: dict[str, torch.Tensor]) -> None:
+        """Use these image-processor outputs for ``path`` instead of reading the file (pre-processed images)."""
+        self._given[path] = outputs
+
     def _images(self, samples: Sequence[Sample]) -> dict[str, torch.Tensor]:
-        outs = [self.load_image(s.image) for s in samples if s.image]
+        outs = [self.image_outputs(s.image) for s in samples if s.image]
         if not outs:
             return {}
         dev, dt = model_device(self.model), base_dtype(self.model)
@@ -191,6 +203,9 @@ class Batcher:
             t = torch.cat([o[k] for o in outs])
             batch[k] = t.to(dev, dt) if t.is_floating_point() else t.to(dev)
         return batch
+
+    def _pixels(self, samples: Sequence[Sample]) -> Optional[torch.Tensor]:
+        return self._images(samples).get("pixel_values")
 
     def _to_device(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         dev = model_device(self.model)
