@@ -12,7 +12,7 @@ from fcit.errors import FcitError
 
 def _config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="YAML or JSON config file")
-    p.add_argument("--preset", default="default", help="named preset the file and overrides apply on (default, smoke)")
+    p.add_argument("--preset", default="default", help="named preset the file and overrides apply on (default, smoke, llava-1.5-7b)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override any config key, e.g. --set scenario.beta=0.5 (repeatable)")
     p.add_argument("--seed", type=int, help="shorthand for --set seed=N")

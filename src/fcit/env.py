@@ -13,6 +13,9 @@ import contextlib
 import os
 from typing import Iterator
 
+# A device a run may ask for: auto (a GPU when one is visible, else the CPU), cpu, cuda or cuda:N.
+DEVICE_PATTERN = r"^(auto|cpu|cuda(:\d+)?)$"
+
 OFFLINE = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_NO_ADVISORY_WARNINGS": "1"}
 FLOWER = {"FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1", "FLWR_TELEMETRY_ENABLED": "0",
           "FLWR_DISABLE_UPDATE_CHECK": "1"}

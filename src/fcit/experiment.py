@@ -66,6 +66,10 @@ class Experiment:
         validate_scenario(self.rt.bench, self.scenario)  # a bad file of the last stage fails before stage 1
         prepared = prepare_model(cfg, self.method, base, self.rt.processor)
         self.model, self.batcher, self.vision_cache = prepared.model, prepared.batcher, prepared.vision_cache
+        # A max_length that cannot hold a prompt fails here, not in the middle of a stage.
+        sc = self.scenario
+        self.batcher.check_max_length([s for k in sorted({k for t in range(sc.num_stages) for k in sc.stage_tasks(t)})
+                                       for d in sc.tasks[k] for s in self.rt.bench.train(d)])
         self.transport: Transport = transport or InProcessTransport(cfg, self.model, self.batcher, self.scenario,
                                                                     self.method, progress=progress)
         self.timer = Timer()

@@ -15,6 +15,7 @@ import torch
 
 from fcit.config import Config
 from fcit.methods.base import Method
+from fcit.models.device import upcast_trainables
 from fcit.models.inputs import Batcher
 from fcit.models.vision_cache import VisionFeatureCache
 
@@ -37,7 +38,8 @@ class Runtime:
         from fcit.models.backbone import load_backbone
 
         bench = open_benchmark(cfg, progress=progress)
-        model, processor = load_backbone(cfg.model.path, cfg.model.dtype, allow_missing=cfg.model.allow_missing)
+        model, processor = load_backbone(cfg.model.path, cfg.model.dtype, cfg.device, cfg.model.attn_implementation,
+                                         allow_missing=cfg.model.allow_missing)
         return cls(bench, model, processor)
 
     def fresh_model(self) -> torch.nn.Module:
@@ -57,7 +59,9 @@ def prepare_model(cfg: Config, method: Method, base_model: torch.nn.Module, proc
     # Seeded, so that any adapter tensor the global state does not carry starts identical on every party.
     torch.manual_seed(cfg.seed)
     model = method.setup(base_model)
-    cache = VisionFeatureCache(model, cfg.model.vision_cache_mb) if cfg.model.vision_cache_mb > 0 else None
-    batcher = Batcher(model, processor, system_prompt=cfg.model.system_prompt, max_length=cfg.train.max_length)
+    upcast_trainables(model)  # a half-precision base trains fp32 adapters (no-op for float32)
+    cache = VisionFeatureCache(model, cfg.model.vision_cache_mb) if cfg.model.vision_cache_mb != 0 else None
+    batcher = Batcher(model, processor, system_prompt=cfg.model.system_prompt, max_length=cfg.train.max_length,
+                      cache_mb=cfg.model.vision_cache_mb)
     method.bind(processor, batcher)
     return PreparedModel(model, batcher, cache)

@@ -7,6 +7,7 @@ from typing import Callable, Optional, Sequence
 import torch
 
 from fcit.data.records import Sample
+from fcit.models.device import autocast_for
 from fcit.models.inputs import Batcher
 
 
@@ -27,7 +28,8 @@ def generate(
     for i in range(0, len(order), batch_size):
         idx = order[i : i + batch_size]
         batch = batcher.prompt_batch([samples[j] for j in idx])
-        gen = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1)
+        with autocast_for(model):
+            gen = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1)
         texts = batcher.decode(gen[:, batch["input_ids"].shape[1] :])
         preds.update(zip(idx, texts))
         if progress is not None:

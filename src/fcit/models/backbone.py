@@ -145,26 +145,36 @@ def check_loading_info(info: dict, path: Path, allow_missing: bool = False) -> N
                     f"set model.allow_missing=true if a partial checkpoint is intended")
 
 
-def load_backbone(path: str | None, dtype: str = "float32", allow_missing: bool = False):
-    """Load (model, processor) from a local directory with the generic Auto classes; never touches a hub."""
+def load_backbone(path: str | None, dtype: str = "float32", device: str = "cpu", attn_implementation: str = "sdpa",
+                  allow_missing: bool = False):
+    """Load (model, processor) from a local directory with the generic Auto classes onto ``device``; never touches
+    a hub. ``device`` is a config value (auto, cpu, cuda:N)."""
     from transformers import AutoModelForImageTextToText, AutoProcessor
     from transformers.utils import logging as hf_logging
 
+    from fcit.models.device import enable_tf32, resolve_device
+
     hf_logging.disable_progress_bar()
+    dev = resolve_device(device)
     p = resolve_model_path(path)
     try:
         processor = AutoProcessor.from_pretrained(p)
         # Its multi-line load report would bury the one-line error check_loading_info gives for the same keys.
         verbosity = hf_logging.get_verbosity()
         hf_logging.set_verbosity_error()
+        # device_map loads the weights straight onto the GPU: a 7B model never sits in host memory first.
+        placement = {"device_map": dev} if dev.type != "cpu" else {}
         try:
-            model, info = AutoModelForImageTextToText.from_pretrained(p, dtype=getattr(torch, dtype),
-                                                                      output_loading_info=True)
+            model, info = AutoModelForImageTextToText.from_pretrained(
+                p, dtype=getattr(torch, dtype), attn_implementation=attn_implementation, output_loading_info=True,
+                **placement)
         finally:
             hf_logging.set_verbosity(verbosity)
     except Exception as exc:  # noqa: BLE001 - surface the first line of whatever HF raised
         raise FcitError(f"model.path: cannot load {p}: {str(exc).splitlines()[0]}") from None
     check_loading_info(info, p, allow_missing)
+    if dev.type == "cuda":
+        enable_tf32()
     tok = processor.tokenizer
     if tok.pad_token_id is None:
         tok.pad_token = tok.unk_token or tok.eos_token

@@ -1,16 +1,19 @@
-"""Turning ``Sample`` objects into model batches: the LLaVA-1.5 prompt, loss masks and cached image tensors."""
+"""Turning ``Sample`` objects into model batches: the prompt template, loss masks and cached image tensors."""
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
-from PIL import Image
 
 from fcit.data.records import Sample
 from fcit.errors import FcitError
+from fcit.models.cache import TensorLRU
+from fcit.models.device import base_dtype, default_cache_mb, model_device
 
 IGNORE = -100
+# Text tokens a derived max_length leaves beside the template and the image: every FCIT question + answer fits.
+TEXT_BUDGET = 256
 
 
 def num_image_tokens(model) -> int:
@@ -24,30 +27,81 @@ def num_image_tokens(model) -> int:
     return n if cfg.vision_feature_select_strategy == "default" else n + 1
 
 
-class Batcher:
-    """Builds training and generation batches with the vicuna_v1 template LLaVA-1.5 was trained with.
+def _max_positions(model) -> Optional[int]:
+    cfg = model.config
+    text = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+    n = getattr(text, "max_position_embeddings", None)
+    return int(n) if n else None
 
-    Prompt: ``{system} USER: <image>\\n{question} ASSISTANT:`` and target `` {answer}</s>``; only target tokens carry
-    loss (reference 1.1). Images are padded to a square with the processor's mean colour, as LLaVA-1.5's ``pad`` mode
-    does, and their tensors are cached by path because every client revisits its images each round.
+
+class Batcher:
+    """Builds training and generation batches in the checkpoint's own prompt format.
+
+    A checkpoint with a chat template (``llava-hf/llava-1.5-7b-hf`` has one) is prompted through it; one without
+    (the embedded model) gets the vicuna_v1 form LLaVA-1.5 was trained with: ``{system} USER: <image>\\n{question}
+    ASSISTANT:`` and target `` {answer}</s>``. Only target tokens carry loss (reference 1.1). Images are padded to a
+    square with the processor's mean colour, as LLaVA-1.5's ``pad`` mode does, and the processor's outputs are cached
+    by path (LRU, ``cache_mb``) because every client revisits its images each round. Batches live on the model's
+    device; pixels are in the backbone's dtype.
+
+    ``max_length`` None derives the budget from the checkpoint: template + image tokens + ``TEXT_BUDGET``, capped at
+    the language model's positions. A prompt never gets cut (that would cut image tokens or the template);
+    ``check_max_length`` rejects a budget too small for the longest prompt, and over-long answers lose their end.
     """
 
-    def __init__(self, model, processor, system_prompt: str = "", max_length: int = 256, cache_images: bool = True):
+    def __init__(self, model, processor, system_prompt: str = "", max_length: Optional[int] = None,
+                 cache_images: bool = True, cache_mb: Optional[float] = None):
+        self.model = model
         self.processor = processor
         self.tok = processor.tokenizer
         self.image_token = getattr(processor, "image_token", "<image>")
         self.n_img = num_image_tokens(model)
         self.system = system_prompt.strip()
-        self.max_length = max_length
-        self._cache: dict[str, torch.Tensor] | None = {} if cache_images else None
+        if getattr(processor, "chat_template", None):
+            self._template_owner = processor
+        elif getattr(self.tok, "chat_template", None):
+            self._template_owner = self.tok
+        else:
+            self._template_owner = None
+        self._special = set(self.tok.all_special_ids)
+        self._given: dict[str, dict[str, torch.Tensor]] = {}
+        self._cache = TensorLRU(0 if not cache_images else default_cache_mb() if cache_mb is None else cache_mb)
         ip = processor.image_processor
         size = getattr(ip, "crop_size", None) or ip.size
         self.image_hw = (size.get("height") or size["shortest_edge"], size.get("width") or size["shortest_edge"])
         mean = getattr(ip, "image_mean", None) or [0.5, 0.5, 0.5]
         self.pad_colour = tuple(int(255 * m) for m in mean)
+        self.max_length = self.derived_max_length() if max_length is None else int(max_length)
 
     # ---- text -------------------------------------------------------------------------------------------------
+    @property
+    def uses_chat_template(self) -> bool:
+        return self._template_owner is not None
+
+    def _messages(self, s: Sample, answer: Optional[str] = None) -> list[dict]:
+        msgs: list[dict] = []
+        if self.system:
+            msgs.append({"role": "system", "content": [{"type": "text", "text": self.system}]})
+        user = ([{"type": "image"}] if s.image else []) + [{"type": "text", "text": s.prompt}]
+        msgs.append({"role": "user", "content": user})
+        if answer is not None:
+            msgs.append({"role": "assistant", "content": [{"type": "text", "text": answer}]})
+        if self._template_owner is self.tok:
+            # A tokenizer's template takes plain strings; the image placeholder goes where LLaVA puts it.
+            for m in msgs:
+                m["content"] = "".join(c["text"] if c["type"] == "text" else self.image_token + "\n"
+                                       for c in m["content"])
+        return msgs
+
+    def _render(self, s: Sample, answer: Optional[str] = None) -> str:
+        return self._template_owner.apply_chat_template(
+            self._messages(s, answer), add_generation_prompt=answer is None, tokenize=False
+        )
+
     def prefix(self, s: Sample) -> str:
+        if self._template_owner is not None:
+            text = self._render(s)
+            return text.replace(self.image_token, self.image_token * self.n_img, 1) if s.image else text
         img = (self.image_token * self.n_img + "\n") if s.image else ""
         head = f"{self.system} " if self.system else ""
         return f"{head}USER: {img}{s.prompt} ASSISTANT:"
@@ -55,10 +109,69 @@ class Batcher:
     def _ids(self, text: str) -> list[int]:
         return self.tok(text, add_special_tokens=False)["input_ids"]
 
+    def prompt_ids(self, s: Sample) -> list[int]:
+        text = self.prefix(s)
+        bos = self.tok.bos_token
+        # As the tokenizer's own add_special_tokens would, unless the template already wrote it.
+        head = [self.tok.bos_token_id] if bos is not None and not text.startswith(bos) else []
+        return head + self._ids(text)
+
+    def target_ids(self, s: Sample) -> list[int]:
+        """The answer and the end of the assistant's turn: exactly the tokens that carry loss."""
+        eos = self.tok.eos_token_id
+        if self._template_owner is None:
+            return self._ids(" " + s.answer) + [eos]
+        prompt, full = self._render(s), self._render(s, s.answer)
+        # Trailing white space after the end-of-turn token is formatting, not something to generate.
+        suffix = full[len(prompt):].rstrip() if full.startswith(prompt) else " " + s.answer
+        ids = self._ids(suffix)
+        if not ids or ids[-1] not in self._special:
+            ids.append(eos)  # a template without an end-of-turn token: the model must still learn to stop
+        return ids
+
+    # ---- sequence length --------------------------------------------------------------------------------------
+    def derived_max_length(self) -> int:
+        head = len(self.prompt_ids(Sample("", "", "image", "", "")))
+        n = head + TEXT_BUDGET
+        cap = _max_positions(self.model)
+        return min(n, cap) if cap else n
+
+    def check_max_length(self, samples: Sequence[Sample]) -> int:
+        """Raise a one-line config error if a prompt (template and image tokens included) plus one answer token
+        does not fit ``max_length``; returns the longest prompt's length. Call it before any training."""
+        longest, worst = 0, None
+        for i in range(0, len(samples), 1024):
+            chunk = samples[i : i + 1024]
+            texts = [self.prefix(s) for s in chunk]
+            # One batched call: the fast tokenizer does the whole training set in about a second.
+            ids = self.tok(texts, add_special_tokens=False)["input_ids"]
+            bos = self.tok.bos_token
+            for s, t, row in zip(chunk, texts, ids):
+                n = len(row) + (1 if bos is not None and not t.startswith(bos) else 0)
+                if n > longest:
+                    longest, worst = n, s
+        if worst is not None and longest + 1 > self.max_length:
+            raise FcitError(
+                f"config: train.max_length: {self.max_length} tokens cannot hold the prompt of "
+                f"{worst.dataset}/{worst.id} ({longest} tokens, {self.n_img if worst.image else 0} of them image "
+                f"tokens) plus one answer token; raise it or leave it unset to derive it"
+            )
+        return longest
+
     # ---- images -----------------------------------------------------------------------------------------------
     def load_image(self, path: str) -> torch.Tensor:
-        if self._cache is not None and path in self._cache:
-            return self._cache[path]
+        """One image's pixel tensor (C, H, W), as LLaVA's processor makes it."""
+        return self.image_outputs(path)["pixel_values"][0]
+
+    def image_outputs(self, path: str) -> dict[str, torch.Tensor]:
+        """The image processor's outputs for one image (each with a leading image/patch dimension), on the CPU."""
+        if path in self._given:
+            return self._given[path]
+        hit = self._cache.get(path) if self._cache.enabled else None
+        if hit is not None:
+            return hit
+        from PIL import Image  # here, so that text and pre-processed inputs need no Pillow
+
         try:
             with Image.open(path) as im:
                 im = im.convert("RGB")
@@ -70,27 +183,46 @@ class Batcher:
             sq = Image.new("RGB", (side, side), self.pad_colour)
             sq.paste(im, ((side - w) // 2, (side - h) // 2))
             im = sq
-        px = self.processor.image_processor(images=[im], return_tensors="pt")["pixel_values"][0]
-        if self._cache is not None:
-            self._cache[path] = px
-        return px
+        out = self.processor.image_processor(images=[im], return_tensors="pt")
+        feats = {k: v for k, v in out.items() if isinstance(v, torch.Tensor)}
+        if self._cache.enabled:
+            self._cache.put(path, feats)
+        return feats
 
-    def _pixels(self, samples: Sequence[Sample]) -> torch.Tensor | None:
-        imgs = [self.load_image(s.image) for s in samples if s.image]
-        return torch.stack(imgs) if imgs else None
+    def give_image(self, path: str, outputs: dict[str, torch.Tensor]) -> None:
+        """Use these image-processor outputs for ``path`` instead of reading the file (pre-processed images)."""
+        self._given[path] = outputs
+
+    def _images(self, samples: Sequence[Sample]) -> dict[str, torch.Tensor]:
+        outs = [self.image_outputs(s.image) for s in samples if s.image]
+        if not outs:
+            return {}
+        dev, dt = model_device(self.model), base_dtype(self.model)
+        batch = {}
+        for k in outs[0]:
+            t = torch.cat([o[k] for o in outs])
+            batch[k] = t.to(dev, dt) if t.is_floating_point() else t.to(dev)
+        return batch
+
+    def _pixels(self, samples: Sequence[Sample]) -> Optional[torch.Tensor]:
+        return self._images(samples).get("pixel_values")
+
+    def _to_device(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        dev = model_device(self.model)
+        return {k: v.to(dev) for k, v in batch.items()}
 
     # ---- batches ----------------------------------------------------------------------------------------------
     def train_batch(self, samples: Sequence[Sample]) -> dict[str, torch.Tensor]:
-        """Right-padded ids with labels masked to the answer; over-long prompts are cut from the question's end."""
+        """Right-padded ids with labels masked to the answer; an over-long answer is cut at its end."""
         rows, labels = [], []
-        bos = [self.tok.bos_token_id] if self.tok.bos_token_id is not None else []
         for s in samples:
-            p = bos + self._ids(self.prefix(s))
-            a = self._ids(" " + s.answer) + [self.tok.eos_token_id]
-            p = p[: max(self.max_length - len(a), self.n_img + len(bos) + 1)]
-            ids = (p + a)[: self.max_length]
-            rows.append(ids)
-            labels.append(([IGNORE] * len(p) + a)[: self.max_length])
+            p = self.prompt_ids(s)
+            room = self.max_length - len(p)
+            if room < 1:
+                self.check_max_length([s])
+            a = self.target_ids(s)[:room]
+            rows.append(p + a)
+            labels.append([IGNORE] * len(p) + a)
         width = max(map(len, rows))
         pad = self.tok.pad_token_id
         batch = {
@@ -98,24 +230,21 @@ class Batcher:
             "attention_mask": torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows]),
             "labels": torch.tensor([lb + [IGNORE] * (width - len(lb)) for lb in labels]),
         }
-        px = self._pixels(samples)
-        if px is not None:
-            batch["pixel_values"] = px
+        batch = self._to_device(batch)
+        batch.update(self._images(samples))
         return batch
 
     def prompt_batch(self, samples: Sequence[Sample]) -> dict[str, torch.Tensor]:
         """Left-padded prompts for batched greedy generation."""
-        bos = [self.tok.bos_token_id] if self.tok.bos_token_id is not None else []
-        rows = [bos + self._ids(self.prefix(s)) for s in samples]
+        rows = [self.prompt_ids(s) for s in samples]
         width = max(map(len, rows))
         pad = self.tok.pad_token_id
         batch = {
             "input_ids": torch.tensor([[pad] * (width - len(r)) + r for r in rows]),
             "attention_mask": torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows]),
         }
-        px = self._pixels(samples)
-        if px is not None:
-            batch["pixel_values"] = px
+        batch = self._to_device(batch)
+        batch.update(self._images(samples))
         return batch
 
     def decode(self, ids: torch.Tensor) -> list[str]:

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import warnings
+from typing import TYPE_CHECKING
 
 import torch
 
-from fcit.config import ModelConfig
+if TYPE_CHECKING:  # the GPU benchmark imports this module where pydantic is not installed
+    from fcit.config import ModelConfig
 
 # PEFT 0.21 asks transformers 5 for a renamed attribute on every wrap; the warning says nothing to a user of fcit.
 warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)

@@ -6,18 +6,22 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass
-from typing import Callable, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Optional, Sequence
 
 import torch
 
-from fcit.config import TrainConfig
 from fcit.data.records import Sample
-from fcit.models.inputs import Batcher
+from fcit.models.device import autocast_for, base_dtype, enable_gradient_checkpointing, model_device
+from fcit.models.inputs import IGNORE, Batcher
 from fcit.models.lora import State, get_state, set_state
 from fcit.training.losses import LossHook
 from fcit.training.guard import TrainingDiverged
 
+if TYPE_CHECKING:  # the GPU benchmark imports this module where pydantic is not installed
+    from fcit.config import TrainConfig
+
 PROJECTOR = "multi_modal_projector"
+
 
 @dataclass
 class LocalResult:
@@ -83,25 +87,42 @@ def _train(model, batcher, start, samples, cfg, seed, loss_hook, epochs, progres
     opt = torch.optim.AdamW([g for g in groups if g["params"]], weight_decay=cfg.weight_decay, betas=(0.9, 0.999))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _schedule(total, cfg.warmup_ratio))
     gen = torch.Generator().manual_seed(seed)
+    if cfg.gradient_checkpointing:
+        enable_gradient_checkpointing(model)
+    micro = min(cfg.micro_batch_size or bs, bs)
+    # fp16 gradients underflow without loss scaling; disabled (a pass-through) for bf16 and fp32.
+    scaler = torch.amp.GradScaler(model_device(model).type, enabled=base_dtype(model) == torch.float16)
     model.train()
     loss_sum, steps = 0.0, 0
     for _ in range(epochs):
         order = torch.randperm(len(samples), generator=gen).tolist()
         for i in range(0, len(order), bs):
-            batch = batcher.train_batch([samples[j] for j in order[i : i + bs]])
-            out = model(**batch)
-            loss = out.loss
-            if loss_hook is not None:
-                loss = loss_hook(model, batch, loss, out)
-            if not torch.isfinite(loss.detach()):
-                # Stop at the first NaN step: every later step, and the upload, would only spread it.
-                raise TrainingDiverged(f"loss is {float(loss.detach())} at local step {steps + 1}; lower train.lr")
-            loss.backward()
+            chosen = [samples[j] for j in order[i : i + bs]]
+            parts = [batcher.train_batch(chosen[k : k + micro]) for k in range(0, len(chosen), micro)]
+            step_loss = 0.0
+            for batch in parts:
+                with autocast_for(model):
+                    out = model(**batch)
+                    loss = out.loss
+                    if loss_hook is not None:
+                        loss = loss_hook(model, batch, loss, out)
+                if not torch.isfinite(loss.detach()):
+                    # Stop at the first NaN step: every later step, and the upload, would only spread it.
+                    raise TrainingDiverged(f"loss is {float(loss.detach())} at local step {steps + 1}; lower train.lr")
+                if len(parts) > 1:
+                    # The model's loss is a mean over a micro-batch's answer tokens; weighting it by its share of
+                    # the whole batch's answer tokens makes the accumulated gradient the full batch's.
+                    loss = loss * (_answer_tokens(batch) / sum(_answer_tokens(b) for b in parts))
+                scaler.scale(loss).backward()
+                step_loss += float(loss.detach())
+                del out, loss  # a 7B model's fp32 logits are over a GiB: free them before the next micro-batch
+            scaler.unscale_(opt)
             torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
-            opt.step()
+            scaler.step(opt)
+            scaler.update()
             sched.step()
             opt.zero_grad(set_to_none=True)
-            loss_sum += float(loss.detach())
+            loss_sum += step_loss
             steps += 1
             if progress is not None:
                 progress(1)
@@ -113,3 +134,8 @@ def _train(model, batcher, start, samples, cfg, seed, loss_hook, epochs, progres
         steps=steps,
         seconds=time.perf_counter() - t0,
     )
+
+
+def _answer_tokens(batch: dict) -> int:
+    # Causal LM loss predicts position t+1 from t: the first label never counts.
+    return int((batch["labels"][:, 1:] != IGNORE).sum())

@@ -1,0 +1,99 @@
+"""Where the model runs and in which precision: device resolution, mixed precision, activation checkpointing.
+
+The float32 default runs exactly the computation it always ran: no autocast, no casts. Half-precision bases keep
+their trainable tensors in fp32 (AdamW on bf16 weights loses most small updates) and compute under autocast.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+
+import torch
+
+from fcit.env import DEVICE_PATTERN
+from fcit.errors import FcitError
+
+
+def resolve_device(spec: str) -> torch.device:
+    """``auto`` = the first visible GPU, else the CPU; ``cuda[:N]`` must be visible."""
+    if not re.match(DEVICE_PATTERN, spec):
+        raise FcitError(f"config: device: expected auto, cpu, cuda or cuda:N (got {spec!r})")
+    if spec == "auto":
+        return torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(spec)
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise FcitError(f"config: device: {spec} requested but no CUDA device is visible")
+        if (dev.index or 0) >= torch.cuda.device_count():
+            raise FcitError(f"config: device: {spec} requested but only {torch.cuda.device_count()} CUDA device(s)")
+    return dev
+
+
+def enable_tf32() -> None:
+    # The reference trains with --tf32 True; fp32 matmuls that remain (the fp32 LoRA path) get tensor cores.
+    torch.set_float32_matmul_precision("high")
+    torch.backends.cudnn.allow_tf32 = True
+
+
+def default_cache_mb() -> float:
+    """min(2048 MB, 5% of physical RAM): large enough for every embedded image, small next to a 7B run's host."""
+    try:
+        ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return 2048.0
+    return float(min(2048.0, 0.05 * ram / 2**20))
+
+
+def model_device(model: torch.nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+def base_dtype(model: torch.nn.Module) -> torch.dtype:
+    """The frozen backbone's dtype (trainable tensors may have been upcast to fp32)."""
+    first = None
+    for p in model.parameters():
+        if not p.is_floating_point():
+            continue
+        if not p.requires_grad:
+            return p.dtype
+        first = first or p.dtype
+    return first or torch.float32
+
+
+def autocast_for(model: torch.nn.Module):
+    """Autocast to the base dtype for a half-precision backbone; a no-op context for float32."""
+    dt = base_dtype(model)
+    if dt == torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=model_device(model).type, dtype=dt)
+
+
+def upcast_trainables(model: torch.nn.Module) -> int:
+    """Cast every trainable tensor (adapters, projector) of a half-precision model to fp32; returns how many."""
+    n = 0
+    for p in model.parameters():
+        if p.requires_grad and p.is_floating_point() and p.dtype != torch.float32:
+            p.data = p.data.float()
+            n += 1
+    return n
+
+
+def enable_gradient_checkpointing(model: torch.nn.Module) -> None:
+    """HF activation checkpointing (non-reentrant) plus inputs that require grad, as PEFT's own recipe does.
+
+    Idempotent: a model shared by every simulated client is prepared once.
+    """
+    if getattr(model, "_fcit_checkpointing", False):
+        return
+    kwargs = {"use_reentrant": False}
+    # transformers >= 5.20 renamed the method; older 5.x (the GPU machines' 5.17) only has the first name.
+    enable = getattr(model, "activation_checkpointing_enable", None)
+    if enable is not None:
+        enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    # With a frozen embedding the checkpointed segments' inputs carry no grad; PEFT enables this for the same reason.
+    model.enable_input_require_grads()
+    model._fcit_checkpointing = True
