@@ -213,7 +213,7 @@ def test_fedprox_follows_what_trains_between_clients():
 
 def test_build_with_unset_server_lr_picks_per_optimizer_default():
     class Cfg:  # a FederationConfig that allows server_lr = None
-        server_lr, beta1, beta2, tau = None, 0.9, 0.99, 1e-3
+        server_lr, beta1, beta2, adaptivity = None, 0.9, 0.99, 1e-3
 
     for name, lr in (("fedavgm", 1.0), ("fedadam", 1e-3), ("fedyogi", 1e-3)):
         c = Cfg()
