@@ -38,8 +38,8 @@ import torch  # noqa: E402
 # Kept equal to fcit.config's LoraConfig().target and LLAVA_SYSTEM (tests/test_gpu_path.py checks): fcit.config
 # needs pydantic, which the GPU machines do not have.
 FFN_TARGET = r".*language_model.*\.(gate_proj|up_proj|down_proj)"
-LLAVA_SYSTEM = ("A chat between a curious human and an artificial intelligence assistant. The assistant gives "
-                "helpful, detailed, and polite answers to the human's questions.")
+LLAVA_SYSTEM = ("A chat between a curious user and an artificial intelligence assistant. The assistant gives "
+                "helpful, detailed, and polite answers to the user's questions.")
 
 FULL = dict(image=336, patch=14, v_hidden=1024, v_layers=24, v_heads=16, v_inter=4096, hidden=4096, layers=32,
             heads=32, inter=11008, vocab=32064, positions=4096, micro=(4, 8, 16), batch=32, gen_batch=64,

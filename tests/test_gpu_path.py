@@ -281,4 +281,4 @@ def test_llava_preset_needs_a_model_directory(tmp_path):
     assert (lc.r, lc.alpha, lc.dropout) == (64, 128.0, 0.05) and cfg.model.dtype == "bfloat16"
     assert (t.lr, t.batch_size, t.local_epochs, t.warmup_ratio, t.gradient_checkpointing) == (2e-4, 128, 1, 0.03, True)
     assert t.micro_batch_size < t.batch_size and cfg.eval.max_new_tokens == 128 and cfg.device == "auto"
-    assert cfg.model.system_prompt.startswith("A chat between a curious human")
+    assert cfg.model.system_prompt.startswith("A chat between a curious user")

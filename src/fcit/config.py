@@ -185,9 +185,9 @@ class Config(_Strict):
         return v
 
 
-# LLaVA-1.5's vicuna_v1 system sentence (the reference trains and evaluates with it).
-LLAVA_SYSTEM = ("A chat between a curious human and an artificial intelligence assistant. The assistant gives "
-                "helpful, detailed, and polite answers to the human's questions.")
+# LLaVA-1.5's vicuna_v1 system sentence (conv_vicuna_v1; the reference trains and evaluates with it, section 1.1).
+LLAVA_SYSTEM = ("A chat between a curious user and an artificial intelligence assistant. The assistant gives "
+                "helpful, detailed, and polite answers to the user's questions.")
 
 # Presets are overrides on top of the defaults above, so the defaults stay the single source of truth.
 PRESETS: dict[str, dict[str, Any]] = {
