@@ -9,11 +9,12 @@ from fcit.eval.evaluate import generate
 from fcit.training.local import local_train
 from fcit.models.inputs import Batcher
 from fcit.models.lora import get_state, trainable_names
+from fcit.models.fused_lora import set_fused
+from fcit.models.peft_export import export_peft
 from fcit.models.subspace_lora import (
     SubspaceLinear,
     SubspaceLoraConfig,
     attach_subspace_lora,
-    export_peft,
     gated,
     set_active,
     split_state,
@@ -71,10 +72,16 @@ def test_e1_is_bit_identical_to_peft_lora(micro_backbone, micro_samples):
             layer.lora_A[0].copy_(pparams[f"base_model.model.{name}.lora_A.default.weight"])
             layer.lora_B[0].copy_(pparams[f"base_model.model.{name}.lora_B.default.weight"])
     batch = Batcher(ours, processor).train_batch(micro_samples[:3])
+    # The reference forward on both sides: the same ops in the same order.
+    set_fused(peft_model, False)
+    set_fused(ours, False)
     with torch.no_grad():
         ref = peft_model(**batch)
         out = ours(**batch)
         assert torch.equal(out.logits, ref.logits)
+        # the default fused forward (one addmm per layer) agrees to float rounding
+        set_fused(ours, True)
+        assert (ours(**batch).logits - ref.logits).abs().max() < 1e-5
         # the fused gated path with g = 1 is the same computation
         with gated(ours, [1.0]):
             assert (ours(**batch).logits - ref.logits).abs().max() < 1e-6

@@ -104,6 +104,9 @@ class TrainConfig(_Strict):
     micro_batch_size: Optional[int] = Field(None, ge=1, description="None = batch_size")
     gradient_checkpointing: bool = False
     max_grad_norm: float = Field(1.0, gt=0)
+    # The fused LoRA forward and the loss on answer positions only (issue 13); False is the reference computation,
+    # equal up to float rounding.
+    fused: bool = True
     # None = template + image tokens + 256 text tokens, capped at the LM's positions (256 for the embedded model).
     max_length: Optional[int] = Field(None, ge=16, description="token budget of one training sequence")
 

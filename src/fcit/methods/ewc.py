@@ -23,6 +23,7 @@ from pydantic import ConfigDict, Field
 
 from fcit.errors import FcitError
 from fcit.methods.base import Method, Params, StageInfo
+from fcit.models.answer_loss import answer_forward
 from fcit.models.device import autocast_for
 from fcit.models.lora import State, sub_dict
 from fcit.training.losses import LossHook
@@ -74,7 +75,7 @@ class Ewc(Method):
             for i in range(0, len(chosen), bs):
                 batch = batcher.train_batch(chosen[i : i + bs])
                 with autocast_for(model):
-                    loss = model(**batch).loss
+                    loss = answer_forward(model, batch, full=not self.cfg.train.fused).loss
                 # autograd.grad leaves .grad untouched, so the caller's next local_train starts clean.
                 grads = torch.autograd.grad(loss, params, allow_unused=True)
                 for (n, _), g in zip(named, grads):

@@ -9,8 +9,8 @@ state (teacher) and z_new the current logits (student). Details:
 * The teacher is the same model object run through ``torch.func.functional_call`` with a frozen copy of the old
   trainable tensors: nothing is written into the live parameters, so there is nothing to restore, and no second copy
   of the backbone is needed. It runs under no_grad and in eval mode (no dropout), restoring the training flag after.
-* The student logits come from the ``outputs`` the training loop passes as the hook's 4th argument when it does; with
-  the current 3-argument call the hook runs the student forward again (same result, one more forward per step).
+* The student logits are the answer-position logits of the ``outputs`` the training loop passes as the hook's 4th
+  argument (``models.answer_loss``); both sides project only the answer positions onto the vocabulary.
 * State: the previous stage's global state, copied in ``before_stage``. On resume the engine calls ``before_stage``
   with the checkpointed global state, which is exactly that state, so nothing extra is checkpointed.
 """
@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from pydantic import Field
 
 from fcit.methods.base import Method, Params, StageInfo
-from fcit.models.inputs import IGNORE
+from fcit.models.answer_loss import answer_logits, answer_logits_with, answer_positions
 from fcit.models.lora import State, sub_dict
 from fcit.training.losses import LossHook
 
@@ -32,13 +32,6 @@ from fcit.training.losses import LossHook
 class LwfParams(Params):
     alpha: float = Field(1.0, ge=0, description="weight of the distillation term")
     temperature: float = Field(2.0, gt=0, description="softmax temperature T (the term is scaled by T^2)")
-
-
-def answer_positions(labels: torch.Tensor) -> torch.Tensor:
-    """Boolean mask over logit positions (B x L) whose prediction target is an answer token."""
-    mask = torch.zeros_like(labels, dtype=torch.bool)
-    mask[:, :-1] = labels[:, 1:] != IGNORE
-    return mask
 
 
 def distill_kl(z_old: torch.Tensor, z_new: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -70,7 +63,8 @@ class Lwf(Method):
     def receive_from_server(self, state: dict[str, torch.Tensor]) -> None:
         self.old = sub_dict(state, "lwf/old/")
 
-    def teacher_logits(self, model: torch.nn.Module, batch: dict) -> torch.Tensor:
+    def teacher_logits(self, model: torch.nn.Module, batch: dict, mask: torch.Tensor) -> torch.Tensor:
+        """The teacher's logits at ``mask``'s positions, (N, V)."""
         params = dict(model.named_parameters())
         old = {k: v.to(params[k].device, params[k].dtype) for k, v in self.old.items() if k in params}
         inputs = {k: v for k, v in batch.items() if k != "labels"}
@@ -78,10 +72,9 @@ class Lwf(Method):
         model.eval()
         try:
             with torch.no_grad():
-                out = torch.func.functional_call(model, old, args=(), kwargs=inputs, strict=False)
+                return answer_logits_with(model, old, inputs, mask)
         finally:
             model.train(was_training)
-        return out.logits
 
     def client_loss(self, info: StageInfo, global_state: State) -> Optional[LossHook]:
         if info.stage == 0 or not self.old or self.params.alpha == 0:
@@ -92,11 +85,13 @@ class Lwf(Method):
             mask = answer_positions(batch["labels"])
             if not bool(mask.any()):
                 return loss
-            z_old = self.teacher_logits(model, batch)[mask]
+            z_old = self.teacher_logits(model, batch, mask)
             if outputs is None:
                 inputs = {k: v for k, v in batch.items() if k != "labels"}
-                outputs = model(**inputs)
-            z_new = outputs.logits[mask]
+                z_new = answer_logits(model, inputs, mask)
+            else:
+                # local_train passes answer_forward's output; a full causal-LM output still works
+                z_new = outputs.answer_logits if hasattr(outputs, "answer_logits") else outputs.logits[mask]
             return loss + (alpha * distill_kl(z_old, z_new, t)).to(loss.dtype)
 
         return hook

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from typing import Optional, Sequence
 
 import torch
@@ -14,6 +15,8 @@ from fcit.models.device import base_dtype, default_cache_mb, model_device
 IGNORE = -100
 # Text tokens a derived max_length leaves beside the template and the image: every FCIT question + answer fits.
 TEXT_BUDGET = 256
+# Token ids kept per batcher (prompts and targets each): a few MB of ints, far above a run's distinct samples.
+TOKEN_CACHE_ENTRIES = 200_000
 
 
 def num_image_tokens(model) -> int:
@@ -64,6 +67,8 @@ class Batcher:
         else:
             self._template_owner = None
         self._special = set(self.tok.all_special_ids)
+        self._prompt_tokens: OrderedDict[tuple, list[int]] = OrderedDict()
+        self._target_tokens: OrderedDict[tuple, list[int]] = OrderedDict()
         self._given: dict[str, dict[str, torch.Tensor]] = {}
         self._cache = TensorLRU(0 if not cache_images else default_cache_mb() if cache_mb is None else cache_mb)
         ip = processor.image_processor
@@ -109,7 +114,20 @@ class Batcher:
     def _ids(self, text: str) -> list[int]:
         return self.tok(text, add_special_tokens=False)["input_ids"]
 
+    def _cached(self, table: OrderedDict, key: tuple, make) -> list[int]:
+        hit = table.get(key)
+        if hit is None:
+            hit = table[key] = make()
+            if len(table) > TOKEN_CACHE_ENTRIES:
+                table.popitem(last=False)
+        return hit
+
     def prompt_ids(self, s: Sample) -> list[int]:
+        # Every client re-tokenizes its shard each epoch and round: the ids depend only on these fields (and on
+        # this batcher's fixed template and system prompt), so they are computed once. Callers must not mutate them.
+        return self._cached(self._prompt_tokens, (s.image is not None, s.prompt), lambda: self._prompt_ids(s))
+
+    def _prompt_ids(self, s: Sample) -> list[int]:
         text = self.prefix(s)
         bos = self.tok.bos_token
         # As the tokenizer's own add_special_tokens would, unless the template already wrote it.
@@ -118,6 +136,9 @@ class Batcher:
 
     def target_ids(self, s: Sample) -> list[int]:
         """The answer and the end of the assistant's turn: exactly the tokens that carry loss."""
+        return self._cached(self._target_tokens, (s.image is not None, s.prompt, s.answer), lambda: self._target_ids(s))
+
+    def _target_ids(self, s: Sample) -> list[int]:
         eos = self.tok.eos_token_id
         if self._template_owner is None:
             return self._ids(" " + s.answer) + [eos]

@@ -7,6 +7,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from fcit.models.fused_lora import set_fused
+
 if TYPE_CHECKING:  # the GPU benchmark imports this module where pydantic is not installed
     from fcit.config import ModelConfig
 
@@ -23,6 +25,7 @@ def attach_lora(model, cfg: ModelConfig):
     lc = cfg.lora
     peft_cfg = LoraConfig(r=lc.r, lora_alpha=lc.alpha, lora_dropout=lc.dropout, target_modules=lc.target)
     model = get_peft_model(model, peft_cfg)
+    set_fused(model, True)
     if cfg.train_projector:
         # The reference trains LLaVA's mm_projector alongside LoRA (reference section 2).
         for name, p in model.named_parameters():

@@ -13,7 +13,8 @@ its weight decay, and they stay bit-identical.
 The forward has three modes, all driven by one routing context shared by every layer of a model:
 
 * ``set_active(model, j)``: training mode. Only subspace j is in the forward and only it is trainable. With E = 1
-  this is exactly PEFT's LoRA forward (same ops, same order), hence bit-identical outputs for the same weights.
+  this is PEFT's LoRA forward: the reference forward (``models.fused_lora.set_fused(model, False)``) runs the same
+  ops in the same order, hence bit-identical outputs; the default fused one (one addmm) agrees to float rounding.
 * ``set_active(model, j, frozen_on=[...])``: subspaces ``frozen_on`` are in the forward with weight 1 but frozen,
   j trains (M-LoRA / O-LoRA: earlier slots stay switched on). ``set_active(model, None, frozen_on=[...])`` is the
   frozen sum with nothing trainable.
@@ -25,8 +26,8 @@ The forward has three modes, all driven by one routing context shared by every l
   ``generate`` (the batch size stays fixed there). ``set_active(model, j)`` followed by ``set_gate(model, g)``
   trains slot j under the gate g (the concatenation is then built live so that j gets its gradient).
 
-``export_peft`` writes the selected subspaces (or a gate-weighted merge) as a plain PEFT LoRA adapter that
-``PeftModel.from_pretrained(base, path)`` loads.
+``models.peft_export.export_peft`` writes the selected subspaces (or a gate-weighted merge) as a plain PEFT LoRA
+adapter that ``PeftModel.from_pretrained(base, path)`` loads.
 """
 
 from __future__ import annotations
@@ -36,7 +37,6 @@ import math
 import re
 import zlib
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Iterator, Literal, Optional, Sequence, Union
 
 import numpy as np
@@ -45,8 +45,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from fcit.errors import FcitError
+from fcit.models.fused_lora import lora_addmm
 from fcit.models.lora import State
-from fcit.jsonio import write_json
 
 DEFAULT_TARGET = r".*language_model.*\.(gate_proj|up_proj|down_proj)"
 PROJECTOR = "multi_modal_projector"
@@ -139,6 +139,8 @@ class SubspaceLinear(nn.Module):
         self._A_cat: Optional[torch.Tensor] = None
         self._B_cat: Optional[torch.Tensor] = None
         self._cache_key: Optional[tuple] = None
+        # models.fused_lora.set_fused switches this; False is the reference forward (PEFT's op order).
+        self.fused_forward = True
 
     def extra_repr(self) -> str:
         return f"subspaces={self.num_subspaces}, rank={self.rank}, scaling={self.scaling:g}"
@@ -178,8 +180,11 @@ class SubspaceLinear(nn.Module):
             out_dtype = result.dtype
             if x.dtype != a.dtype:
                 x = x.to(a.dtype)
+            h = F.linear(self.lora_dropout(x), a)
+            if self.fused_forward:
+                return lora_addmm(result.to(h.dtype), h, b, self.scaling).to(out_dtype)
             # Same ops in the same order as PEFT's lora.Linear.forward: E = 1 is bit-identical to PEFT.
-            result = result + F.linear(F.linear(self.lora_dropout(x), a), b) * self.scaling
+            result = result + F.linear(h, b) * self.scaling
             return result.to(out_dtype)
         elif not rt.active:
             return result
@@ -198,6 +203,8 @@ class SubspaceLinear(nn.Module):
             mix = mix.to(A.dtype)
         mix = mix.view(rows, *([1] * (x.dim() - 2)), mix.shape[-1]) if x.dim() > 2 else mix
         h = F.linear(self.lora_dropout(x), A) * mix
+        if self.fused_forward:
+            return lora_addmm(result.to(h.dtype), h, B, self.scaling).to(out_dtype)
         result = result + F.linear(h, B) * self.scaling
         return result.to(out_dtype)
 
@@ -334,73 +341,3 @@ def split_state(state: State) -> tuple[dict[int, State], State]:
         else:
             per.setdefault(i, {})[k] = v
     return per, rest
-
-
-# -- export ---------------------------------------------------------------------------------------------------------
-@torch.no_grad()
-def export_peft(
-    model: nn.Module,
-    path: Union[str, Path],
-    subspaces: Optional[Sequence[int]] = None,
-    gate: Optional[GateLike] = None,
-    include_projector: Optional[bool] = None,
-    base_model_name_or_path: Optional[str] = None,
-) -> Path:
-    """Write a PEFT LoRA adapter (``adapter_config.json`` + ``adapter_model.safetensors``).
-
-    ``subspaces``: the listed slots summed with weight 1 (default: all). ``gate``: a length-E weight vector merged
-    into B instead (slots with weight 0 are left out). The result is a LoRA of rank len(slots)*q with A = A_cat,
-    B = [g_j B_j], and lora_alpha = s * rank so PEFT's scaling alpha/r equals ours. ``include_projector`` (default:
-    whenever the projector is trainable) saves the projector through PEFT's ``modules_to_save``.
-    """
-    from peft import LoraConfig
-    from safetensors.torch import save_file
-
-    rt = _routing(model)
-    if gate is not None and subspaces is not None:
-        raise FcitError("export_peft: pass subspaces or gate, not both")
-    if gate is not None:
-        g = _as_gate(gate, rt.E)
-        if g.shape[0] != 1:
-            raise FcitError("export_peft: a merged gate is one weight per subspace")
-        weights = {i: float(g[0, i]) for i in range(rt.E) if float(g[0, i]) != 0.0}
-    else:
-        weights = {int(i): 1.0 for i in (range(rt.E) if subspaces is None else subspaces)}
-    if not weights:
-        raise FcitError("export_peft: no subspace selected")
-    slots = sorted(weights)
-    if any(not 0 <= i < rt.E for i in slots):
-        raise FcitError(f"export_peft: subspace out of range (E = {rt.E})")
-    r = len(slots) * rt.q
-    tensors: dict[str, torch.Tensor] = {}
-    for name, layer in subspace_layers(model):
-        a = torch.cat([layer.lora_A[i] for i in slots], dim=0)
-        b = torch.cat([layer.lora_B[i] * weights[i] for i in slots], dim=1)
-        tensors[f"base_model.model.{name}.lora_A.weight"] = a.detach().contiguous().cpu()
-        tensors[f"base_model.model.{name}.lora_B.weight"] = b.detach().contiguous().cpu()
-    params = dict(model.named_parameters())
-    proj = {n: p for n, p in params.items() if PROJECTOR in n}
-    if include_projector is None:
-        include_projector = any(p.requires_grad for p in proj.values())
-    if include_projector:
-        for n, p in proj.items():
-            tensors[f"base_model.model.{n}"] = p.detach().contiguous().cpu()
-    layer0 = subspace_layers(model)[0][1]
-    dropout = layer0.lora_dropout.p if isinstance(layer0.lora_dropout, nn.Dropout) else 0.0
-    cfg = LoraConfig(
-        r=r,
-        lora_alpha=rt.cfg.scaling * r,
-        lora_dropout=dropout,
-        target_modules=rt.cfg.target,
-        modules_to_save=[PROJECTOR] if include_projector else None,
-        base_model_name_or_path=base_model_name_or_path,
-        inference_mode=True,
-    )
-    out = Path(path)
-    out.mkdir(parents=True, exist_ok=True)
-    cfg.save_pretrained(str(out))
-    save_file(tensors, str(out / "adapter_model.safetensors"), metadata={"format": "pt"})
-    meta = {"subspaces": slots, "weights": [weights[i] for i in slots], "rank_per_subspace": rt.q,
-            "scaling": rt.cfg.scaling}
-    write_json(out / "fcit_subspaces.json", meta, sort_keys=False)
-    return out

@@ -11,7 +11,9 @@ from typing import TYPE_CHECKING, Any, Callable, Optional, Sequence
 import torch
 
 from fcit.data.records import Sample
+from fcit.models.answer_loss import answer_forward
 from fcit.models.device import autocast_for, base_dtype, enable_gradient_checkpointing, model_device
+from fcit.models.fused_lora import set_fused
 from fcit.models.inputs import IGNORE, Batcher
 from fcit.models.lora import State, get_state, set_state
 from fcit.training.losses import LossHook
@@ -90,6 +92,9 @@ def _train(model, batcher, start, samples, cfg, seed, loss_hook, epochs, progres
     if cfg.gradient_checkpointing:
         enable_gradient_checkpointing(model)
     micro = min(cfg.micro_batch_size or bs, bs)
+    # fused: the LoRA addmm and the loss on answer positions only; False runs the reference computation.
+    fused = getattr(cfg, "fused", True)
+    set_fused(model, fused)
     # fp16 gradients underflow without loss scaling; disabled (a pass-through) for bf16 and fp32.
     scaler = torch.amp.GradScaler(model_device(model).type, enabled=base_dtype(model) == torch.float16)
     model.train()
@@ -102,7 +107,7 @@ def _train(model, batcher, start, samples, cfg, seed, loss_hook, epochs, progres
             step_loss = 0.0
             for batch in parts:
                 with autocast_for(model):
-                    out = model(**batch)
+                    out = answer_forward(model, batch, full=not fused)
                     loss = out.loss
                     if loss_hook is not None:
                         loss = loss_hook(model, batch, loss, out)

@@ -1,0 +1,264 @@
+"""The embedded engine's speed: one run with a FLOP count, the machine's matmul peaks and a step-time breakdown.
+
+    .venv/bin/python scripts/bench_speed.py [--preset default] [--set KEY=VALUE ...] [--out bench_speed.json]
+    .venv/bin/python scripts/bench_speed.py --scaling [--quick]      # wall time vs clients, samples, rounds
+
+One run (default: the default `fcit run`, in-process) reports, in one JSON and a table:
+  * wall time, and the run's own timing (setup, train, eval, aggregation);
+  * training FLOPs: FlopCounterMode over forward + backward of a sample of real training batches after the run (the
+    model as it trains, vision cache warm), per padded token, times the padded tokens the run trained on;
+  * achieved FLOP/s over the training time, the machine's fp32 and bf16 matmul peaks measured in the same process at
+    the model's shapes (tokens of a mean batch x hidden x intermediate), and the ratio;
+  * a step-time breakdown: collation, forward (with the loss hooks), backward, optimizer (clip + AdamW), the rest of
+    local training, and evaluation split into prefill (the first forward of each generate batch) and decode.
+The instrumentation wraps functions from this script only; the library runs unchanged.
+``--scaling`` runs the default config at K = 50, 200, 1000 clients, data.synth.n_train 1000, 4000 and rounds 10, 20
+(one factor at a time); ``--quick`` adds scenario.stages=2 to every scaling run (the table says so).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+
+
+class Probe:
+    """Seconds and counts by name, plus the padded tokens of every training batch."""
+
+    def __init__(self):
+        self.sec: dict[str, float] = defaultdict(float)
+        self.n: dict[str, int] = defaultdict(int)
+        self.tokens = 0
+
+    def timed(self, name, fn):
+        def wrapper(*a, **k):
+            t0 = time.perf_counter()
+            try:
+                return fn(*a, **k)
+            finally:
+                self.sec[name] += time.perf_counter() - t0
+                self.n[name] += 1
+        return wrapper
+
+
+PROBE = Probe()
+_INSTALLED = []
+
+
+def install(probe: Probe):
+    """Wrap collation, the training forward, backward, the optimizer step and generation's forwards (once)."""
+    if _INSTALLED:
+        return
+    _INSTALLED.append(True)
+    import fcit.engines.loop as loop_mod  # noqa: F401  (the module local_train's callers import)
+    import fcit.experiment as exp_mod
+    import fcit.training.local as local
+    from fcit.models.inputs import Batcher
+
+    real_batch = Batcher.train_batch
+
+    def train_batch(self, samples):
+        t0 = time.perf_counter()
+        b = real_batch(self, samples)
+        probe.sec["collate"] += time.perf_counter() - t0
+        probe.n["collate"] += 1
+        probe.tokens += b["input_ids"].numel()
+        return b
+
+    Batcher.train_batch = train_batch
+    local.answer_forward = probe.timed("forward", local.answer_forward)
+    torch.Tensor.backward = probe.timed("backward", torch.Tensor.backward)
+    torch.optim.AdamW.step = probe.timed("optimizer", torch.optim.AdamW.step)
+    torch.nn.utils.clip_grad_norm_ = probe.timed("clip", torch.nn.utils.clip_grad_norm_)
+    local._train = probe.timed("local_train", local._train)
+    real_generate = exp_mod.generate
+
+    def generate(model, *a, **k):
+        top = model.get_base_model() if hasattr(model, "get_base_model") else model
+        state = {}
+
+        def pre(mod, args, kwargs):
+            ids = kwargs.get("input_ids")
+            state["kind"] = "prefill" if ids is None or ids.shape[1] > 1 else "decode"
+            state["t0"] = time.perf_counter()
+
+        def post(mod, args, kwargs, out):
+            probe.sec["eval_" + state["kind"]] += time.perf_counter() - state["t0"]
+            probe.n["eval_" + state["kind"]] += 1
+
+        h1 = top.register_forward_pre_hook(pre, with_kwargs=True)
+        h2 = top.register_forward_hook(post, with_kwargs=True)
+        try:
+            return real_generate(model, *a, **k)
+        finally:
+            h1.remove(), h2.remove()
+
+    exp_mod.generate = generate
+
+
+def matmul_peak(m: int, k: int, n: int, dtype: torch.dtype, seconds: float = 0.5) -> float:
+    """GFLOP/s of (m x k) @ (k x n) in ``dtype``, best of a few timed blocks."""
+    a, b = torch.randn(m, k).to(dtype), torch.randn(k, n).to(dtype)
+    for _ in range(3):
+        a @ b
+    best, t_end = 0.0, time.perf_counter() + seconds
+    while time.perf_counter() < t_end:
+        t0 = time.perf_counter()
+        for _ in range(10):
+            a @ b
+        best = max(best, 10 * 2 * m * k * n / (time.perf_counter() - t0))
+    return best / 1e9
+
+
+def flops_per_token(exp, n_batches: int = 12) -> tuple[float, dict]:
+    """Forward + backward FLOPs per padded token over real batches of the run's first stage's clients."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from fcit.models.answer_loss import answer_forward
+
+    sc = exp.scenario
+    samples = [s for k in sc.stage_tasks(0) for s in sc.task_train(k)]
+    g = torch.Generator().manual_seed(0)
+    idx = torch.randperm(len(samples), generator=g).tolist()
+    bs = exp.cfg.train.batch_size
+    model, total, tokens = exp.model, 0, 0
+    model.train()
+    shapes = []
+    n_batches = min(n_batches, max(1, len(samples) // bs))
+    for i in range(n_batches):
+        batch = exp.batcher.train_batch([samples[j] for j in idx[i * bs : (i + 1) * bs]])
+        with FlopCounterMode(display=False) as fc:
+            out = answer_forward(model, batch, full=not exp.cfg.train.fused)
+            out.loss.backward()
+        model.zero_grad(set_to_none=True)
+        total += fc.get_total_flops()
+        tokens += batch["input_ids"].numel()
+        shapes.append(tuple(batch["input_ids"].shape))
+    model.eval()
+    return total / tokens, {"batches": n_batches, "mean_batch": [statistics.mean(s[0] for s in shapes),
+                                                                 statistics.mean(s[1] for s in shapes)]}
+
+
+def one_run(preset: str, overrides: list[str], flops: bool = True) -> dict:
+    from fcit.config import load_config
+    from fcit.experiment import Experiment
+
+    probe = PROBE
+    probe.__init__()
+    install(probe)
+    cfg = load_config(None, preset, overrides)
+    t0 = time.perf_counter()
+    with tempfile.TemporaryDirectory() as tmp:
+        exp = Experiment(cfg, Path(tmp) / "run", progress=False)
+        res = exp.run()
+        wall = time.perf_counter() - t0
+        out: dict = {"preset": preset, "overrides": overrides, "wall_s": round(wall, 2),
+                     "timing": {k: round(v, 2) for k, v in res.timing.items()},
+                     "last": res.summary.last, "avg": res.summary.avg,
+                     "round_losses": [round(r.loss, 6) for r in res.rounds],
+                     "steps": probe.n["clip"], "local_runs": probe.n["local_train"],
+                     "padded_tokens": probe.tokens,
+                     "breakdown_s": {k: round(v, 2) for k, v in sorted(probe.sec.items())}}
+        bd = out["breakdown_s"]
+        bd["optimizer"] = round(bd.get("optimizer", 0.0) + bd.pop("clip", 0.0), 2)
+        counted = sum(bd.get(k, 0.0) for k in ("collate", "forward", "backward", "optimizer"))
+        bd["train_other"] = round(bd.get("local_train", 0.0) - counted, 2)
+        if out["steps"]:
+            out["per_step_ms"] = {k: round(1000 * bd.get(k, 0.0) / out["steps"], 2)
+                                  for k in ("collate", "forward", "backward", "optimizer", "train_other")}
+        if flops:
+            fpt, info = flops_per_token(exp)
+            text = exp.model.config.get_text_config()
+            m = int(info["mean_batch"][0] * info["mean_batch"][1])
+            h, inter = text.hidden_size, text.intermediate_size
+            p32 = max(matmul_peak(m, h, inter, torch.float32), matmul_peak(m, inter, h, torch.float32))
+            p16 = max(matmul_peak(m, h, inter, torch.bfloat16), matmul_peak(m, inter, h, torch.bfloat16))
+            train_flops = fpt * out["padded_tokens"]
+            achieved = train_flops / max(1e-9, res.timing.get("train", bd.get("local_train", 1.0))) / 1e9
+            out["flops"] = {"train_flops": float(f"{train_flops:.4g}"), "flops_per_padded_token": round(fpt),
+                            "sample": info, "achieved_gflops": round(achieved, 1),
+                            "peak_fp32_gflops": round(p32, 1), "peak_bf16_gflops": round(p16, 1),
+                            "shape_mkn": [m, h, inter], "fraction_of_fp32_peak": round(achieved / p32, 3),
+                            "threads": torch.get_num_threads()}
+    return out
+
+
+def table(r: dict) -> str:
+    lines = [f"wall {r['wall_s']} s  Last {r['last']:.2f}  Avg {r['avg']:.2f}  steps {r['steps']}  "
+             f"local runs {r['local_runs']}", "timing: " + ", ".join(f"{k} {v}" for k, v in r["timing"].items())]
+    if "per_step_ms" in r:
+        lines.append("per step (ms): " + ", ".join(f"{k} {v}" for k, v in r["per_step_ms"].items()))
+    bd = r["breakdown_s"]
+    lines.append(f"eval: prefill {bd.get('eval_prefill', 0)} s, decode {bd.get('eval_decode', 0)} s")
+    if "flops" in r:
+        f = r["flops"]
+        lines.append(f"training {f['train_flops']:.3g} FLOPs at {f['achieved_gflops']} GFLOP/s; matmul peak at "
+                     f"{f['shape_mkn']}: fp32 {f['peak_fp32_gflops']}, bf16 {f['peak_bf16_gflops']} GFLOP/s; "
+                     f"{100 * f['fraction_of_fp32_peak']:.0f}% of the fp32 peak ({f['threads']} threads)")
+    return "\n".join(lines)
+
+
+SCALING = [("clients", "scenario.num_clients", [50, 200, 1000]), ("n_train", "data.synth.n_train", [1000, 4000]),
+           ("rounds", "scenario.rounds", [10, 20])]
+
+
+def scaling(preset: str, base: list[str], quick: bool) -> dict:
+    extra = ["scenario.stages=2"] if quick else []
+    rows = []
+    for factor, key, values in SCALING:
+        for v in values:
+            r = one_run(preset, base + extra + [f"{key}={v}"], flops=False)
+            t = r["timing"]
+            per_step = 1000 * r["breakdown_s"].get("local_train", 0.0) / max(1, r["steps"])
+            rows.append({"factor": factor, "value": v, "wall_s": r["wall_s"], "setup_s": t.get("setup"),
+                         "train_s": t.get("train"), "eval_s": t.get("eval"), "steps": r["steps"],
+                         "local_runs": r["local_runs"], "ms_per_step": round(per_step, 1),
+                         "fixed_ms_per_local_run": round(1000 * (r["breakdown_s"].get("local_train", 0.0)
+                                                                  - r["breakdown_s"].get("forward", 0.0)
+                                                                  - r["breakdown_s"].get("backward", 0.0)
+                                                                  - r["breakdown_s"].get("optimizer", 0.0)
+                                                                  - r["breakdown_s"].get("clip", 0.0)
+                                                                  - r["breakdown_s"].get("collate", 0.0))
+                                                         / max(1, r["local_runs"]), 1)})
+            print(json.dumps(rows[-1]), flush=True)
+    return {"quick": quick, "extra_overrides": extra, "rows": rows}
+
+
+def scaling_table(s: dict) -> str:
+    head = ("factor", "value", "wall_s", "setup_s", "train_s", "eval_s", "steps", "local_runs", "ms_per_step",
+            "fixed_ms_per_local_run")
+    lines = [f"scaling ({'--quick: ' + ' '.join(s['extra_overrides']) if s['quick'] else 'full runs'})",
+             " | ".join(head)]
+    lines += [" | ".join(str(r[h]) for h in head) for r in s["rows"]]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--preset", default="default")
+    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    ap.add_argument("--scaling", action="store_true")
+    ap.add_argument("--quick", action="store_true", help="scaling runs with scenario.stages=2")
+    ap.add_argument("--out", default="bench_speed.json")
+    args = ap.parse_args()
+    if args.scaling:
+        report = {"scaling": scaling(args.preset, args.overrides, args.quick)}
+        text = scaling_table(report["scaling"])
+    else:
+        report = one_run(args.preset, args.overrides)
+        text = table(report)
+    Path(args.out).write_text(json.dumps(report, indent=1))
+    print(text)
+    print(f"(written to {args.out})", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
