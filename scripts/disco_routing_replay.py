@@ -43,9 +43,9 @@ def main() -> None:
     for t in range(sc.num_stages):
         info = StageInfo(stage=t, num_stages=sc.num_stages, tasks=sc.stage_tasks(t))
         for r in range(cfg.scenario.rounds):
-            info = dataclasses.replace(info, round=r)
-            ids = [disco.client_identity(None, sc.client_data(c.task, c.client_id), info)
-                   for c in sc.assignments(t, r)]
+            clients = sc.assignments(t, r)
+            info = dataclasses.replace(info, round=r, assigned=[list(sc.tasks[c.task]) for c in clients])
+            ids = [disco.client_identity(None, sc.client_data(c.task, c.client_id), info) for c in clients]
             plan = disco.plan_round(info, ids, {})
             groups = defaultdict(list)
             for i, p in enumerate(plan.clients):

@@ -293,13 +293,15 @@ def test_disco_rounds_by_hand_then_through_the_engine(micro_backbone, micro_samp
     colour, count, caption = (_task(micro_samples, n) for n in ("colour", "count", "caption"))
 
     # ---- stage 0, round 0, by hand: two clients of "colour", one of "count"
-    info = StageInfo(stage=0, num_stages=2, tasks=[0], round=0)
+    info = StageInfo(stage=0, num_stages=2, tasks=[0], round=0, assigned=[["colour"], ["colour"], ["count"]])
     shards = [colour[:3], colour[3:5], count[:4]]
     ids = [disco.client_identity(model, s, info) for s in shards]
-    assert ids[0]["count"] == 3 and ids[0]["datasets"] == {"colour": 3}
+    assert ids[0]["count"] == 3 and set(ids[0]) == {"count", "text"}  # no word on which datasets it holds
     plan = disco.plan_round(info, ids, gs)
     plans = plan.clients
     assert [p["subspace"] for p in plans] == [0, 0, 1] and len(plan.server["counts"]) == 3
+    # The routing log's ground truth is what the server assigned, not anything the clients reported.
+    assert [e["datasets"] for e in disco.routing_log] == [["colour"], ["colour"], ["count"]]
     results = []
     for i, (s, p) in enumerate(zip(shards, plans)):
         disco.before_local(model, p)
@@ -325,7 +327,7 @@ def test_disco_rounds_by_hand_then_through_the_engine(micro_backbone, micro_samp
     gs = new
 
     # ---- stage 0, round 1: no new slots; each client goes to its task's subspace
-    info = dataclasses.replace(info, round=1)
+    info = dataclasses.replace(info, round=1, assigned=[["count"], ["colour"]])
     shards = [count[4:], colour[:2]]
     plan = disco.plan_round(info, [disco.client_identity(model, s, info) for s in shards], gs)
     assert [p["subspace"] for p in plan.clients] == [1, 0]
@@ -337,6 +339,8 @@ def test_disco_rounds_by_hand_then_through_the_engine(micro_backbone, micro_samp
 
     # ---- stage 1 through the round loop (Het-like: an old task recurs next to a new one)
     class Scenario:
+        tasks = [["colour"], ["count"], ["caption"]]
+
         def assignments(self, t, r):
             return [Assignment(client_id=r, position=0, task=0), Assignment(client_id=2 + r, position=1, task=2)]
 

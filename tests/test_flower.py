@@ -134,6 +134,33 @@ def test_deployment_superlink_and_three_supernodes_survive_a_node_crash(cache_di
         assert state == "Z", f"process {pid} still running"
 
 
+@pytest.mark.slow
+def test_deployment_over_tls_admits_only_registered_nodes_and_loads_the_model_once_per_node(cache_dir, tmp_path):
+    from local_deployment import LocalDeployment, make_tls
+
+    tls = make_tls(tmp_path / "tls")
+    # Client 2's key is never registered: the SuperLink refuses its SuperNode, so rounds that pick it go on without.
+    with LocalDeployment(3, tmp_path / "federation", tls=tls, auth=True, registered=[0, 1]) as fed:
+        assert not fed.wait_node(2, 20.0), "an unregistered SuperNode joined"
+        assert "Failed to activate SuperNode" in fed.node_log(2)
+        cfg = cfg_for(cache_dir, tmp_path, **{
+            "method.name": "disco", "scenario.num_clients": 3, "scenario.rounds": 2,
+            "federation.engine": "flower", "flower.superlink": fed.address, "flower.root_certificates": tls[0],
+            "federation.round_timeout": 120})
+        _, m = run(cfg, tmp_path / "run", progress=False)
+        logs = {i: fed.node_log(i) for i in (0, 1)}
+    assert len(m.matrix.rows) == 2
+    assert all(2 not in r.clients for r in m.rounds)
+    picked = [r for r in m.rounds if 2 in r.dropped]
+    assert picked and all("no connected node" in r.failures[0]["why"] for r in picked)
+    assert any(r.clients for r in m.rounds)
+    served = {i: log.count("fcit worker: ") - 1 - log.count("loaded the model") for i, log in logs.items()}
+    # One model per node for the whole run, however many messages it served (identity, train, in two stages).
+    for i, log in logs.items():
+        assert log.count("loaded the model") == (1 if served[i] else 0), log[-2000:]
+    assert max(served.values()) >= 3, served
+
+
 def test_node_command_and_flower_config_validation(tmp_path):
     from fcit.launch.flower import node_command, write_app, write_connection
 
@@ -146,6 +173,17 @@ def test_node_command_and_flower_config_validation(tmp_path):
     assert cmd[cmd.index("--auth-supernode-private-key") + 1].endswith("/node7")
     with pytest.raises(FcitError, match="exactly one"):
         node_command("h:1", 0)  # neither TLS nor an explicit --insecure
+    # The node's device and its worker travel in the node config; the node's device wins over the run's.
+    cmd = node_command("h:1", 1, insecure=True, device="cuda:1", worker=("/tmp/w.sock", "/tmp/w.key"))
+    assert cmd[cmd.index("--node-config") + 1] == 'partition-id=1 device="cuda:1" worker="/tmp/w.sock" ' \
+                                                  'worker-key="/tmp/w.key"'
+    with pytest.raises(FcitError, match="--device 'gpu1'"):
+        node_command("h:1", 1, insecure=True, device="gpu1")
+    from fcit.engines.flower.node import node_config
+
+    raw = json.loads(load_config(preset="smoke", overrides={"device": "cpu"}).model_dump_json())
+    assert node_config(raw, {"device": "cuda:1", "data-root": "/d"})["device"] == "cuda:1"
+    assert node_config(raw, {})["device"] == "cpu" and raw["device"] == "cpu"
     with pytest.raises(FcitError, match="insecure"):
         run(load_config(preset="smoke", overrides={"federation.engine": "flower", "flower.superlink": "h:1"}),
             tmp_path / "r", progress=False)

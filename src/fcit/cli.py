@@ -98,18 +98,24 @@ def _engine_keys(args: argparse.Namespace, base: dict) -> dict:
 
 
 def cmd_node(args: argparse.Namespace) -> None:
-    import subprocess
+    import signal
 
-    from fcit.launch.flower import flower_env, node_command
+    from fcit.launch.flower import node_command, serve_node
 
-    cmd = node_command(args.superlink, args.client_id, data_root=args.data_root, partitions=args.partitions,
-                       insecure=args.insecure, root_certificates=args.root_certificates, auth_key=args.auth_key,
-                       port=args.port, threads=args.threads)
+    opts = dict(data_root=args.data_root, partitions=args.partitions, insecure=args.insecure,
+                root_certificates=args.root_certificates, auth_key=args.auth_key, port=args.port,
+                threads=args.threads, device=args.device)
+    node_command(args.superlink, args.client_id, **opts)  # the arguments' errors before anything starts
     home = Path(args.flower_home or Path.home() / ".fcit" / f"node-{args.client_id}")
     mode = "insecure" if args.insecure else "TLS"
     print(f"fcit node: client {args.client_id} -> SuperLink {args.superlink} ({mode})", flush=True)
+    # SIGTERM (a service manager, a test harness) must stop the worker too: serve_node's cleanup runs on the way out.
+    def stop(*_):
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, stop)
     try:
-        raise SystemExit(subprocess.call(cmd, env=flower_env(home)))
+        raise SystemExit(serve_node(args.superlink, args.client_id, home, **opts))
     except KeyboardInterrupt:
         raise SystemExit(0) from None
 
@@ -234,6 +240,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--auth-key", help="SuperNode private key (SuperNode authentication, see README)")
     p.add_argument("--port", type=int, help="local port of the node's runtime API (default: a free one)")
     p.add_argument("--threads", type=int, help="torch threads per local update (default: the run's)")
+    p.add_argument("--device", help="where this node's model lives: auto, cpu or cuda:N (wins over the run's)")
     p.add_argument("--flower-home", help="Flower state folder of this node (default ~/.fcit/node-<id>)")
     p.set_defaults(func=cmd_node)
 

@@ -117,8 +117,9 @@ class StageLoop:
         else:
             active = list(clients)
         self._check(len(active), len(clients), where)
+        assigned = [list(self.scenario.tasks[c.task]) for c in active]
         plan: RoundPlan = self.method.plan_round(
-            info, [known.get((c.client_id, c.task), {}) for c in active], global_state)
+            replace(info, assigned=assigned), [known.get((c.client_id, c.task), {}) for c in active], global_state)
         jobs = [TrainJob(c, p, client_seed(self.seed, info.stage, info.round, c.client_id))
                 for c, p in zip(active, plan.clients)]
         t0 = time.perf_counter()

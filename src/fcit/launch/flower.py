@@ -17,15 +17,19 @@ from fcit.errors import FcitError
 from fcit.results import RunResult
 
 CONNECTION = "fcit"
+SUPEREXEC_POLL = "0.05"  # seconds between a SuperExec's task requests to its SuperNode (loopback, cheap)
 
 
 def flower_env(home: Path) -> dict[str, str]:
     """The environment every Flower process of fcit gets: no runtime installs, no telemetry, no update check, and a
     Flower home of its own (connections, logs, SuperLink state)."""
     home.mkdir(parents=True, exist_ok=True)
-    # SuperLink and SuperNode start `flower-superexec` by name: it must be this environment's.
+    # SuperLink and SuperNode start `flower-superexec` by name: it must be this environment's. The SuperExec asks
+    # for a new ClientApp task every second by default; a message then waits up to that long before it starts.
     return env.child_env(FLWR_HOME=str(home),
-                         PATH=os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]))
+                         PATH=os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]),
+                         FLWR_SUPEREXEC_TASK_POLL_INTERVAL=os.environ.get("FLWR_SUPEREXEC_TASK_POLL_INTERVAL",
+                                                                          SUPEREXEC_POLL))
 
 
 def _bin(name: str) -> str:
@@ -183,8 +187,10 @@ def run_deployment(cfg: Config, run_dir: Path, resume: bool = False, progress: b
 def node_command(superlink: str, client_id: int, *, data_root: Optional[str] = None,
                  partitions: Optional[str] = None, insecure: bool = False,
                  root_certificates: Optional[str] = None, auth_key: Optional[str] = None,
-                 port: Optional[int] = None, threads: Optional[int] = None) -> list[str]:
-    """The ``flower-supernode`` command line for client ``client_id`` (its partition id)."""
+                 port: Optional[int] = None, threads: Optional[int] = None, device: Optional[str] = None,
+                 worker: Optional[tuple[str, str]] = None) -> list[str]:
+    """The ``flower-supernode`` command line for client ``client_id`` (its partition id); ``worker`` is the
+    node worker's (socket, key file)."""
     if insecure == bool(root_certificates):
         raise FcitError("fcit node: give exactly one of --root-certificates PEM and --insecure")
     node_config = [f"partition-id={int(client_id)}"]
@@ -194,9 +200,61 @@ def node_command(superlink: str, client_id: int, *, data_root: Optional[str] = N
         node_config.append(f'partitions="{Path(partitions).resolve()}"')
     if threads:
         node_config.append(f"threads={int(threads)}")
+    if device:
+        from pydantic import ValidationError
+
+        try:  # a one-line error here rather than one in every message
+            Config.model_validate({"device": device})
+        except ValidationError as e:
+            raise FcitError(f"fcit node: --device {device!r}: {e.errors()[0]['msg']}") from None
+        node_config.append(f'device="{device}"')
+    if worker:
+        node_config += [f'worker="{worker[0]}"', f'worker-key="{worker[1]}"']
     cmd = [_bin("flower-supernode"), "--superlink", superlink, "--node-config", " ".join(node_config),
            "--port", str(port or free_port())]
     cmd += ["--insecure"] if insecure else ["--root-certificates", str(Path(root_certificates).resolve())]
     if auth_key:
         cmd += ["--auth-supernode-private-key", str(Path(auth_key).resolve())]
     return cmd
+
+
+WORKER_START_TIMEOUT = 300.0  # seconds for the worker to import torch on a busy machine
+
+
+def serve_node(superlink: str, client_id: int, home: Path, **node_args) -> int:
+    """``fcit node``: the node worker (which keeps the model between messages), then the SuperNode; returns the
+    SuperNode's exit code, and stops the worker whatever happens."""
+    import secrets
+    import tempfile
+    import time
+
+    env = flower_env(home)
+    # A private folder: the socket's path must stay short (AF_UNIX allows ~100 bytes) and only this user may use it.
+    sock_dir = Path(tempfile.mkdtemp(prefix="fcit-node-"))
+    sock, key_file = sock_dir / "worker.sock", sock_dir / "worker.key"
+    key_file.touch(mode=0o600)
+    key_file.write_bytes(secrets.token_bytes(32))
+    worker = subprocess.Popen([sys.executable, "-m", "fcit.engines.flower.worker", "--socket", str(sock),
+                               "--key-file", str(key_file), "--parent-pid", str(os.getpid())], env=env)
+    node = None
+    try:
+        deadline = time.monotonic() + WORKER_START_TIMEOUT
+        while not sock.exists():
+            if worker.poll() is not None:
+                raise FcitError(f"fcit node: the node worker exited at start (exit {worker.returncode})")
+            if time.monotonic() > deadline:
+                raise FcitError(f"fcit node: the node worker did not start within {WORKER_START_TIMEOUT:g} s")
+            time.sleep(0.1)
+        cmd = node_command(superlink, client_id, worker=(str(sock), str(key_file)), **node_args)
+        node = subprocess.Popen(cmd, env=env)
+        return node.wait()
+    finally:
+        for p in (node, worker):
+            if p is not None and p.poll() is None:
+                p.terminate()
+                try:
+                    p.wait(timeout=10)
+                except subprocess.TimeoutExpired:
+                    p.kill()
+                    p.wait()
+        shutil.rmtree(sock_dir, ignore_errors=True)

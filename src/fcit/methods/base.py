@@ -52,6 +52,9 @@ class StageInfo:
     num_stages: int
     tasks: list[int]  # tasks trained in this stage
     round: int = 0
+    # Server side, in plan_round: for each client of the plan, the datasets of the task the server assigned it.
+    # Diagnostics that need ground truth read it here, so no client has to disclose what its data is.
+    assigned: Optional[list[list[str]]] = None
 
 
 @dataclass

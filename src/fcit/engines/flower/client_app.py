@@ -8,72 +8,32 @@ Its client id is the node's ``partition-id`` (set by ``fcit node --client-id`` o
   ``fcit.engines.client.client_update``, the in-process engine's client step; reply with the trainable tensors.
 * ``query.stage_end``: ``client_after_stage`` on the final global model of the stage (EWC's Fisher).
 
-The heavy objects (backbone, method, data) are built once per process and run (``_RESIDENT``); a Flower 1.41
-SuperNode starts a new process per message, so there they are rebuilt for every message.
+Where the work happens (``fcit.engines.flower.node``): a deployed SuperNode started by ``fcit node`` has a node
+worker (its node config names ``worker`` and ``worker-key``) that keeps the model between messages, since Flower
+1.41 starts a new ClientApp process per message; this module then imports neither torch nor the model code and
+only forwards the message. Without a worker (the simulation's Ray actors, tests) the work runs in this process, on
+objects kept for the process's lifetime.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
-import os
-from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any
 
-import torch
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
-from fcit.config import Config
-from fcit.engines.client import client_update
-from fcit.engines.flower.records import decode, encode
-from fcit.methods.base import StageInfo
-from fcit.models.lora import set_state
+from fcit.engines.flower.records import decode_arrays, encode, encode_arrays
 
 app = ClientApp()
 
 
-@dataclass
-class ClientRuntime:
-    cfg: Any
-    model: torch.nn.Module
-    method: Any
-    batcher: Any
-    scenario: Any
-    vision_cache: Any = None
-
-    @classmethod
-    def build(cls, cfg: Config) -> "ClientRuntime":
-        from fcit.data.scenario import Scenario
-        from fcit.methods import build_method
-        from fcit.runtime import Runtime, prepare_model
-
-        method = build_method(cfg)
-        rt = Runtime.build(cfg, progress=False)
-        prepared = prepare_model(cfg, method, rt.base_model, rt.processor)
-        scenario = Scenario(cfg.scenario, cfg.seed, rt.bench, partitions_root=cfg.data.partitions)
-        return cls(cfg, prepared.model, method, prepared.batcher, scenario, prepared.vision_cache)
-
-
-@dataclass
-class _Resident:
-    """The one run this process serves (a Ray actor serves many messages of one run; a new run replaces it)."""
-
-    key: Optional[str] = None
-    runtime: Optional[ClientRuntime] = None
-
-
-_RESIDENT = _Resident()
-
-
-def _node_settings(context: Context) -> dict[str, Any]:
-    """What the institution decides for itself: where its data lives and how many threads it gives a client."""
+def node_settings(context: Context) -> dict[str, Any]:
+    """What the institution decides for itself: its data, its device, the threads it gives a client."""
     nc = context.node_config
     out: dict[str, Any] = {}
-    if nc.get("data-root"):
-        out["data-root"] = str(nc["data-root"])
-    if nc.get("partitions"):
-        out["partitions"] = str(nc["partitions"])
+    for key in ("data-root", "partitions", "device"):
+        if nc.get(key):
+            out[key] = str(nc[key])
     if nc.get("threads"):
         out["threads"] = int(nc["threads"])
     return out
@@ -85,68 +45,38 @@ def client_id(context: Context) -> int:
     return int(context.node_config["partition-id"])
 
 
-def _runtime(meta: dict, context: Context) -> ClientRuntime:
-    raw = json.loads(meta["config"])
-    local = _node_settings(context)
-    if "data-root" in local:
-        raw["data"]["root"] = local["data-root"]
-    if "partitions" in local:
-        raw["data"]["partitions"] = local["partitions"]
-    threads = local.get("threads") or meta.get("client_threads") or raw.get("threads") or os.cpu_count() or 1
-    torch.set_num_threads(int(threads))
-    key = hashlib.sha256(json.dumps(raw, sort_keys=True).encode()).hexdigest()
-    if _RESIDENT.key != key:
-        _RESIDENT.runtime = None  # free the previous run's model before building the next
-        _RESIDENT.runtime, _RESIDENT.key = ClientRuntime.build(Config.model_validate(raw)), key
-    return _RESIDENT.runtime
+def _serve(kind: str, msg: Message, context: Context) -> Message:
+    cid = client_id(context)
+    meta, arrays, dtypes = decode_arrays(msg.content)
+    nc = context.node_config
+    if nc.get("worker"):
+        from fcit.engines.flower.worker import call
 
+        out, arrays_out, dtypes_out, metrics = call(str(nc["worker"]), str(nc["worker-key"]), kind, meta, arrays,
+                                                    dtypes, cid, node_settings(context))
+        return Message(encode_arrays(out, arrays_out, dtypes_out, metrics), reply_to=msg)
+    from fcit.engines.flower.node import handle
+    from fcit.engines.flower.records import from_arrays
 
-def _info(meta: dict) -> StageInfo:
-    return StageInfo(stage=meta["stage"], num_stages=meta["num_stages"], tasks=meta["tasks"], round=meta["round"])
-
-
-def _samples(rt: ClientRuntime, meta: dict, cid: int):
-    return rt.scenario.client_data(int(meta["task"]), cid)
+    out, tensors, metrics = handle(kind, meta, from_arrays(arrays, dtypes), cid, node_settings(context))
+    return Message(encode(out, tensors, metrics), reply_to=msg)
 
 
 @app.query("hello")
 def hello(msg: Message, context: Context) -> Message:
-    return Message(encode({"client_id": client_id(context)}), reply_to=msg)
+    return Message(encode_arrays({"client_id": client_id(context)}), reply_to=msg)
 
 
 @app.query("identity")
 def identity(msg: Message, context: Context) -> Message:
-    meta, _ = decode(msg.content)
-    cid = client_id(context)
-    rt = _runtime(meta, context)
-    idt = rt.method.client_identity(rt.model, _samples(rt, meta, cid), _info(meta))
-    tensors = {k: v.float() for k, v in idt.items() if isinstance(v, torch.Tensor)}
-    extra = {k: v for k, v in idt.items() if not isinstance(v, torch.Tensor)}
-    return Message(encode({"client_id": cid, "identity": extra}, {"identity": tensors}), reply_to=msg)
+    return _serve("identity", msg, context)
 
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
-    meta, tensors = decode(msg.content)
-    cid = client_id(context)
-    rt = _runtime(meta, context)
-    rt.method.receive_from_server(tensors.get("shared", {}))
-    res = client_update(rt.method, rt.model, rt.batcher, rt.cfg, _info(meta), tensors["global"], meta["plan"],
-                        _samples(rt, meta, cid), seed=int(meta["seed"]))
-    out = {"client_id": cid, "num_samples": res.num_samples, "loss": res.loss, "steps": res.steps,
-           "seconds": res.seconds}
-    return Message(encode(out, {"state": res.state}, {"num-examples": res.num_samples, "train-loss": res.loss}),
-                   reply_to=msg)
+    return _serve("train", msg, context)
 
 
 @app.query("stage_end")
 def stage_end(msg: Message, context: Context) -> Message:
-    meta, tensors = decode(msg.content)
-    cid = client_id(context)
-    rt = _runtime(meta, context)
-    rt.method.receive_from_server(tensors.get("shared", {}))
-    set_state(rt.model, tensors["global"])
-    samples = _samples(rt, meta, cid)
-    payload = rt.method.client_after_stage(rt.model, samples, _info(meta))
-    out = {"client_id": cid, "num_samples": len(samples), "has_payload": payload is not None}
-    return Message(encode(out, {"payload": payload or {}}), reply_to=msg)
+    return _serve("stage_end", msg, context)

@@ -30,6 +30,25 @@ from fcit.training.guard import TrainingDiverged
 from fcit.training.local import LocalResult
 
 HELLO_TIMEOUT = 120.0  # seconds a new node gets to say who it is
+# Grid.send_and_receive waits 3 s between pulls (Flower 1.41, fixed); a pull is one request to the SuperLink, so the
+# server asks far more often and a round does not wait for replies that are already there.
+PULL_INTERVAL = 0.05
+
+
+def send_and_receive(grid: Grid, messages: list[Message], timeout: float) -> list[Message]:
+    """Flower's ``Grid.send_and_receive`` with a short pull interval."""
+    import time
+
+    ids = set(grid.push_messages(messages))
+    end = time.monotonic() + timeout
+    out: list[Message] = []
+    while ids and time.monotonic() < end:
+        got = list(grid.pull_messages(ids))
+        out += got
+        ids -= {m.metadata.reply_to_message_id for m in got}
+        if ids:
+            time.sleep(PULL_INTERVAL)
+    return out
 
 
 class FlowerTransport:
@@ -94,7 +113,7 @@ class FlowerTransport:
         if not new:
             return
         msgs = [Message(encode({}), dst_node_id=n, message_type="query.hello") for n in new]
-        for rep in self.grid.send_and_receive(msgs, timeout=min(HELLO_TIMEOUT, self.cfg.federation.round_timeout)):
+        for rep in send_and_receive(self.grid, msgs, min(HELLO_TIMEOUT, self.cfg.federation.round_timeout)):
             if rep.has_error():
                 self._no_id.add(rep.metadata.src_node_id)
                 warnings.warn(f"Flower: node {rep.metadata.src_node_id} has no client id: {rep.error.reason}",
@@ -121,7 +140,7 @@ class FlowerTransport:
         replies: dict[int, Any] = {}
         errored: set[int] = set()
         timeout = self.cfg.federation.round_timeout
-        for rep in self.grid.send_and_receive(msgs, timeout=timeout) if msgs else []:
+        for rep in send_and_receive(self.grid, msgs, timeout) if msgs else []:
             c = by_node.get(rep.metadata.src_node_id)
             if c is None:
                 continue

@@ -137,7 +137,8 @@ class Disco(SlotMethod):
         return torch.stack([self._image_cache[p] for p in paths])
 
     def client_identity(self, model: torch.nn.Module, samples: Sequence, info: StageInfo) -> dict[str, Any]:
-        out: dict[str, Any] = {"count": len(samples), "datasets": dict(Counter(s.dataset for s in samples))}
+        # The sample count weighs the token on the server; which datasets the samples come from is not sent.
+        out: dict[str, Any] = {"count": len(samples)}
         mods = self._modalities()
         if "text" in mods:
             out["text"], _ = identity_token(self.text_encoder, [instruction_text(s) for s in samples])
@@ -174,7 +175,7 @@ class Disco(SlotMethod):
         for i, (idt, j, kind) in enumerate(zip(identities, slots, kinds)):
             self.routing_log.append({
                 "stage": info.stage, "round": info.round, "position": i, "subspace": j, "kind": kind,
-                "count": int(idt["count"]), "datasets": idt.get("datasets", {}),
+                "count": int(idt["count"]), "datasets": info.assigned[i] if info.assigned else [],
                 "similarity": [round(float(s), 4) if u else None for s, u in zip(sim_c[i], self.used)],
             })
         return RoundPlan([{"subspace": int(j)} for j in slots], server={"tokens": tokens, "counts": counts})
@@ -233,11 +234,12 @@ class Disco(SlotMethod):
 
     # -- reporting -------------------------------------------------------------------------------------------------
     def slot_of_dataset(self) -> dict[str, int]:
-        """Each dataset's subspace: the one that most of its training samples were routed to."""
+        """Each dataset's subspace: the one that most of its training samples were routed to, by the task the server
+        assigned each client (a task of several datasets counts all of a client's samples for each of them)."""
         votes: dict[str, Counter] = defaultdict(Counter)
         for e in self.routing_log:
-            for d, n in e.get("datasets", {}).items():
-                votes[d][e["subspace"]] += n
+            for d in e.get("datasets", []):
+                votes[d][e["subspace"]] += e["count"]
         return {d: c.most_common(1)[0][0] for d, c in sorted(votes.items())}
 
     def routing_accuracy(self, stage: Optional[str] = None) -> Optional[float]:
