@@ -81,6 +81,7 @@ def main() -> None:
               f"{ratio:.2f}x | {r['bytes_down_per_round'] / 1024:.0f} / {r['bytes_up_per_round'] / 1024:.0f} | "
               f"{'yes' if r['matrix'] == base['matrix'] else 'NO'} |")
     if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(rows, indent=2))
 
 
