@@ -13,6 +13,7 @@ warning, and the reason is kept for the round log.
 from __future__ import annotations
 
 import hashlib
+import time
 import warnings
 from typing import Any, Optional, Sequence
 
@@ -37,8 +38,6 @@ PULL_INTERVAL = 0.05
 
 def send_and_receive(grid: Grid, messages: list[Message], timeout: float) -> list[Message]:
     """Flower's ``Grid.send_and_receive`` with a short pull interval."""
-    import time
-
     ids = set(grid.push_messages(messages))
     end = time.monotonic() + timeout
     out: list[Message] = []
