@@ -143,6 +143,7 @@ class LocalDeployment:
         self.port = free_port()
         self.superlink: Optional[subprocess.Popen] = None
         self.nodes: dict[int, subprocess.Popen] = {}
+        self._worker_dirs_before: set[Path] = set()
         self.keys: dict[int, str] = {}
         self.env = flower_env(self.workdir / "flower-home")
 
@@ -155,7 +156,11 @@ class LocalDeployment:
         return subprocess.Popen(cmd, env=self.env, stdout=log, stderr=subprocess.STDOUT)
 
     def __enter__(self) -> "LocalDeployment":
+        import tempfile
+
         self.workdir.mkdir(parents=True, exist_ok=True)
+        # fcit node's worker folders that exist already belong to someone else; any new one is this federation's.
+        self._worker_dirs_before = set(Path(tempfile.gettempdir()).glob("fcit-node-*"))
         try:
             security = ["--insecure"] if self.tls is None else [
                 "--ssl-ca-certfile", self.tls[0], "--ssl-certfile", self.tls[1], "--ssl-keyfile", self.tls[2]]
@@ -247,3 +252,9 @@ class LocalDeployment:
         if self.superlink is not None:
             stop_process(self.superlink.pid)
             self.superlink = None
+        # A SIGKILLed fcit node cannot remove its worker folder (socket + key file): the harness does.
+        import shutil
+        import tempfile
+
+        for d in set(Path(tempfile.gettempdir()).glob("fcit-node-*")) - self._worker_dirs_before:
+            shutil.rmtree(d, ignore_errors=True)
