@@ -110,9 +110,9 @@ class StageLoop:
         clients = self.scenario.assignments(info.stage, info.round)
         if self.method.uses_identity:
             ask = [c for c in clients if (c.client_id, c.task) not in known]
+            task_of = {c.client_id: c.task for c in ask}  # a client trains one task per round
             for cid, idt in self.transport.identities(info, ask).items():
-                task = next(c.task for c in ask if c.client_id == cid)
-                known[(cid, task)] = idt
+                known[(cid, task_of[cid])] = idt
             active = [c for c in clients if (c.client_id, c.task) in known]
         else:
             active = list(clients)
