@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+
 def lora_addmm(result: torch.Tensor, h: torch.Tensor, b: torch.Tensor, scaling: float) -> torch.Tensor:
     """``result + scaling * h @ b.T`` in one addmm over the flattened leading dimensions; result's shape."""
     shape = result.shape
