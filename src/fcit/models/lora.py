@@ -16,6 +16,8 @@ if TYPE_CHECKING:  # the GPU benchmark imports this module where pydantic is not
 warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
 
 State = dict[str, torch.Tensor]
+# LLaVA's projector module: trained beside the adapters, at its own learning rate (reference section 2).
+PROJECTOR = "multi_modal_projector"
 
 
 def attach_lora(model, cfg: ModelConfig):
@@ -29,7 +31,7 @@ def attach_lora(model, cfg: ModelConfig):
     if cfg.train_projector:
         # The reference trains LLaVA's mm_projector alongside LoRA (reference section 2).
         for name, p in model.named_parameters():
-            if "multi_modal_projector" in name:
+            if PROJECTOR in name:
                 p.requires_grad_(True)
     return model
 

@@ -10,7 +10,8 @@ from torch import nn
 
 from fcit.errors import FcitError
 from fcit.jsonio import write_json
-from fcit.models.subspace_lora import PROJECTOR, GateLike, _as_gate, _routing, subspace_layers
+from fcit.models.lora import PROJECTOR
+from fcit.models.subspace_lora import GateLike, _as_gate, _routing, subspace_layers
 
 
 @torch.no_grad()

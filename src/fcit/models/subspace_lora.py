@@ -46,10 +46,9 @@ from torch import nn
 
 from fcit.errors import FcitError
 from fcit.models.fused_lora import lora_addmm
-from fcit.models.lora import State
+from fcit.models.lora import PROJECTOR, State
 
 DEFAULT_TARGET = r".*language_model.*\.(gate_proj|up_proj|down_proj)"
-PROJECTOR = "multi_modal_projector"
 _SUBSPACE_KEY = re.compile(r"\.lora_[AB]\.(\d+)$")
 
 GateLike = Union[torch.Tensor, Sequence[float], np.ndarray]

@@ -11,18 +11,16 @@ from typing import TYPE_CHECKING, Any, Callable, Optional, Sequence
 import torch
 
 from fcit.data.records import Sample
-from fcit.models.answer_loss import answer_forward
+from fcit.models.answer_loss import answer_forward, answer_positions
 from fcit.models.device import autocast_for, base_dtype, enable_gradient_checkpointing, model_device
 from fcit.models.fused_lora import set_fused
-from fcit.models.inputs import IGNORE, Batcher
-from fcit.models.lora import State, get_state, set_state
+from fcit.models.inputs import Batcher
+from fcit.models.lora import PROJECTOR, State, get_state, set_state
 from fcit.training.losses import LossHook
 from fcit.training.guard import TrainingDiverged
 
 if TYPE_CHECKING:  # the GPU benchmark imports this module where pydantic is not installed
     from fcit.config import TrainConfig
-
-PROJECTOR = "multi_modal_projector"
 
 
 @dataclass
@@ -105,7 +103,9 @@ def _train(model, batcher, start, samples, cfg, seed, loss_hook, epochs, progres
             chosen = [samples[j] for j in order[i : i + bs]]
             parts = [batcher.train_batch(chosen[k : k + micro]) for k in range(0, len(chosen), micro)]
             step_loss = 0.0
-            for batch in parts:
+            # The answer tokens each micro-batch carries: its weight in the accumulated step.
+            shares = [int(answer_positions(b["labels"]).sum()) for b in parts] if len(parts) > 1 else [1]
+            for batch, share in zip(parts, shares):
                 with autocast_for(model):
                     out = answer_forward(model, batch, full=not fused)
                     loss = out.loss
@@ -117,7 +117,7 @@ def _train(model, batcher, start, samples, cfg, seed, loss_hook, epochs, progres
                 if len(parts) > 1:
                     # The model's loss is a mean over a micro-batch's answer tokens; weighting it by its share of
                     # the whole batch's answer tokens makes the accumulated gradient the full batch's.
-                    loss = loss * (_answer_tokens(batch) / sum(_answer_tokens(b) for b in parts))
+                    loss = loss * (share / sum(shares))
                 scaler.scale(loss).backward()
                 step_loss += float(loss.detach())
                 del out, loss  # a 7B model's fp32 logits are over a GiB: free them before the next micro-batch
@@ -139,8 +139,3 @@ def _train(model, batcher, start, samples, cfg, seed, loss_hook, epochs, progres
         steps=steps,
         seconds=time.perf_counter() - t0,
     )
-
-
-def _answer_tokens(batch: dict) -> int:
-    # Causal LM loss predicts position t+1 from t: the first label never counts.
-    return int((batch["labels"][:, 1:] != IGNORE).sum())
