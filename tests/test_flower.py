@@ -179,7 +179,7 @@ def test_node_command_and_flower_config_validation(tmp_path):
                                                   'worker-key="/tmp/w.key"'
     with pytest.raises(FcitError, match="--device 'gpu1'"):
         node_command("h:1", 1, insecure=True, device="gpu1")
-    from fcit.engines.flower.node import node_config
+    from fcit.engines.resident import node_config
 
     raw = json.loads(load_config(preset="smoke", overrides={"device": "cpu"}).model_dump_json())
     assert node_config(raw, {"device": "cuda:1", "data-root": "/d"})["device"] == "cuda:1"

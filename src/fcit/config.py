@@ -120,6 +120,9 @@ class FederationConfig(_Strict):
     # inprocess: every client in this process; flower-sim: Flower's simulation engine (Ray); flower: a Flower
     # deployment (a SuperLink and one SuperNode per institution, see the `flower` section and `fcit node`).
     engine: Literal["inprocess", "flower-sim", "flower"] = "inprocess"
+    # inprocess: a round's clients train in this many worker processes at once (threads split between them); 1 = all
+    # in this process. None = the CPU cores (at most the clients per round) on a CPU, 1 on a GPU.
+    workers: Optional[int] = Field(None, ge=1, description="in-process engine: client worker processes (None = auto)")
     # Flower engines: a round goes on with the clients that replied if there are at least this many, else the run
     # stops (resumable from the last finished stage).
     min_replies: int = Field(1, ge=1)
@@ -198,6 +201,8 @@ PRESETS: dict[str, dict[str, Any]] = {
     "smoke": {
         "data": {"synth": {"n_train": 40, "n_test": 8, "n_pretrain": 200}},
         "scenario": {"num_clients": 4, "clients_per_round": 2, "rounds": 2, "stages": 2},
+        # Seconds of training: starting worker processes (about 4 s) would cost more than they save.
+        "federation": {"workers": 1},
         "train": {"batch_size": 8, "local_epochs": 1},
         "eval": {"batch_size": 16, "max_new_tokens": 12},
     },

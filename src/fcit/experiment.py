@@ -70,11 +70,21 @@ class Experiment:
         sc = self.scenario
         self.batcher.check_max_length([s for k in sorted({k for t in range(sc.num_stages) for k in sc.stage_tasks(t)})
                                        for d in sc.tasks[k] for s in self.rt.bench.train(d)])
-        self.transport: Transport = transport or InProcessTransport(cfg, self.model, self.batcher, self.scenario,
-                                                                    self.method, progress=progress)
+        self.transport: Transport = transport or self._local_transport()
         self.timer = Timer()
         self._tests: dict[str, list] = {}
         self.warnings: list[str] = []
+
+    def _local_transport(self) -> Transport:
+        from fcit.engines.pool import PoolTransport, worker_plan
+        from fcit.models.device import model_device
+
+        args = (self.cfg, self.model, self.batcher, self.scenario, self.method, self.progress)
+        workers, threads = worker_plan(self.cfg.federation.workers, self.cfg.threads, model_device(self.model),
+                                       self.cfg.scenario.clients_per_round)
+        if workers == 1 or self.method.kind != Kind.FEDERATED:
+            return InProcessTransport(*args)
+        return PoolTransport(*args, workers=workers, threads=threads)
 
     # -- evaluation ---------------------------------------------------------------------------------------------
     def evaluate(self, datasets: list[str], stage: int) -> dict[str, dict]:

@@ -3,7 +3,7 @@
 * ``records``: what travels in a Message (tensors in ArrayRecords, everything else as one JSON ConfigRecord).
 * ``transport``: the server side of the round loop over a Flower Grid (``FlowerTransport``).
 * ``client_app``: the ClientApp (``app``): hello / identity / train / stage_end, running ``engines.client``.
-* ``node``: what a node does with a message, on objects kept for the run (model, method, data, batcher).
+* what a node does with a message, on objects kept for the run, is ``fcit.engines.resident``.
 * ``worker``: the node worker ``fcit node`` starts beside its SuperNode, so the model outlives Flower's one process
   per message; the ClientApp forwards each message to it.
 

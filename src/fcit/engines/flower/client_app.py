@@ -8,7 +8,7 @@ Its client id is the node's ``partition-id`` (set by ``fcit node --client-id`` o
   ``fcit.engines.client.client_update``, the in-process engine's client step; reply with the trainable tensors.
 * ``query.stage_end``: ``client_after_stage`` on the final global model of the stage (EWC's Fisher).
 
-Where the work happens (``fcit.engines.flower.node``): a deployed SuperNode started by ``fcit node`` has a node
+Where the work happens (``fcit.engines.resident``): a deployed SuperNode started by ``fcit node`` has a node
 worker (its node config names ``worker`` and ``worker-key``) that keeps the model between messages, since Flower
 1.41 starts a new ClientApp process per message; this module then imports neither torch nor the model code and
 only forwards the message. Without a worker (the simulation's Ray actors, tests) the work runs in this process, on
@@ -55,7 +55,7 @@ def _serve(kind: str, msg: Message, context: Context) -> Message:
         out, arrays_out, dtypes_out, metrics = call(str(nc["worker"]), str(nc["worker-key"]), kind, meta, arrays,
                                                     dtypes, cid, node_settings(context))
         return Message(encode_arrays(out, arrays_out, dtypes_out, metrics), reply_to=msg)
-    from fcit.engines.flower.node import handle
+    from fcit.engines.resident import handle
     from fcit.engines.flower.records import from_arrays
 
     out, tensors, metrics = handle(kind, meta, from_arrays(arrays, dtypes), cid, node_settings(context))

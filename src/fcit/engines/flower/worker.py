@@ -33,7 +33,7 @@ def _watch_parent(pid: int) -> None:
 
 
 def serve(socket_path: str, key: bytes, parent_pid: int | None = None) -> None:
-    from fcit.engines.flower import node
+    from fcit.engines import resident as node
     from fcit.engines.flower.records import from_arrays, to_arrays
 
     if parent_pid:

@@ -1,8 +1,9 @@
-"""What one node does with a message, on resident objects: the ClientApp calls it in its own process (simulation,
-tests), a node worker (``fcit.engines.flower.worker``) calls it for every message of a deployed SuperNode.
+"""A client served on resident objects: what a process that serves many messages of one run does with each.
 
-The heavy objects (backbone, method, data, batcher) are built once per run: the first message of a run builds
-them, a message of another run (another config) replaces them.
+The heavy objects (backbone, method, data, batcher) are built once per run from the run's config: the first message
+of a run builds them, a message of another run (another config) replaces them. Every engine whose clients live in
+another process uses it: a Flower ClientApp in its own process (simulation, tests), the node worker of a deployed
+SuperNode (``fcit.engines.flower.worker``), and the in-process engine's worker pool (``fcit.engines.pool``).
 """
 
 from __future__ import annotations
