@@ -1,7 +1,7 @@
-"""The LLaVA backbone: a local Hugging Face checkpoint, or the embedded tiny model of the same class.
+"""The backbone: a local Hugging Face checkpoint (LLaVA-1.5, Qwen2-VL, Qwen2.5-VL), or the embedded tiny LLaVA.
 
 Everything goes through ``AutoModelForImageTextToText`` / ``AutoProcessor`` so the code that tunes the 0.7 M-parameter
-embedded model is the code that tunes ``llava-hf/llava-1.5-7b-hf`` from a local directory.
+embedded model is the code that tunes ``llava-hf/llava-1.5-7b-hf`` or a Qwen2-VL checkpoint from a local directory.
 """
 
 from __future__ import annotations
