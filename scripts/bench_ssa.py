@@ -39,6 +39,7 @@ def main() -> None:
     from fcit.data.registry import TASK_ORDER
     from fcit.models.backbone import load_backbone
     from fcit.models.inputs import Batcher
+    from fcit.models.structure import ffn_target
     from fcit.models.subspace_lora import SubspaceLoraConfig, attach_subspace_lora, gated
 
     base, processor = load_backbone(args.model)
@@ -54,7 +55,7 @@ def main() -> None:
             if ".lora_B." in n:
                 p.normal_(0, 0.02)
     lora_model = get_peft_model(copy.deepcopy(base), LoraConfig(r=E * q, lora_alpha=2 * E * q,
-                                                                target_modules=SubspaceLoraConfig().target))
+                                                                target_modules=ffn_target(base)))
     with torch.no_grad():
         for n, p in lora_model.named_parameters():
             if "lora_B" in n:

@@ -71,8 +71,9 @@ class LoraConfig(_Strict):
     r: int = Field(8, ge=1)
     alpha: float = Field(16.0, gt=0)
     dropout: float = Field(0.0, ge=0, lt=1)
-    # LM FFN only: the vision tower has .mlp too, so the pattern names the language model.
-    target: str = r".*language_model.*\.(gate_proj|up_proj|down_proj)"
+    # "ffn": every linear layer of the language model's feed-forward blocks, found from the model's structure
+    # (fcit.models.structure); any other value is a regex of module names (re.fullmatch, as PEFT applies it).
+    target: str = "ffn"
 
 
 class ModelConfig(_Strict):

@@ -17,7 +17,7 @@ from fcit.config import Config
 from fcit.methods.base import Method
 from fcit.models.device import upcast_trainables
 from fcit.models.inputs import Batcher
-from fcit.models.vision_cache import VisionFeatureCache
+from fcit.models.vision_cache import VisionFeatureCache, supports as vision_cache_supported
 
 
 def set_threads(cfg: Config) -> None:
@@ -60,7 +60,9 @@ def prepare_model(cfg: Config, method: Method, base_model: torch.nn.Module, proc
     torch.manual_seed(cfg.seed)
     model = method.setup(base_model)
     upcast_trainables(model)  # a half-precision base trains fp32 adapters (no-op for float32)
-    cache = VisionFeatureCache(model, cfg.model.vision_cache_mb) if cfg.model.vision_cache_mb != 0 else None
+    # The vision-feature cache wraps a LLaVA-style vision tower; other families run without it (README).
+    use_cache = cfg.model.vision_cache_mb != 0 and vision_cache_supported(model)
+    cache = VisionFeatureCache(model, cfg.model.vision_cache_mb) if use_cache else None
     batcher = Batcher(model, processor, system_prompt=cfg.model.system_prompt, max_length=cfg.train.max_length,
                       cache_mb=cfg.model.vision_cache_mb)
     method.bind(processor, batcher)

@@ -1,14 +1,15 @@
-"""The LLaVA backbone: a local Hugging Face checkpoint, or the embedded tiny model of the same class.
+"""The backbone: a local Hugging Face checkpoint (LLaVA-1.5, Qwen2-VL, Qwen2.5-VL), or the embedded tiny LLaVA.
 
 Everything goes through ``AutoModelForImageTextToText`` / ``AutoProcessor`` so the code that tunes the 0.7 M-parameter
-embedded model is the code that tunes ``llava-hf/llava-1.5-7b-hf`` from a local directory.
+embedded model is the code that tunes ``llava-hf/llava-1.5-7b-hf`` or a Qwen2-VL checkpoint from a local directory.
 """
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Optional
 
 import torch
 
@@ -145,11 +146,72 @@ def check_loading_info(info: dict, path: Path, allow_missing: bool = False) -> N
                     f"set model.allow_missing=true if a partial checkpoint is intended")
 
 
+class ImageTextProcessor:
+    """The image-and-text half of a checkpoint's processor, from ``AutoTokenizer`` + ``AutoImageProcessor`` and the
+    checkpoint's chat template: what fcit uses when ``AutoProcessor`` cannot be built because a part fcit never
+    uses is missing a backend (Qwen2-VL's and Qwen2.5-VL's video processor needs torchvision, which does not install
+    beside a CPU build of torch). It offers what the ``Batcher`` reads: ``tokenizer``, ``image_processor``,
+    ``chat_template``, ``image_token``, ``apply_chat_template`` and the image-token count of an image size."""
+
+    def __init__(self, tokenizer, image_processor, chat_template: Optional[str] = None):
+        self.tokenizer = tokenizer
+        self.image_processor = image_processor
+        self.chat_template = chat_template or getattr(tokenizer, "chat_template", None)
+        self.image_token = getattr(tokenizer, "image_token", None) or "<|image_pad|>"
+        self.image_token_id = tokenizer.convert_tokens_to_ids(self.image_token)
+
+    @classmethod
+    def from_pretrained(cls, path: Path) -> "ImageTextProcessor":
+        from transformers import AutoImageProcessor, AutoTokenizer
+
+        template = None
+        if (path / "chat_template.jinja").is_file():
+            template = (path / "chat_template.jinja").read_text()
+        elif (path / "chat_template.json").is_file():
+            template = json.loads((path / "chat_template.json").read_text()).get("chat_template")
+        return cls(AutoTokenizer.from_pretrained(path), AutoImageProcessor.from_pretrained(path), template)
+
+    def apply_chat_template(self, conversation, **kwargs):
+        return self.tokenizer.apply_chat_template(conversation, chat_template=self.chat_template, **kwargs)
+
+    def _get_num_multimodal_tokens(self, image_sizes=None, **kwargs):
+        """Image tokens per (height, width), as the family's processor counts them: patches / merge_size^2."""
+        from transformers.processing_utils import MultiModalData
+
+        ip = self.image_processor
+        merge = getattr(ip, "merge_size", None)
+        if merge is None or not hasattr(ip, "get_number_of_image_patches"):
+            raise FcitError(f"model: cannot count the image tokens of {type(ip).__name__} without its processor")
+        n = [ip.get_number_of_image_patches(int(h), int(w), {}) // merge**2 for h, w in image_sizes or []]
+        return MultiModalData(num_image_tokens=n)
+
+    def save_pretrained(self, path) -> None:
+        self.tokenizer.save_pretrained(path)
+        self.image_processor.save_pretrained(path)
+        if self.chat_template:
+            (Path(path) / "chat_template.jinja").write_text(self.chat_template)
+
+
+def _first_line(exc: BaseException) -> str:
+    return next((line for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
+
+
+def load_processor(p: Path):
+    """``AutoProcessor``; if one of its parts needs a backend that is not installed (an ImportError), the
+    ``ImageTextProcessor`` made of the tokenizer, the image processor and the chat template."""
+    from transformers import AutoProcessor
+
+    try:
+        return AutoProcessor.from_pretrained(p)
+    except ImportError:
+        return ImageTextProcessor.from_pretrained(p)
+
+
 def load_backbone(path: str | None, dtype: str = "float32", device: str = "cpu", attn_implementation: str = "sdpa",
                   allow_missing: bool = False):
     """Load (model, processor) from a local directory with the generic Auto classes onto ``device``; never touches
     a hub. ``device`` is a config value (auto, cpu, cuda:N)."""
-    from transformers import AutoModelForImageTextToText, AutoProcessor
+    from transformers import AutoModelForImageTextToText
     from transformers.utils import logging as hf_logging
 
     from fcit.models.device import enable_tf32, resolve_device
@@ -158,7 +220,7 @@ def load_backbone(path: str | None, dtype: str = "float32", device: str = "cpu",
     dev = resolve_device(device)
     p = resolve_model_path(path)
     try:
-        processor = AutoProcessor.from_pretrained(p)
+        processor = load_processor(p)
         # Its multi-line load report would bury the one-line error check_loading_info gives for the same keys.
         verbosity = hf_logging.get_verbosity()
         hf_logging.set_verbosity_error()
@@ -171,7 +233,7 @@ def load_backbone(path: str | None, dtype: str = "float32", device: str = "cpu",
         finally:
             hf_logging.set_verbosity(verbosity)
     except Exception as exc:  # noqa: BLE001 - surface the first line of whatever HF raised
-        raise FcitError(f"model.path: cannot load {p}: {str(exc).splitlines()[0]}") from None
+        raise FcitError(f"model.path: cannot load {p}: {_first_line(exc)}") from None
     check_loading_info(info, p, allow_missing)
     if dev.type == "cuda":
         enable_tf32()

@@ -144,7 +144,8 @@ def vision_tower(model: torch.nn.Module) -> torch.nn.Module:
     for name, module in model.named_modules():
         if name == "vision_tower" or name.endswith(".vision_tower"):
             return module
-    raise FcitError("image identity: the backbone has no vision_tower")
+    raise FcitError(f"image identity: {type(model).__name__} has no LLaVA-style vision_tower (one that takes per-image "
+                    f"pixels, with the projector outside it); use method.params.identity=text")
 
 
 class ImageTokenEncoder:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from collections import OrderedDict
 from typing import Optional, Sequence
 
@@ -19,15 +20,30 @@ TEXT_BUDGET = 256
 TOKEN_CACHE_ENTRIES = 200_000
 
 
-def num_image_tokens(model) -> int:
-    """How many placeholder tokens one image expands to (576 for LLaVA-1.5-336, 36 for the embedded 48 px model)."""
+def num_image_tokens(model) -> Optional[int]:
+    """How many placeholder tokens every image expands to when the checkpoint fixes it (576 for LLaVA-1.5-336, 36 for
+    the embedded 48 px model); None when the number depends on the image (Qwen2-VL's dynamic resolution, LLaVA-NeXT's
+    tiles), which the Batcher then asks the processor for, image by image."""
     cfg = model.config
+    if getattr(cfg, "image_grid_pinpoints", None):
+        return None
     n = getattr(cfg, "image_seq_length", None)
     if n:
         return int(n)
-    v = cfg.vision_config
+    v = getattr(cfg, "vision_config", None)
+    strategy = getattr(cfg, "vision_feature_select_strategy", None)
+    if strategy is None or not getattr(v, "image_size", None):
+        return None
     n = (v.image_size // v.patch_size) ** 2
-    return n if cfg.vision_feature_select_strategy == "default" else n + 1
+    return n if strategy == "default" else n + 1
+
+
+def _accepts(model, arg: str) -> bool:
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    try:
+        return arg in inspect.signature(type(base).forward).parameters
+    except (TypeError, ValueError):
+        return False
 
 
 def _max_positions(model) -> Optional[int]:
@@ -50,6 +66,12 @@ class Batcher:
     ``max_length`` None derives the budget from the checkpoint: template + image tokens + ``TEXT_BUDGET``, capped at
     the language model's positions. A prompt never gets cut (that would cut image tokens or the template);
     ``check_max_length`` rejects a budget too small for the longest prompt, and over-long answers lose their end.
+
+    Image tokens: a fixed number per image when the checkpoint fixes it (LLaVA-1.5); otherwise (Qwen2-VL and
+    Qwen2.5-VL) the processor's own count for the image's size, read from the file's header, and the image keeps its
+    aspect ratio (no square padding, which is LLaVA-1.5's convention). Whatever the image processor returns
+    (``pixel_values``, ``image_grid_thw``, ``image_sizes``, ...) goes into the batch, and ``mm_token_type_ids`` (1 at
+    image tokens) when the model's forward takes it (Qwen2-VL's multimodal RoPE).
     """
 
     def __init__(self, model, processor, system_prompt: str = "", max_length: Optional[int] = None,
@@ -58,7 +80,10 @@ class Batcher:
         self.processor = processor
         self.tok = processor.tokenizer
         self.image_token = getattr(processor, "image_token", "<image>")
-        self.n_img = num_image_tokens(model)
+        self.image_token_id = self.tok.convert_tokens_to_ids(self.image_token)
+        self.n_img = num_image_tokens(model)  # None: the processor counts each image's tokens
+        self._mm_token_types = _accepts(model, "mm_token_type_ids")
+        self._image_counts: OrderedDict[str, int] = OrderedDict()
         self.system = system_prompt.strip()
         if getattr(processor, "chat_template", None):
             self._template_owner = processor
@@ -72,8 +97,6 @@ class Batcher:
         self._given: dict[str, dict[str, torch.Tensor]] = {}
         self._cache = TensorLRU(0 if not cache_images else default_cache_mb() if cache_mb is None else cache_mb)
         ip = processor.image_processor
-        size = getattr(ip, "crop_size", None) or ip.size
-        self.image_hw = (size.get("height") or size["shortest_edge"], size.get("width") or size["shortest_edge"])
         mean = getattr(ip, "image_mean", None) or [0.5, 0.5, 0.5]
         self.pad_colour = tuple(int(255 * m) for m in mean)
         self.max_length = self.derived_max_length() if max_length is None else int(max_length)
@@ -103,11 +126,54 @@ class Batcher:
             self._messages(s, answer), add_generation_prompt=answer is None, tokenize=False
         )
 
+    def image_tokens(self, s: Sample) -> int:
+        """How many image tokens the sample's prompt holds (0 without an image)."""
+        if not s.image:
+            return 0
+        if self.n_img is not None:
+            return self.n_img
+        n = self._image_counts.get(s.image)
+        if n is None:
+            n = self._count_image_tokens(s.image)
+            self._image_counts[s.image] = n
+            if len(self._image_counts) > TOKEN_CACHE_ENTRIES:
+                self._image_counts.popitem(last=False)
+        return n
+
+    def _count_image_tokens(self, path: str) -> int:
+        count = getattr(self.processor, "_get_num_multimodal_tokens", None)
+        if count is None:
+            raise FcitError(f"model: {type(self.processor).__name__} cannot count the image tokens of an image")
+        from PIL import Image
+
+        try:
+            with Image.open(path) as im:  # the header only: no pixels are decoded
+                w, h = im.size
+        except OSError as exc:
+            raise FcitError(f"cannot read image {path}: {exc}") from None
+        return int(count(image_sizes=[[h, w]])["num_image_tokens"][0])
+
+    def _max_image_tokens(self) -> Optional[int]:
+        """The most tokens one image can take: the fixed number, or the processor's pixel cap / (patch x merge)^2."""
+        if self.n_img is not None:
+            return self.n_img
+        ip = self.processor.image_processor
+        size = getattr(ip, "size", None)
+        most = (size.get("longest_edge") if hasattr(size, "get") else getattr(size, "longest_edge", None)) \
+            or getattr(ip, "max_pixels", None)
+        patch, merge = getattr(ip, "patch_size", None), getattr(ip, "merge_size", None)
+        if most and isinstance(patch, int) and merge:
+            return int(most) // (patch * merge) ** 2
+        return None
+
     def prefix(self, s: Sample) -> str:
+        return self._prefix(s, self.image_tokens(s))
+
+    def _prefix(self, s: Sample, n_img: int) -> str:
         if self._template_owner is not None:
             text = self._render(s)
-            return text.replace(self.image_token, self.image_token * self.n_img, 1) if s.image else text
-        img = (self.image_token * self.n_img + "\n") if s.image else ""
+            return text.replace(self.image_token, self.image_token * n_img, 1) if s.image else text
+        img = (self.image_token * n_img + "\n") if s.image else ""
         head = f"{self.system} " if self.system else ""
         return f"{head}USER: {img}{s.prompt} ASSISTANT:"
 
@@ -125,10 +191,11 @@ class Batcher:
     def prompt_ids(self, s: Sample) -> list[int]:
         # Every client re-tokenizes its shard each epoch and round: the ids depend only on these fields (and on
         # this batcher's fixed template and system prompt), so they are computed once. Callers must not mutate them.
-        return self._cached(self._prompt_tokens, (s.image is not None, s.prompt), lambda: self._prompt_ids(s))
+        n = self.image_tokens(s)
+        return self._cached(self._prompt_tokens, (n, s.prompt), lambda: self._prompt_ids(s, n))
 
-    def _prompt_ids(self, s: Sample) -> list[int]:
-        text = self.prefix(s)
+    def _prompt_ids(self, s: Sample, n_img: int) -> list[int]:
+        text = self._prefix(s, n_img)
         bos = self.tok.bos_token
         # As the tokenizer's own add_special_tokens would, unless the template already wrote it.
         head = [self.tok.bos_token_id] if bos is not None and not text.startswith(bos) else []
@@ -152,9 +219,14 @@ class Batcher:
 
     # ---- sequence length --------------------------------------------------------------------------------------
     def derived_max_length(self) -> int:
-        head = len(self.prompt_ids(Sample("", "", "image", "", "")))
-        n = head + TEXT_BUDGET
         cap = _max_positions(self.model)
+        most = self._max_image_tokens()
+        if most is None:
+            if cap is None:
+                raise FcitError("config: train.max_length: cannot be derived for this checkpoint (no bound on its "
+                                "image tokens, no position limit); set it")
+            return cap
+        n = len(self._prompt_ids(Sample("", "", "image", "", ""), most)) + TEXT_BUDGET
         return min(n, cap) if cap else n
 
     def check_max_length(self, samples: Sequence[Sample]) -> int:
@@ -174,7 +246,7 @@ class Batcher:
         if worst is not None and longest + 1 > self.max_length:
             raise FcitError(
                 f"config: train.max_length: {self.max_length} tokens cannot hold the prompt of "
-                f"{worst.dataset}/{worst.id} ({longest} tokens, {self.n_img if worst.image else 0} of them image "
+                f"{worst.dataset}/{worst.id} ({longest} tokens, {self.image_tokens(worst)} of them image "
                 f"tokens) plus one answer token; raise it or leave it unset to derive it"
             )
         return longest
@@ -199,7 +271,7 @@ class Batcher:
         except OSError as exc:
             raise FcitError(f"cannot read image {path}: {exc}") from None
         w, h = im.size
-        if w != h:
+        if w != h and self.n_img is not None:  # LLaVA-1.5's pad mode; dynamic-resolution families keep the aspect
             side = max(w, h)
             sq = Image.new("RGB", (side, side), self.pad_colour)
             sq.paste(im, ((side - w) // 2, (side - h) // 2))
@@ -210,9 +282,12 @@ class Batcher:
             self._cache.put(path, feats)
         return feats
 
-    def give_image(self, path: str, outputs: dict[str, torch.Tensor]) -> None:
-        """Use these image-processor outputs for ``path`` instead of reading the file (pre-processed images)."""
+    def give_image(self, path: str, outputs: dict[str, torch.Tensor], image_tokens: Optional[int] = None) -> None:
+        """Use these image-processor outputs for ``path`` instead of reading the file (pre-processed images);
+        ``image_tokens``: their token count, needed where the checkpoint does not fix it."""
         self._given[path] = outputs
+        if image_tokens is not None:
+            self._image_counts[path] = int(image_tokens)
 
     def _images(self, samples: Sequence[Sample]) -> dict[str, torch.Tensor]:
         outs = [self.image_outputs(s.image) for s in samples if s.image]
@@ -227,6 +302,12 @@ class Batcher:
 
     def _pixels(self, samples: Sequence[Sample]) -> Optional[torch.Tensor]:
         return self._images(samples).get("pixel_values")
+
+    def _with_token_types(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        # What the processor returns beside input_ids for Qwen2-VL: 1 at image tokens, 0 elsewhere (M-RoPE needs it).
+        if self._mm_token_types:
+            batch["mm_token_type_ids"] = (batch["input_ids"] == self.image_token_id).long()
+        return batch
 
     def _to_device(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         dev = model_device(self.model)
@@ -251,7 +332,7 @@ class Batcher:
             "attention_mask": torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows]),
             "labels": torch.tensor([lb + [IGNORE] * (width - len(lb)) for lb in labels]),
         }
-        batch = self._to_device(batch)
+        batch = self._to_device(self._with_token_types(batch))
         batch.update(self._images(samples))
         return batch
 
@@ -264,7 +345,7 @@ class Batcher:
             "input_ids": torch.tensor([[pad] * (width - len(r)) + r for r in rows]),
             "attention_mask": torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows]),
         }
-        batch = self._to_device(batch)
+        batch = self._to_device(self._with_token_types(batch))
         batch.update(self._images(samples))
         return batch
 

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from fcit.models.fused_lora import set_fused
+from fcit.models.structure import projector_param_names, resolve_target
 
 if TYPE_CHECKING:  # the GPU benchmark imports this module where pydantic is not installed
     from fcit.config import ModelConfig
@@ -16,23 +17,25 @@ if TYPE_CHECKING:  # the GPU benchmark imports this module where pydantic is not
 warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
 
 State = dict[str, torch.Tensor]
-# LLaVA's projector module: trained beside the adapters, at its own learning rate (reference section 2).
-PROJECTOR = "multi_modal_projector"
 
 
 def attach_lora(model, cfg: ModelConfig):
-    """Wrap the backbone with PEFT LoRA; everything but the adapters (and the projector, if asked) is frozen."""
+    """Wrap the backbone with PEFT LoRA; everything but the adapters (and the projector, if asked) is frozen.
+
+    ``cfg.lora.target`` "ffn" (the default) is the language model's feed-forward linear layers and the projector is
+    the vision-to-language connector, both found from the model's structure (``models.structure``)."""
     from peft import LoraConfig, get_peft_model
 
     lc = cfg.lora
-    peft_cfg = LoraConfig(r=lc.r, lora_alpha=lc.alpha, lora_dropout=lc.dropout, target_modules=lc.target)
+    target = resolve_target(model, lc.target)
+    peft_cfg = LoraConfig(r=lc.r, lora_alpha=lc.alpha, lora_dropout=lc.dropout, target_modules=target)
     model = get_peft_model(model, peft_cfg)
     set_fused(model, True)
     if cfg.train_projector:
         # The reference trains LLaVA's mm_projector alongside LoRA (reference section 2).
-        for name, p in model.named_parameters():
-            if PROJECTOR in name:
-                p.requires_grad_(True)
+        params = dict(model.named_parameters())
+        for name in projector_param_names(model):
+            params[name].requires_grad_(True)
     return model
 
 

@@ -10,7 +10,7 @@ from torch import nn
 
 from fcit.errors import FcitError
 from fcit.jsonio import write_json
-from fcit.models.lora import PROJECTOR
+from fcit.models.structure import projector_modules, projector_param_names
 from fcit.models.subspace_lora import GateLike, _as_gate, _routing, subspace_layers
 
 
@@ -56,7 +56,7 @@ def export_peft(
         tensors[f"base_model.model.{name}.lora_A.weight"] = a.detach().contiguous().cpu()
         tensors[f"base_model.model.{name}.lora_B.weight"] = b.detach().contiguous().cpu()
     params = dict(model.named_parameters())
-    proj = {n: p for n, p in params.items() if PROJECTOR in n}
+    proj = {n: params[n] for n in projector_param_names(model)}
     if include_projector is None:
         include_projector = any(p.requires_grad for p in proj.values())
     if include_projector:
@@ -69,7 +69,7 @@ def export_peft(
         lora_alpha=rt.cfg.scaling * r,
         lora_dropout=dropout,
         target_modules=rt.cfg.target,
-        modules_to_save=[PROJECTOR] if include_projector else None,
+        modules_to_save=projector_modules(model) if include_projector else None,
         base_model_name_or_path=base_model_name_or_path,
         inference_mode=True,
     )

@@ -33,6 +33,7 @@ adapter that ``PeftModel.from_pretrained(base, path)`` loads.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import re
 import zlib
@@ -46,9 +47,10 @@ from torch import nn
 
 from fcit.errors import FcitError
 from fcit.models.fused_lora import lora_addmm
-from fcit.models.lora import PROJECTOR, State
+from fcit.models.lora import State
+from fcit.models.structure import FFN, projector_param_names, resolve_target
 
-DEFAULT_TARGET = r".*language_model.*\.(gate_proj|up_proj|down_proj)"
+DEFAULT_TARGET = FFN
 _SUBSPACE_KEY = re.compile(r"\.lora_[AB]\.(\d+)$")
 
 GateLike = Union[torch.Tensor, Sequence[float], np.ndarray]
@@ -68,7 +70,7 @@ class SubspaceLoraConfig:
     rank: int = 8
     alpha: float = 128.0  # the reference's task setting: total r 64 (8 x 8), alpha 128, so s = 2
     dropout: float = 0.0
-    # LM FFN only: the vision tower has .mlp too, so the pattern names the language model.
+    # "ffn": the language model's feed-forward linear layers, found from the model's structure; or a regex of names.
     target: str = DEFAULT_TARGET
     scale_by: Literal["total", "subspace"] = "total"
     init: Literal["peft", "gaussian"] = "peft"
@@ -231,6 +233,8 @@ def attach_subspace_lora(model: nn.Module, cfg: SubspaceLoraConfig) -> nn.Module
     """
     for p in model.parameters():
         p.requires_grad_(False)
+    # The routing keeps the resolved regex: it is what an exported PEFT adapter names as its targets.
+    cfg = dataclasses.replace(cfg, target=resolve_target(model, cfg.target))
     routing = _Routing(cfg.num_subspaces, cfg.rank, cfg)
     pattern = re.compile(cfg.target)
     targets = [
@@ -244,9 +248,9 @@ def attach_subspace_lora(model: nn.Module, cfg: SubspaceLoraConfig) -> nn.Module
         setattr(parent, child, SubspaceLinear(lin, routing, name, cfg))
     if cfg.train_projector:
         # The reference trains LLaVA's mm_projector alongside the adapter (reference section 2).
-        for n, p in model.named_parameters():
-            if PROJECTOR in n:
-                p.requires_grad_(True)
+        params = dict(model.named_parameters())
+        for n in projector_param_names(model):
+            params[n].requires_grad_(True)
     set_active(model, 0)
     return model
 

@@ -30,6 +30,17 @@ def _find_tower(model: nn.Module) -> tuple[nn.Module, str, nn.Module]:
     raise ValueError("no vision_tower module in this model")
 
 
+def supports(model: nn.Module) -> bool:
+    """Whether the model has the LLaVA-style ``vision_tower`` this cache wraps (a frozen tower whose features go to a
+    separate projector). Qwen2-VL and Qwen2.5-VL have none: their vision encoder ends in the trained merger, so its
+    output cannot be cached, and fcit runs them without this cache (the pixel cache still applies)."""
+    try:
+        _find_tower(model)
+    except ValueError:
+        return False
+    return True
+
+
 def _key(px: torch.Tensor) -> bytes:
     # Raw bytes (any dtype, bf16 included, which numpy cannot hold); fp32 pixels hash as they always did.
     return hashlib.blake2b(px.detach().contiguous().cpu().view(torch.uint8).numpy().tobytes(), digest_size=16).digest()

@@ -15,7 +15,8 @@ from fcit.models.answer_loss import answer_forward, answer_positions
 from fcit.models.device import autocast_for, base_dtype, enable_gradient_checkpointing, model_device
 from fcit.models.fused_lora import set_fused
 from fcit.models.inputs import Batcher
-from fcit.models.lora import PROJECTOR, State, get_state, set_state
+from fcit.models.lora import State, get_state, set_state
+from fcit.models.structure import projector_param_names
 from fcit.training.losses import LossHook
 from fcit.training.guard import TrainingDiverged
 
@@ -80,9 +81,10 @@ def _train(model, batcher, start, samples, cfg, seed, loss_hook, epochs, progres
     # The projector is shared by every task and subspace, so it gets its own (lower) rate: the reference scripts ask
     # for mm_projector_lr = lr / 10 (their trainer ignored it; reference section 2).
     proj_lr = cfg.lr * cfg.projector_lr_scale
+    proj = set(projector_param_names(model))
     groups = [
-        {"params": [p for n, p in named if PROJECTOR not in n], "lr": cfg.lr},
-        {"params": [p for n, p in named if PROJECTOR in n], "lr": proj_lr},
+        {"params": [p for n, p in named if n not in proj], "lr": cfg.lr},
+        {"params": [p for n, p in named if n in proj], "lr": proj_lr},
     ]
     opt = torch.optim.AdamW([g for g in groups if g["params"]], weight_decay=cfg.weight_decay, betas=(0.9, 0.999))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _schedule(total, cfg.warmup_ratio))

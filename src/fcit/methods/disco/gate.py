@@ -41,6 +41,17 @@ def gate_context(model: torch.nn.Module, samples: Sequence, tokenizer, modalitie
     image_id = getattr(model.config, "image_token_id", None) or getattr(model.config, "image_token_index", None)
     captured: dict[str, torch.Tensor] = {}
 
+    def recover(decoded: str) -> str:
+        t = instruction_from_prompt(decoded)
+        key = " ".join(t.split())
+        if key in snap or "USER:" in decoded:
+            return snap.get(key, t)
+        # Another chat template (Qwen2-VL's: "system ... user {instruction} assistant"): the longest instruction
+        # of these samples that the prompt contains.
+        flat = " ".join(decoded.split())
+        hits = [k for k in snap if k and k in flat]
+        return snap[max(hits, key=len)] if hits else t
+
     def capture_pixels(module, args, kwargs):
         px = args[0] if args else kwargs.get("pixel_values")
         if px is not None:
@@ -55,8 +66,7 @@ def gate_context(model: torch.nn.Module, samples: Sequence, tokenizer, modalitie
             raise FcitError("DISCO inference: the model was called without input_ids; cannot read the instruction")
         mask = kwargs.get("attention_mask")
         rows = list(ids) if mask is None else [r[m.bool()] for r, m in zip(ids, mask)]
-        texts = [instruction_from_prompt(tokenizer.decode(r, skip_special_tokens=True)) for r in rows]
-        texts = [snap.get(" ".join(t.split()), t) for t in texts]
+        texts = [recover(tokenizer.decode(r, skip_special_tokens=True)) for r in rows]
         img_tok, has_img = None, None
         if "image" in modalities:
             px = kwargs.get("pixel_values")

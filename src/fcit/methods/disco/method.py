@@ -100,6 +100,11 @@ class Disco(SlotMethod):
         alpha = p.alpha if p.alpha is not None else lc.alpha / lc.r * ranks
         return self.subspace_config(p.num_subspaces, rank=p.rank, alpha=alpha, scale_by=p.scale_by)
 
+    def setup(self, model: torch.nn.Module) -> torch.nn.Module:
+        if "image" in self._modalities():
+            vision_tower(model)  # before any work: a backbone without a LLaVA-style tower cannot give image tokens
+        return super().setup(model)
+
     def slot_group(self, slot: int) -> str:
         return f"subspace{slot}"
 
