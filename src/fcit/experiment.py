@@ -89,7 +89,7 @@ class Experiment:
             samples = self._tests[d]
             with self.method.inference_gate(self.model, samples, stage):
                 preds = generate(self.model, self.batcher, samples, e.batch_size, e.max_new_tokens)
-            res = score_dataset(d, preds, samples)
+            res = score_dataset(d, preds, samples, e.scoring)
             if (w := empty_predictions_warning(d, preds, f"after stage {stage + 1}")) is not None:
                 self.warnings.append(w)
             res.pop("correct", None)
