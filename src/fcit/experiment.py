@@ -164,11 +164,11 @@ class Experiment:
         else:
             if kind == Kind.CENTRALIZED:
                 self._train_centralized(global_state)
-            # The model does not change between stages, so one evaluation fills every row of the matrix.
+            # One model, evaluated once on every dataset: the matrix has that one row (copying it into a row per
+            # stage made an Avg out of a single evaluation).
             all_seen = sc.seen_datasets(sc.num_stages - 1)
             res = self.evaluate(all_seen, sc.num_stages - 1)
-            for t in range(sc.num_stages):
-                matrix.add_stage({d: res[d]["score"] for d in sc.seen_datasets(t)})
+            matrix.add_stage({d: res[d]["score"] for d in all_seen})
             details.append(res)
         self.timer.add("total", total_before + time.perf_counter() - t_start)
         return self._write_results(matrix, logs, details)
@@ -202,6 +202,9 @@ class Experiment:
             for d in matrix.datasets:
                 groups.setdefault(registry.get(d).group, []).append(d)
         summ = Summary.from_dict(summary(matrix, final_ds, groups))
+        if not self.method.continual:
+            # Not a continual learner: its final model has no "after stage t" to average or forget over.
+            summ.avg = summ.forgetting = summ.avg_groups = None
         t = self.timer.seconds
         # "total" runs from the first stage on; "setup" (before it) is reported beside it.
         t["other"] = max(0.0, t.get("total", 0.0) - t["train"] - t["eval"] - t["aggregation"])
@@ -210,7 +213,8 @@ class Experiment:
                            method_artifacts=write_artifacts(self.method.artifacts(), self.run_dir))
         write_json(self.run_dir / "metrics.json", result.to_dict())
         title = f"{self.method.name} on {sc.name} (beta={self.cfg.scenario.beta:g}, seed {self.cfg.seed})"
-        md = matrix_markdown(matrix, summ.to_dict(), title)
+        labels = None if self.method.continual else ["Final model"]
+        md = matrix_markdown(matrix, summ.to_dict(), title, row_labels=labels)
         (self.run_dir / "results.md").write_text(md)
-        matrix_heatmap(matrix, self.run_dir / "matrix.png", title)
+        matrix_heatmap(matrix, self.run_dir / "matrix.png", title, row_labels=labels)
         return result
