@@ -93,6 +93,26 @@ def test_every_registered_method_completes_a_smoke_run(small_base, cache_dir, tm
         assert m["rounds"] == []
 
 
+def test_federated_mtl_is_one_stage_over_the_union_with_the_whole_round_budget(small_base, cache_dir, tmp_path):
+    run_dir, m = run(smoke_cfg(small_base, cache_dir, tmp_path, **{"method.name": "mtl-fed"}), tmp_path / "mf",
+                     progress=False)
+    # smoke: 2 stages x 2 rounds of 2 clients, all in one stage, every client on the union task
+    assert [(r["stage"], r["round"]) for r in m["rounds"]] == [(0, r) for r in range(4)]
+    assert all(len(r["clients"]) == 2 and r["tasks"] == [0, 0] for r in m["rounds"])
+    assert m["scenario"] == "task-hom-union" and m["matrix"]["datasets"] == ["ImageNet-R", "ArxivQA"]
+    assert len(m["matrix"]["rows"]) == 1 and m["summary"]["avg"] is None and m["summary"]["forgetting"] is None
+    md = (run_dir / "results.md").read_text()
+    assert "| Final model |" in md and "**Avg**: n/a" in md
+    # a union client holds both datasets' samples, partitioned like any stage
+    from fcit.data.loader import open_benchmark
+    from fcit.data.scenario import Scenario
+
+    cfg = smoke_cfg(small_base, cache_dir, tmp_path)
+    sc = Scenario(cfg.scenario, cfg.seed, open_benchmark(cfg, progress=False), union=True)
+    assert sum(len(sh) for sh in sc.shares(0)) == 2 * 40
+    assert m["rounds"][0]["samples"] == [len(sc.client_data(0, c)) for c in m["rounds"][0]["clients"]]
+
+
 def test_disco_smoke_in_het(small_base, cache_dir, tmp_path):
     over = {"method.name": "disco", "scenario.mode": "het", "scenario.het_table": [[0, 1], [1, 1]] + [[0, 0]] * 6}
     run_dir, m = run(smoke_cfg(small_base, cache_dir, tmp_path, **over), tmp_path / "het", progress=False)

@@ -61,7 +61,8 @@ class Experiment:
         from fcit.data.scenario import Scenario
 
         self.rt = runtime or Runtime.build(cfg, progress=progress)
-        self.scenario = Scenario(cfg.scenario, cfg.seed, self.rt.bench, partitions_root=cfg.data.partitions)
+        self.scenario = Scenario(cfg.scenario, cfg.seed, self.rt.bench, partitions_root=cfg.data.partitions,
+                                 union=self.method.union_stages)
         base = self.rt.fresh_model() if runtime is not None else self.rt.base_model
         validate_scenario(self.rt.bench, self.scenario)  # a bad file of the last stage fails before stage 1
         prepared = prepare_model(cfg, self.method, base, self.rt.processor)
@@ -139,7 +140,7 @@ class Experiment:
         # Time to the first stage: data generation (first run), model load, partitions; the issue bounds it at 60 s.
         self.timer.seconds.setdefault("setup", time.perf_counter() - self._t_created)
         if kind == Kind.FEDERATED:
-            loop = StageLoop(self.method, self.model, sc, self.transport, rounds=self.cfg.scenario.rounds,
+            loop = StageLoop(self.method, self.model, sc, self.transport, rounds=sc.rounds,
                              seed=self.cfg.seed, min_replies=self.cfg.federation.min_replies, timer=self.timer)
             stages = tqdm(range(start_stage, sc.num_stages), desc="stages", disable=not self.progress,
                           initial=start_stage, total=sc.num_stages)
