@@ -10,8 +10,8 @@ SEEDS=${SEEDS:-0,1,2}
 part=${1:-all}
 cmp() { $FCIT compare --quiet ${FCIT_ARGS:-} "$@"; }
 
-if [[ $part == all || $part == core ]]; then       # the benchmark's range: Zero-shot / Finetune / MTL
-  cmp --methods zeroshot,finetune,mtl --seeds "$SEEDS" --out runs/bench-hom
+if [[ $part == all || $part == core ]]; then       # the benchmark's range: Zero-shot / Finetune / MTL (both)
+  cmp --methods zeroshot,finetune,mtl,mtl-fed --seeds "$SEEDS" --out runs/bench-hom
 fi
 if [[ $part == all || $part == disco ]]; then      # DISCO, Hom and Het, and the activation ablation
   cmp --methods disco --seeds "$SEEDS" --out runs/bench-hom
@@ -19,7 +19,7 @@ if [[ $part == all || $part == disco ]]; then      # DISCO, Hom and Het, and the
   cmp --methods finetune,disco --seeds "${HET_SEEDS:-$SEEDS}" --set scenario.mode=het --out runs/bench-het
 fi
 if [[ $part == all || $part == baselines ]]; then  # the whole comparison set in one table (reuses the runs above)
-  cmp --methods zeroshot,finetune,ewc,lwf,olora,mlora,moelora,disco,mtl --seeds "$SEEDS" --out runs/bench-hom
+  cmp --methods zeroshot,finetune,ewc,lwf,olora,mlora,moelora,disco,mtl,mtl-fed --seeds "$SEEDS" --out runs/bench-hom
 fi
 if [[ $part == all || $part == ewc-sweep ]]; then  # EWC's lambda, seed 0 (1000 is the default)
   for lam in 1000 10000 100000; do

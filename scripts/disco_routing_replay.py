@@ -28,6 +28,9 @@ def main() -> None:
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     args = ap.parse_args()
     raw = json.loads((args.run_dir / "config.json").read_text())
+    # Runs before 2026-12-01 named Reddi et al.'s tau federation.tau.
+    if "tau" in raw.get("federation", {}):
+        raw["federation"]["adaptivity"] = raw["federation"].pop("tau")
     for item in args.overrides:
         key, value = parse_override(item)
         *path, last = key.split(".")

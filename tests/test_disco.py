@@ -88,9 +88,10 @@ def test_assign_slots_new_groups_get_fresh_slots_and_matched_ones_reuse():
     tokens = torch.stack([_unit(0, 1, 0, 0), _unit(1, 0.01, 0, 0), _unit(0, 0, 1, 0), _unit(0, 1, 0.01, 0)])
     slots, kinds = assign_slots(cosine_matrix(tokens, C), cosine_matrix(tokens, tokens), used, 0.9)
     assert slots == [1, 0, 2, 1] and kinds == ["new", "matched", "new", "new"]
-    # later rounds: nearest used slot, no new ones
+    # later rounds: the client within tau of the used slot keeps it; the others are below tau to it and open
+    # slots as in round 0 (the reference sends them all to the nearest slot)
     slots, kinds = assign_slots(cosine_matrix(tokens, C), cosine_matrix(tokens, tokens), used, 0.9, allow_new=False)
-    assert slots == [0, 0, 0, 0] and set(kinds) == {"nearest"}
+    assert slots == [1, 0, 2, 1] and kinds == ["new", "nearest", "new", "new"]
 
 
 def test_capacity_overflow_falls_back_to_the_nearest_slot_and_warns():
@@ -440,22 +441,87 @@ def test_disco_overflow_and_image_identity(micro_backbone, micro_samples, monkey
     assert len(subspace_layers(model)) == 6
 
 
-def test_tiny_new_group_joins_instead_of_opening_and_later_rounds_stay_on_stage_slots():
-    from fcit.methods.disco import assign_slots
+def test_a_small_client_of_a_new_task_far_from_every_group_opens_its_own_subspace():
+    # Issue 16: a client with 3% of the round's samples, of a task new in the round, at cosine 0.05 to the round's
+    # other group and to the used slot. The min-share rule used to merge it into the nearest group by share alone.
+    pair = torch.tensor([[1.0, 0.95, 0.95, 0.05], [0.95, 1.0, 0.95, 0.05], [0.95, 0.95, 1.0, 0.05],
+                         [0.05, 0.05, 0.05, 1.0]])
+    sim_c = torch.tensor([[0.2, 0.0, 0.0]] * 3 + [[0.05, 0.0, 0.0]])  # slot 0 used by an old task
+    used = torch.tensor([True, False, False])
+    counts = torch.tensor([10.0, 10.0, 12.0, 1.0])  # 1 / 33 = 3%
+    slots, kinds = assign_slots(sim_c, pair, used, 0.9, counts=counts, min_share=0.05)
+    assert slots == [1, 1, 1, 2] and kinds == ["new"] * 4
+    # Same when the only group it could join is a matched one (its clients within tau of slot 0).
+    sim_c2 = torch.tensor([[0.95, 0.0, 0.0]] * 3 + [[0.05, 0.0, 0.0]])
+    slots, kinds = assign_slots(sim_c2, pair, used, 0.9, counts=counts, min_share=0.05)
+    assert slots == [0, 0, 0, 1] and kinds == ["matched"] * 3 + ["new"]
+    # And through DISCO's plan_round with hand-made tokens: cosine 0.05 between the two tasks.
+    cfg = Config.model_validate({"method": {"name": "disco", "params": {"num_subspaces": 3}}})
+    disco = Disco(cfg)
+    a, b = _unit(1, 0, 0), _unit(0.05, math.sqrt(1 - 0.05 ** 2), 0)
+    ids = [{"count": 16, "text": a}, {"count": 16, "text": a}, {"count": 1, "text": b}]
+    info = StageInfo(stage=0, num_stages=1, tasks=[0], round=0, assigned=[["A"], ["A"], ["B"]])
+    plan = disco.plan_round(info, ids, {})
+    assert [p["subspace"] for p in plan.clients] == [0, 0, 1]
 
-    # Clients 0-2 share a task (one group), client 3 has 1 sample and an off token: 1/31 < 5% of the round.
-    pair = torch.tensor([[1.0, 0.95, 0.95, 0.7], [0.95, 1.0, 0.95, 0.7], [0.95, 0.95, 1.0, 0.7], [0.7, 0.7, 0.7, 1.0]])
-    sim_c = torch.tensor([[0.2, 0.0, 0.0]] * 3 + [[0.75, 0.0, 0.0]])  # slot 0 used by an old task
+
+def test_a_small_group_within_tau_of_a_round_group_joins_it():
+    # Client 3 (1 of 31 samples) is below tau to the group's anchor (client 0, the heaviest) but 0.97 to the two
+    # others: mean similarity 0.93 >= tau, so it joins the group instead of founding a subspace on a noisy token.
+    pair = torch.tensor([[1.0, 0.95, 0.95, 0.85], [0.95, 1.0, 0.95, 0.97], [0.95, 0.95, 1.0, 0.97],
+                         [0.85, 0.97, 0.97, 1.0]])
+    sim_c = torch.tensor([[0.2, 0.0, 0.0]] * 3 + [[0.75, 0.0, 0.0]])
     used = torch.tensor([True, False, False])
     counts = torch.tensor([10.0, 10.0, 10.0, 1.0])
     slots, kinds = assign_slots(sim_c, pair, used, 0.9, counts=counts, min_share=0.05)
-    assert slots[:3] == [1, 1, 1] and kinds[:3] == ["new"] * 3
-    # It joins this round's group, not the old task's slot 0 that its noisy token happens to be closer to.
-    assert slots[3] == 1 and kinds[3] == "merged"
-    # Without the rule the tiny client opens its own subspace.
-    slots2, _ = assign_slots(sim_c, pair, used, 0.9, counts=counts, min_share=0.0)
-    assert slots2[3] == 2
-    # Later rounds: only the stage's slots are candidates, even when an old slot is nearer.
-    used2 = torch.tensor([True, True, False])
-    near, kinds3 = assign_slots(sim_c, pair, used2, 0.9, allow_new=False, stage_slots=[1])
-    assert near == [1, 1, 1, 1] and set(kinds3) == {"nearest"}
+    assert slots == [1, 1, 1, 1] and kinds == ["new"] * 3 + ["merged"]
+    # A group above min_share never merges: it opens its own subspace.
+    slots, kinds = assign_slots(sim_c, pair, used, 0.9, counts=counts, min_share=0.0)
+    assert slots == [1, 1, 1, 2] and kinds == ["new"] * 4
+
+
+def test_later_rounds_join_a_stage_slot_above_tau_and_open_a_free_slot_below():
+    # Slot 0: an old task; slot 1: this stage's task (chosen in round 0); slot 2 free.
+    C = torch.stack([_unit(0, 0, 1), _unit(1, 0, 0), torch.zeros(3)])
+    used = torch.tensor([True, True, False])
+    above = _unit(1, 0.2, 0)                   # cos 0.98 to slot 1
+    below = _unit(1, 1.2, 0)                   # cos 0.64 to slot 1, 0 to slot 0
+    near_old = _unit(0.5, 0, 1)                # cos 0.89 to slot 0, 0.45 to slot 1: below tau to both
+    tokens = torch.stack([above, below, near_old])
+    sim_c, pair = cosine_matrix(tokens, C), cosine_matrix(tokens, tokens)
+    # the below-tau clients are not within tau of each other (cos 0.43): each opens a slot, but only one is free
+    with pytest.warns(RuntimeWarning, match="all 3 subspaces are in use"):
+        slots, kinds = assign_slots(sim_c, pair, used, 0.9, allow_new=False, stage_slots=[1])
+    assert slots[:2] == [1, 2] and kinds[:2] == ["nearest", "new"]
+    # No free slot left: the overflowing client trains the nearest slot of the stage (the reference's rule), not the
+    # nearer old slot 0, with a warning that names the knob.
+    assert slots[2] == 1 and kinds[2] == "overflow"
+    # A stage slot within tau wins even when an old slot is nearer; below tau to the stage's slots but within tau
+    # of another used slot, a client trains that one as round 0 would (no duplicate subspace for a task).
+    old_twin = _unit(0.1, 0, 1)                # cos 0.995 to slot 0, 0.1 to slot 1
+    tokens = torch.stack([above, old_twin])
+    slots, kinds = assign_slots(cosine_matrix(tokens, C), cosine_matrix(tokens, tokens), used, 0.9,
+                                allow_new=False, stage_slots=[1])
+    assert slots == [1, 0] and kinds == ["nearest", "matched"]
+    # late_route="nearest": the reference's rule, the nearest stage slot at any similarity
+    slots, kinds = assign_slots(sim_c, pair, used, 0.9, allow_new=False, stage_slots=[1], late_route="nearest")
+    assert slots == [1, 1, 1] and kinds == ["nearest"] * 3
+
+
+def test_disco_later_round_client_below_tau_opens_a_free_slot_and_one_above_joins():
+    cfg = Config.model_validate({"method": {"name": "disco", "params": {"num_subspaces": 3}}})
+    disco = Disco(cfg)
+    a, far = _unit(1, 0, 0), _unit(0.3, 1, 0)  # cos 0.29
+    close = _unit(1, 0.1, 0)  # cos 0.995 to a
+    info = StageInfo(stage=0, num_stages=1, tasks=[0], round=0, assigned=[["A"], ["A"]])
+    plan = disco.plan_round(info, [{"count": 8, "text": a}, {"count": 8, "text": a}], {})
+    disco.update_tokens(plan, {0: [0, 1]})
+    info = dataclasses.replace(info, round=1)
+    plan = disco.plan_round(info, [{"count": 8, "text": close}, {"count": 8, "text": far}], {})
+    assert [p["subspace"] for p in plan.clients] == [0, 1]
+    assert [e["kind"] for e in disco.routing_log[-2:]] == ["nearest", "new"]
+    disco.update_tokens(plan, {0: [0], 1: [1]})
+    # round 2: the slot opened in round 1 is one of the stage's slots now
+    info = dataclasses.replace(info, round=2)
+    plan = disco.plan_round(info, [{"count": 8, "text": far}], {})
+    assert [p["subspace"] for p in plan.clients] == [1] and disco.routing_log[-1]["kind"] == "nearest"

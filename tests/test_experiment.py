@@ -81,9 +81,36 @@ def test_same_seed_same_metrics_and_resume_continues(small_base, cache_dir, tmp_
 def test_every_registered_method_completes_a_smoke_run(small_base, cache_dir, tmp_path, method):
     _, m = run(smoke_cfg(small_base, cache_dir, tmp_path, **{"method.name": method}), tmp_path / method,
                progress=False)
-    assert len(m["matrix"]["rows"]) == 2 and m["method"] == method
+    assert m["method"] == method
+    if REGISTRY[method].continual:
+        assert len(m["matrix"]["rows"]) == 2 and m["summary"]["avg"] is not None
+    else:
+        # One final model, evaluated once on every dataset: Last only, Avg and forgetting not applicable.
+        assert len(m["matrix"]["rows"]) == 1 and sorted(m["matrix"]["rows"][0]) == ["ArxivQA", "ImageNet-R"]
+        assert m["summary"]["avg"] is None and m["summary"]["forgetting"] is None
+        assert m["summary"]["last"] == sum(m["matrix"]["rows"][0].values()) / 2
     if REGISTRY[method].kind != "federated":
-        assert m["rounds"] == [] and m["summary"]["forgetting"] in (0.0, None)
+        assert m["rounds"] == []
+
+
+def test_federated_mtl_is_one_stage_over_the_union_with_the_whole_round_budget(small_base, cache_dir, tmp_path):
+    run_dir, m = run(smoke_cfg(small_base, cache_dir, tmp_path, **{"method.name": "mtl-fed"}), tmp_path / "mf",
+                     progress=False)
+    # smoke: 2 stages x 2 rounds of 2 clients, all in one stage, every client on the union task
+    assert [(r["stage"], r["round"]) for r in m["rounds"]] == [(0, r) for r in range(4)]
+    assert all(len(r["clients"]) == 2 and r["tasks"] == [0, 0] for r in m["rounds"])
+    assert m["scenario"] == "task-hom-union" and m["matrix"]["datasets"] == ["ImageNet-R", "ArxivQA"]
+    assert len(m["matrix"]["rows"]) == 1 and m["summary"]["avg"] is None and m["summary"]["forgetting"] is None
+    md = (run_dir / "results.md").read_text()
+    assert "| Final model |" in md and "**Avg**: n/a" in md
+    # a union client holds both datasets' samples, partitioned like any stage
+    from fcit.data.loader import open_benchmark
+    from fcit.data.scenario import Scenario
+
+    cfg = smoke_cfg(small_base, cache_dir, tmp_path)
+    sc = Scenario(cfg.scenario, cfg.seed, open_benchmark(cfg, progress=False), union=True)
+    assert sum(len(sh) for sh in sc.shares(0)) == 2 * 40
+    assert m["rounds"][0]["samples"] == [len(sc.client_data(0, c)) for c in m["rounds"][0]["clients"]]
 
 
 def test_disco_smoke_in_het(small_base, cache_dir, tmp_path):
@@ -126,6 +153,9 @@ def test_compare_tabulates_and_reuses_finished_runs(small_base, cache_dir, tmp_p
     cfg = smoke_cfg(small_base, cache_dir, tmp_path, **{"scenario.stages": 1})
     out, table = compare_mod.compare(cfg, ["zeroshot", "finetune"], [0, 1], out=tmp_path / "cmp", progress=False)
     assert "| zeroshot |" in table and "| finetune |" in table and "±" in table
+    # zero-shot reports Last only: its Avg and Forgetting cells are "-"
+    zs = next(ln for ln in table.splitlines() if ln.startswith("| zeroshot |")).split("|")
+    assert "±" in zs[2] and zs[3].strip() == "-" and zs[4].strip() == "-"
     assert sorted(p.name for p in out.iterdir() if p.is_dir()) == ["finetune-s0", "finetune-s1", "zeroshot-s0",
                                                                     "zeroshot-s1"]
 

@@ -49,7 +49,7 @@ def test_records_keep_names_values_and_dtypes():
 
 # ewc: shared client state + the stage-end exchange; lwf, olora: shared client state
 @pytest.mark.slow
-@pytest.mark.parametrize("method", ["finetune", "disco", "ewc", "lwf", "olora"])
+@pytest.mark.parametrize("method", ["finetune", "disco", "ewc", "lwf", "olora", "mtl-fed"])
 def test_flower_simulation_equals_the_in_process_engine(cache_dir, tmp_path, method):
     _, ref = run(cfg_for(cache_dir, tmp_path, **{"method.name": method}), tmp_path / "inprocess", progress=False)
     _, sim = run(cfg_for(cache_dir, tmp_path, **{"method.name": method, "federation.engine": "flower-sim"}),

@@ -172,6 +172,48 @@ def test_released_partitions_in_scenario(bench, tmp_path):
             [[(s.dataset, s.id) for s in c] for c in drawn.shares(k)]
 
 
+def test_union_is_one_stage_over_every_task_with_the_whole_round_budget(bench):
+    sc = Scenario(ScenarioConfig(num_clients=6, clients_per_round=5, rounds=3), 0, bench, union=True)
+    assert sc.name == "task-hom-union" and sc.num_stages == 1 and sc.rounds == 8 * 3
+    assert sc.tasks == [registry.TASK_ORDER] and sc.stage_tasks(0) == [0]
+    assert sc.seen_datasets(0) == registry.TASK_ORDER
+    data = sc.task_train(0)
+    assert len(data) == 8 * 30 and {s.dataset for s in data} == set(registry.TASK_ORDER)
+    # partitioned over the clients like any stage: a seeded Dirichlet draw over the shuffled union
+    assert sc.client_sizes(0).sum() == 240 and len(sc.client_sizes(0)) == 6
+    assert any(len({s.dataset for s in share}) > 1 for share in sc.shares(0))
+    again = Scenario(ScenarioConfig(num_clients=6, clients_per_round=5, rounds=3), 0, bench, union=True)
+    assert [[s.id for s in c] for c in again.shares(0)] == [[s.id for s in c] for c in sc.shares(0)]
+    assert all(a.task == 0 for r in range(sc.rounds) for a in sc.assignments(0, r))
+    # the stages the continual run would train: a truncated run, Het (its tables' tasks), Capability
+    two = Scenario(ScenarioConfig(num_clients=6, clients_per_round=5, rounds=3, stages=2), 0, bench, union=True)
+    assert two.tasks == [registry.TASK_ORDER[:2]] and two.rounds == 6
+    het = Scenario(ScenarioConfig(num_clients=6, clients_per_round=5, rounds=3, mode="het", stages=1), 0, bench,
+                   union=True)
+    assert het.tasks == [[registry.TASK_ORDER[k] for k in sorted(set(SEQ_DYN_LIST[0]))]] and het.table is None
+    cap = Scenario(ScenarioConfig(num_clients=6, clients_per_round=5, rounds=3, setting="capability"), 0, bench,
+                   union=True)
+    assert cap.tasks == [[d for g in registry.CAPABILITY_ORDER for d in g]] and cap.rounds == 4 * 3
+
+
+def test_union_with_released_partitions_gives_each_client_its_shares_of_every_task(bench, tmp_path):
+    drawn = _sc(bench, setting="capability", num_clients=3, clients_per_round=2)
+    root = tmp_path / "partitioned_data"
+    raw = {}
+    for ds in registry.DATASETS:
+        raw.update({r["id"]: r for r in json.loads(bench.train_path(ds).read_text())})
+    for k in range(4):
+        folder = root / "Capability-related" / "cap" / "1.0" / f"Task{k + 1}"
+        folder.mkdir(parents=True)
+        for i, share in enumerate(drawn.shares(k)):
+            (folder / f"client_{i}.json").write_text(json.dumps([raw[s.id] for s in share]))
+    sc = Scenario(ScenarioConfig(setting="capability", num_clients=3, clients_per_round=2), 0, bench,
+                  partitions_root=str(root), union=True)
+    for c in range(3):
+        want = [(s.dataset, s.id) for k in range(4) for s in drawn.shares(k)[c]]
+        assert [(s.dataset, s.id) for s in sc.shares(0)[c]] == want
+
+
 def test_histogram_lines():
     lines = histogram(np.array([1, 1, 2, 5, 9, 9, 9]), bins=3)
     assert sum(int(line.split()[-1]) for line in lines) == 7

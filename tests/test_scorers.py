@@ -100,7 +100,9 @@ def test_score_accuracy_and_dataset_lookup():
     r = score_dataset("DVQA", ["", "the answer is 10", "1"], _samples(["10", "10", "10"]))
     assert r["correct"] == [False, True, False] and r["score"] == pytest.approx(100 / 3)
     assert score_dataset("CLEVR-Math", ["10"], _samples(["1"]))["score"] == 0.0
-    assert score_dataset("ArxivQA", ["B. cube"], _samples(["B"]))["score"] == 100.0
+    # the reference decides ArxivQA by exact match; the lenient scoring reads the letter
+    assert score_dataset("ArxivQA", ["B. cube"], _samples(["B"]))["score"] == 0.0
+    assert score_dataset("ArxivQA", ["B. cube"], _samples(["B"]), "lenient")["score"] == 100.0
     assert score(registry.EXACT, [None], _samples(["x"]))["correct"] == [False]
 
 
@@ -186,3 +188,80 @@ def test_perfect_caption_beats_wrong_one_and_headline_is_capped():
 
 def test_caption_tokenization():
     assert tokenize_caption("A Dog, running!  Fast.") == "a dog running fast"
+
+
+# -- the reference scoring (default) against the lenient one ----------------------------------------------------------
+# (answer type, prediction, answer, reference decision, lenient decision); reference sections 7 and 10.
+REFERENCE_CASES = [
+    # exact match for the choice datasets (ArxivQA, IconQA, AOKVQA): the letter alone, case and a final period aside
+    (registry.CHOICE, "B", "B", True, True),
+    (registry.CHOICE, "b.", "B", True, True),
+    (registry.CHOICE, "B. cube", "B", False, True),
+    (registry.CHOICE, "(B)", "B", False, True),
+    (registry.CHOICE, "C", "B", False, False),
+    # exact match for the number datasets (CLEVR-Math, TabMWP)
+    (registry.NUMBER, "3", "3", True, True),
+    (registry.NUMBER, "3.0", "3", False, True),
+    (registry.NUMBER, "There are 3 cubes.", "3", False, True),
+    (registry.NUMBER, "1", "10", False, False),
+    (registry.NUMBER, "10", "1", False, False),
+    # exact match for ImageNet-R, OCR-VQA, super-CLEVR in both modes
+    (registry.EXACT, " Golden  retriever. ", "golden retriever", True, True),
+    (registry.EXACT, "a golden retriever", "golden retriever", False, False),
+    # FigureQA: "contains" (whole token, prediction contains answer) against the lenient first word
+    (registry.YESNO, "No", "No", True, True),
+    (registry.YESNO, "No, it is not.", "No", True, True),
+    (registry.YESNO, "It is no.", "No", True, False),
+    (registry.YESNO, "nothing", "No", False, False),
+    (registry.YESNO, "", "No", False, False),
+    # DVQA: "contains" in both modes; "1" never matches "10", an empty prediction is wrong
+    (registry.CONTAINS, "The value is 10", "10", True, True),
+    (registry.CONTAINS, "1", "10", False, False),
+    (registry.CONTAINS, "", "10", False, False),
+]
+
+
+@pytest.mark.parametrize("kind,pred,answer,ref,len_", REFERENCE_CASES)
+def test_reference_and_lenient_scoring(kind, pred, answer, ref, len_):
+    samples = _samples([answer])
+    assert score(kind, [pred], samples)["correct"] == [ref]  # the default is the reference
+    assert score(kind, [pred], samples, "reference")["correct"] == [ref]
+    assert score(kind, [pred], samples, "lenient")["correct"] == [len_]
+
+
+def test_reference_scoring_per_dataset():
+    # The datasets the reference scores by exact match, and the two it scores by "contains".
+    ref_exact = ["ImageNet-R", "IconQA", "OCR-VQA", "super-CLEVR", "TabMWP", "AOKVQA", "CLEVR-Math", "ArxivQA"]
+    for d in ref_exact:
+        answer = "3" if registry.get(d).answer_type == registry.NUMBER else "B"
+        assert score_dataset(d, [f"{answer} is it"], _samples([answer]))["score"] == 0.0
+        assert score_dataset(d, [answer.lower()], _samples([answer]))["score"] == 100.0
+    for d in ["FigureQA", "DVQA"]:
+        assert score_dataset(d, ["I think yes"], _samples(["Yes"]))["score"] == 100.0
+
+
+def test_unknown_scoring_is_an_error():
+    with pytest.raises(FcitError, match="unknown scoring 'loose'"):
+        score(registry.EXACT, ["a"], _samples(["a"]), "loose")
+
+
+def test_eval_scoring_config_default_and_one_line_error():
+    from fcit.config import load_config
+
+    assert load_config().eval.scoring == "reference"
+    assert load_config(overrides=["eval.scoring=lenient"]).eval.scoring == "lenient"
+    with pytest.raises(FcitError) as err:
+        load_config(overrides=["eval.scoring=loose"])
+    assert str(err.value) == "config: eval.scoring: Input should be 'reference' or 'lenient' (got 'loose')"
+
+
+def test_a_run_from_before_eval_scoring_reads_as_lenient(tmp_path):
+    import json
+
+    from fcit.config import Config
+    from fcit.rundir import read_config
+
+    raw = Config().model_dump(mode="json")
+    del raw["eval"]["scoring"]
+    (tmp_path / "config.json").write_text(json.dumps(raw))
+    assert read_config(tmp_path).eval.scoring == "lenient"

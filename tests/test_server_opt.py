@@ -46,7 +46,7 @@ def _run(opt, uniform=False):
 
 
 def _close(a, b):
-    assert a == pytest.approx(b, rel=1e-5, abs=1e-6)
+    assert a == pytest.approx(b, rel=0, abs=1e-6)
 
 
 def test_delta_helper_matches_hand_values():
@@ -61,11 +61,13 @@ def test_fedavg_two_rounds():
     _close(x2, [1.25, 0.75, 0.05])
 
 
+# Each optimizer against its paper's formulas, written out per coordinate (m_0 = 0, v_0 = tau^2).
 def test_fedavgm_two_rounds():
+    # Hsu et al. (2019): m <- beta m + Delta; x <- x + eta m
     x1, x2, d1, d2 = _run(FedAvgM(server_lr=ETA, beta1=B1))
-    m1 = d1  # m_0 = Delta on a tensor's first step
+    m1 = [B1 * 0.0 + d1[j] for j in range(3)]
     _close(x1, [X0[j] + ETA * m1[j] for j in range(3)])
-    m2 = [B1 * m1[j] + (1 - B1) * d2[j] for j in range(3)]
+    m2 = [B1 * m1[j] + d2[j] for j in range(3)]
     _close(x2, [x1[j] + ETA * m2[j] for j in range(3)])
 
 
@@ -74,34 +76,55 @@ def test_fedavgm_first_round_is_fedavg_with_unit_lr():
     _close(x1, [0.5, -0.25, 0.05])
 
 
+def test_fedavgm_has_no_ema_factor():
+    # A steady Delta: m_t = Delta (1 + beta + ... + beta^(t-1)), the heavy ball's 1 / (1 - beta) amplification,
+    # where an EMA would stay at Delta.
+    opt = FedAvgM(server_lr=1.0, beta1=0.5)
+    x = _t([0.0])
+    for _ in range(3):
+        x = opt.step(x, [{"w": x["w"] + 1.0}], [1])
+    _close(x["w"].tolist(), [1.0 + 1.5 + 1.75])
+
+
 def test_fedadagrad_two_rounds():
-    x1, x2, d1, d2 = _run(FedAdagrad(server_lr=ETA, tau=TAU))
+    # Reddi et al. (2021), Algorithm 2: m <- b1 m + (1 - b1) Delta; v <- v + Delta^2; x <- x + eta m / (sqrt(v) + tau)
+    x1, x2, d1, d2 = _run(FedAdagrad(server_lr=ETA, beta1=B1, tau=TAU))
+    m1 = [(1 - B1) * d1[j] for j in range(3)]
+    v1 = [TAU**2 + d1[j] ** 2 for j in range(3)]
+    _close(x1, [X0[j] + ETA * m1[j] / (math.sqrt(v1[j]) + TAU) for j in range(3)])
+    m2 = [B1 * m1[j] + (1 - B1) * d2[j] for j in range(3)]
+    v2 = [v1[j] + d2[j] ** 2 for j in range(3)]
+    _close(x2, [x1[j] + ETA * m2[j] / (math.sqrt(v2[j]) + TAU) for j in range(3)])
+
+
+def test_fedadagrad_without_momentum_steps_on_delta():
+    x1, x2, d1, d2 = _run(FedAdagrad(server_lr=ETA, beta1=0.0, tau=TAU))
     v1 = [TAU**2 + d1[j] ** 2 for j in range(3)]
     _close(x1, [X0[j] + ETA * d1[j] / (math.sqrt(v1[j]) + TAU) for j in range(3)])
-    v2 = [v1[j] + d2[j] ** 2 for j in range(3)]
-    _close(x2, [x1[j] + ETA * d2[j] / (math.sqrt(v2[j]) + TAU) for j in range(3)])
 
 
 def test_fedadam_two_rounds():
+    # v <- b2 v + (1 - b2) Delta^2 (from Delta, not from m)
     x1, x2, d1, d2 = _run(FedAdam(server_lr=ETA, beta1=B1, beta2=B2, tau=TAU))
-    m1 = d1
-    v1 = [B2 * TAU**2 + (1 - B2) * m1[j] ** 2 for j in range(3)]
+    m1 = [(1 - B1) * d1[j] for j in range(3)]
+    v1 = [B2 * TAU**2 + (1 - B2) * d1[j] ** 2 for j in range(3)]
     _close(x1, [X0[j] + ETA * m1[j] / (math.sqrt(v1[j]) + TAU) for j in range(3)])
     m2 = [B1 * m1[j] + (1 - B1) * d2[j] for j in range(3)]
-    v2 = [B2 * v1[j] + (1 - B2) * m2[j] ** 2 for j in range(3)]
+    v2 = [B2 * v1[j] + (1 - B2) * d2[j] ** 2 for j in range(3)]
     _close(x2, [x1[j] + ETA * m2[j] / (math.sqrt(v2[j]) + TAU) for j in range(3)])
 
 
 def test_fedyogi_two_rounds():
+    # v <- v - (1 - b2) Delta^2 sign(v - Delta^2)
     sign = lambda a: (a > 0) - (a < 0)  # noqa: E731
     x1, x2, d1, d2 = _run(FedYogi(server_lr=ETA, beta1=B1, beta2=B2, tau=TAU))
-    m1 = d1
+    m1 = [(1 - B1) * d1[j] for j in range(3)]
     v0 = TAU**2
-    v1 = [v0 - (1 - B2) * m1[j] ** 2 * sign(v0 - m1[j] ** 2) for j in range(3)]
+    v1 = [v0 - (1 - B2) * d1[j] ** 2 * sign(v0 - d1[j] ** 2) for j in range(3)]
     assert v1[2] < v0 < v1[0]  # both branches of the sign are exercised
     _close(x1, [X0[j] + ETA * m1[j] / (math.sqrt(v1[j]) + TAU) for j in range(3)])
     m2 = [B1 * m1[j] + (1 - B1) * d2[j] for j in range(3)]
-    v2 = [v1[j] - (1 - B2) * m2[j] ** 2 * sign(v1[j] - m2[j] ** 2) for j in range(3)]
+    v2 = [v1[j] - (1 - B2) * d2[j] ** 2 * sign(v1[j] - d2[j] ** 2) for j in range(3)]
     _close(x2, [x1[j] + ETA * m2[j] / (math.sqrt(v2[j]) + TAU) for j in range(3)])
 
 
@@ -109,7 +132,7 @@ def test_uniform_weighting_ignores_sample_counts():
     x1, x2, d1, d2 = _run(FedAvgM(server_lr=1.0, beta1=B1, weighting="uniform"), uniform=True)
     _close(d1, [0.0, 1.5, 0.05])
     _close(x1, [1.0, -0.5, 0.05])
-    _close(x2, [x1[j] + B1 * d1[j] + (1 - B1) * d2[j] for j in range(3)])
+    _close(x2, [x1[j] + B1 * d1[j] + d2[j] for j in range(3)])
 
 
 @pytest.mark.parametrize("cls", [FedAvgM, FedAdam, FedAdagrad, FedYogi])
@@ -131,7 +154,7 @@ def test_state_dict_round_trip_continues_identically(cls):
 def test_groups_keep_separate_state():
     opt = FedAvgM(server_lr=1.0, beta1=B1)
     opt.step(_t(X0), [_t(y) for y in R1[0]], R1[1], group="s0")
-    # Same tensor name in another group: its first step must again use m = Delta (plain FedAvg with eta = 1).
+    # Same tensor name in another group: its first step starts again from m = 0 (plain FedAvg with eta = 1).
     out = opt.step(_t(X0), [_t(y) for y in R1[0]], R1[1], group="s1")
     _close(out["w"].tolist(), [0.5, -0.25, 0.05])
     assert {k.split("::")[1] for k in opt.state_dict()} == {"s0", "s1"}

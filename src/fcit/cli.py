@@ -53,7 +53,11 @@ def cmd_run(args: argparse.Namespace) -> None:
         cfg = _load(args, extra)
         run_dir = None
     run_dir, result = run(cfg, run_dir, progress=not args.quiet, resume=bool(args.resume))
-    print(matrix_markdown(result.matrix, result.summary.to_dict(), f"{result.method} on {result.scenario}"))
+    from fcit.methods import REGISTRY
+
+    labels = None if REGISTRY[result.method].continual else ["Final model"]
+    print(matrix_markdown(result.matrix, result.summary.to_dict(), f"{result.method} on {result.scenario}",
+                          row_labels=labels))
     t = result.timing
     print(f"\ntime: setup {t.get('setup', 0):.0f}s, then {t['total']:.0f}s (train {t['train']:.0f}s, eval {t['eval']:.0f}s, "
           f"aggregation {t['aggregation']:.1f}s, other {t['other']:.0f}s)")

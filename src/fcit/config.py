@@ -163,6 +163,9 @@ class EvalConfig(_Strict):
     batch_size: int = Field(64, ge=1)
     max_new_tokens: int = Field(24, ge=1)
     max_test: Optional[int] = Field(None, ge=1, description="cap on test samples per dataset")
+    # reference: the reference's decisions (exact match; "contains" for FigureQA/DVQA); lenient: read the letter,
+    # the first number or the first word out of the prediction (fcit.eval.scorers).
+    scoring: Literal["reference", "lenient"] = "reference"
 
 
 class Config(_Strict):

@@ -61,7 +61,8 @@ class Experiment:
         from fcit.data.scenario import Scenario
 
         self.rt = runtime or Runtime.build(cfg, progress=progress)
-        self.scenario = Scenario(cfg.scenario, cfg.seed, self.rt.bench, partitions_root=cfg.data.partitions)
+        self.scenario = Scenario(cfg.scenario, cfg.seed, self.rt.bench, partitions_root=cfg.data.partitions,
+                                 union=self.method.union_stages)
         base = self.rt.fresh_model() if runtime is not None else self.rt.base_model
         validate_scenario(self.rt.bench, self.scenario)  # a bad file of the last stage fails before stage 1
         prepared = prepare_model(cfg, self.method, base, self.rt.processor)
@@ -99,7 +100,7 @@ class Experiment:
             samples = self._tests[d]
             with self.method.inference_gate(self.model, samples, stage):
                 preds = generate(self.model, self.batcher, samples, e.batch_size, e.max_new_tokens)
-            res = score_dataset(d, preds, samples)
+            res = score_dataset(d, preds, samples, e.scoring)
             if (w := empty_predictions_warning(d, preds, f"after stage {stage + 1}")) is not None:
                 self.warnings.append(w)
             res.pop("correct", None)
@@ -149,7 +150,7 @@ class Experiment:
         # Time to the first stage: data generation (first run), model load, partitions; the issue bounds it at 60 s.
         self.timer.seconds.setdefault("setup", time.perf_counter() - self._t_created)
         if kind == Kind.FEDERATED:
-            loop = StageLoop(self.method, self.model, sc, self.transport, rounds=self.cfg.scenario.rounds,
+            loop = StageLoop(self.method, self.model, sc, self.transport, rounds=sc.rounds,
                              seed=self.cfg.seed, min_replies=self.cfg.federation.min_replies, timer=self.timer)
             stages = tqdm(range(start_stage, sc.num_stages), desc="stages", disable=not self.progress,
                           initial=start_stage, total=sc.num_stages)
@@ -174,11 +175,11 @@ class Experiment:
         else:
             if kind == Kind.CENTRALIZED:
                 self._train_centralized(global_state)
-            # The model does not change between stages, so one evaluation fills every row of the matrix.
+            # One model, evaluated once on every dataset: the matrix has that one row (copying it into a row per
+            # stage made an Avg out of a single evaluation).
             all_seen = sc.seen_datasets(sc.num_stages - 1)
             res = self.evaluate(all_seen, sc.num_stages - 1)
-            for t in range(sc.num_stages):
-                matrix.add_stage({d: res[d]["score"] for d in sc.seen_datasets(t)})
+            matrix.add_stage({d: res[d]["score"] for d in all_seen})
             details.append(res)
         self.timer.add("total", total_before + time.perf_counter() - t_start)
         return self._write_results(matrix, logs, details)
@@ -212,6 +213,9 @@ class Experiment:
             for d in matrix.datasets:
                 groups.setdefault(registry.get(d).group, []).append(d)
         summ = Summary.from_dict(summary(matrix, final_ds, groups))
+        if not self.method.continual:
+            # Not a continual learner: its final model has no "after stage t" to average or forget over.
+            summ.avg = summ.forgetting = summ.avg_groups = None
         t = self.timer.seconds
         # "total" runs from the first stage on; "setup" (before it) is reported beside it.
         t["other"] = max(0.0, t.get("total", 0.0) - t["train"] - t["eval"] - t["aggregation"])
@@ -220,7 +224,8 @@ class Experiment:
                            method_artifacts=write_artifacts(self.method.artifacts(), self.run_dir))
         write_json(self.run_dir / "metrics.json", result.to_dict())
         title = f"{self.method.name} on {sc.name} (beta={self.cfg.scenario.beta:g}, seed {self.cfg.seed})"
-        md = matrix_markdown(matrix, summ.to_dict(), title)
+        labels = None if self.method.continual else ["Final model"]
+        md = matrix_markdown(matrix, summ.to_dict(), title, row_labels=labels)
         (self.run_dir / "results.md").write_text(md)
-        matrix_heatmap(matrix, self.run_dir / "matrix.png", title)
+        matrix_heatmap(matrix, self.run_dir / "matrix.png", title, row_labels=labels)
         return result

@@ -44,14 +44,16 @@ class RoundLog:
 @dataclass
 class Summary:
     last: float
-    avg: float
-    forgetting: Optional[float]
+    avg: Optional[float]  # None: not applicable (a method that is not continual: zero-shot, MTL)
+    forgetting: Optional[float]  # None: no dataset left the training set, or not applicable
     last_groups: Optional[float] = None  # Capability setting: the same over capability-group means
     avg_groups: Optional[float] = None
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
-        return {k: v for k, v in d.items() if v is not None or k == "forgetting"}
+        # avg and forgetting are always written (null when not applicable); the group means only where they exist.
+        return {k: v for k, v in d.items() if v is not None or k in ("avg", "forgetting")
+                or (k == "avg_groups" and d["last_groups"] is not None)}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "Summary":

@@ -97,6 +97,10 @@ def read_config(run_dir: Path) -> "Config":
     if not Path(run_dir).is_dir():
         raise FcitError(f"--resume: {run_dir}: no such run directory")
     raw = read_json(path, "the run's config")
+    if isinstance(raw, dict) and isinstance(raw.get("eval"), dict) and "scoring" not in raw["eval"]:
+        # Written before eval.scoring existed, so scored with the lenient parses: said so, a comparison will not
+        # reuse its numbers as reference-scored ones.
+        raw["eval"]["scoring"] = "lenient"
     try:
         return Config.model_validate(raw)
     except ValidationError as err:

@@ -10,11 +10,12 @@ from dataclasses import dataclass
 
 from fcit.errors import FcitError
 
-# Answer types, each with one scorer in fcit.eval.scorers.
+# Answer types, each with its scorers in fcit.eval.scorers: the reference scoring decides the short ones by exact
+# match (yes/no and contains by "contains"), the lenient one parses by type.
 EXACT = "exact"  # case-insensitive exact match after trimming white space and a final period
-CHOICE = "choice"  # a multiple-choice letter (A, B, C, ...)
-NUMBER = "number"  # a number; "1" never matches "10"
-YESNO = "yesno"  # yes / no
+CHOICE = "choice"  # a multiple-choice letter (A, B, C, ...); lenient: the letter of "B) cube"
+NUMBER = "number"  # a number; lenient: the first number, "1" never matches "10"
+YESNO = "yesno"  # yes / no; reference: "contains", lenient: the first word
 CONTAINS = "contains"  # the prediction contains the answer as a whole token; empty prediction is wrong
 GROUNDING = "grounding"  # a normalised box [x1, y1, x2, y2], correct iff IoU > 0.5
 CAPTION = "caption"  # CIDEr-D x100 (headline)

@@ -6,6 +6,10 @@ from the released partition files. Stages and tasks coincide in Hom. In Het, sta
 table: position p of every round of stage s trains task ``table[s][p]`` on the selected client's share of that task.
 The clients of a round are m of K drawn without replacement from a generator seeded by (seed, stage, round), sorted,
 and paired with the positions in that order (reference 4 [rec]).
+
+``union=True`` turns the scenario into the federated multi-task one (``mtl-fed``): one stage whose one task is the
+union of every task the continual run would train, partitioned over the K clients like any task, for as many rounds
+as the continual run has in all (stages x rounds), so the two runs have the same federated budget.
 """
 
 from __future__ import annotations
@@ -84,7 +88,8 @@ def _group_name(datasets: list[str], k: int) -> str:
 
 
 class Scenario:
-    def __init__(self, cfg: ScenarioConfig, seed: int, bench: Benchmark, partitions_root: Optional[str] = None):
+    def __init__(self, cfg: ScenarioConfig, seed: int, bench: Benchmark, partitions_root: Optional[str] = None,
+                 union: bool = False):
         self.cfg = cfg
         self.seed = seed
         self.bench = bench
@@ -115,7 +120,18 @@ class Scenario:
         self.table: Optional[list[list[int]]] = self._het_table() if self.het else None
         total = len(self.table) if self.table is not None else self.num_tasks
         self.num_stages = min(total, cfg.stages) if cfg.stages else total
+        self.rounds = cfg.rounds  # communication rounds per stage
         self._parts: dict[int, list[list[Sample]]] = {}
+        # union: the continual run's tasks (task index -> datasets), all trained in one stage.
+        self.union_of: Optional[dict[int, list[str]]] = None
+        if union:
+            members = sorted({k for t in range(self.num_stages) for k in self.stage_tasks(t)})
+            self.union_of = {k: self.tasks[k] for k in members}
+            self.rounds = cfg.rounds * self.num_stages
+            self.tasks = [[d for t in self.union_of.values() for d in t]]
+            self.task_names = ["union"]
+            self.num_tasks, self.num_stages, self.table = 1, 1, None
+            self.name += "-union"
 
     def _het_table(self) -> list[list[int]]:
         cfg, m = self.cfg, self.cfg.clients_per_round
@@ -162,9 +178,11 @@ class Scenario:
             cfg = self.cfg
             if self.partitions_root is not None:
                 setting, kind = ("Task-related", "seq") if cfg.setting == "task" else ("Capability-related", "cap")
-                self._parts[k] = released_partition(
-                    self.partitions_root, setting, kind, cfg.beta, k + 1, cfg.num_clients, self.bench, self.tasks[k]
-                )
+                # A release partitions each stage, not the union: a client's union share is its shares of every task.
+                released = [(k, self.tasks[k])] if self.union_of is None else list(self.union_of.items())
+                per_task = [released_partition(self.partitions_root, setting, kind, cfg.beta, j + 1, cfg.num_clients,
+                                               self.bench, t) for j, t in released]
+                self._parts[k] = [[s for shares in per_task for s in shares[c]] for c in range(cfg.num_clients)]
             else:
                 data = self._task_data(k)
                 try:

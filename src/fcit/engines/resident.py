@@ -42,7 +42,8 @@ class ClientRuntime:
         method = build_method(cfg)
         rt = Runtime.build(cfg, progress=False)
         prepared = prepare_model(cfg, method, rt.base_model, rt.processor)
-        scenario = Scenario(cfg.scenario, cfg.seed, rt.bench, partitions_root=cfg.data.partitions)
+        scenario = Scenario(cfg.scenario, cfg.seed, rt.bench, partitions_root=cfg.data.partitions,
+                            union=method.union_stages)
         return cls(cfg, prepared.model, method, prepared.batcher, scenario, prepared.vision_cache)
 
 

@@ -1,13 +1,26 @@
-"""One scorer per answer type (reference section 10, with the reference's metric bugs fixed; section 7 lists them).
+"""One scorer per answer type, in two modes (``eval.scoring``); reference sections 7 and 10, with the reference's
+metric bugs fixed (section 7 lists them).
 
 Every scorer returns ``{"score": 0..100 headline, "correct": list[bool] | None, "n": int, ...extras}``.
 
-* exact: case-insensitive equality after trimming white space and one final period (inner white space collapsed).
+``reference`` (the default) decides as the reference does, so numbers compare with the paper's: exact match for every
+short answer (ImageNet-R, ArxivQA, IconQA, CLEVR-Math, OCR-VQA, super-CLEVR, AOKVQA, TabMWP), "contains" for FigureQA
+and DVQA. A model has to answer in the asked format to score.
+
+``lenient`` reads an answer out of a longer or differently written prediction, by answer type (what fcit used before
+the reference mode; kept to tell "knows the answer" from "answers in the format"):
+
 * choice: the option letter of "B", "B.", "(B)", "B) cube", "B. cube" is compared; an answer that is not a letter
   falls back to exact match.
 * number: the first number of the prediction against the answer's, numerically ("3.0" == "3", "1" != "10",
   "1,000" == "1000", "3/4" == "0.75"); a non-numeric answer (TabMWP has some) falls back to exact match.
 * yesno: the first word of the prediction against yes/no.
+* exact and contains: as in the reference mode.
+
+Both modes share:
+
+* exact: case-insensitive equality after trimming white space and one final period (inner white space collapsed);
+  the reference compares ``pred.upper() == gt.upper()`` after the generation's strip, section 10 adds the period.
 * contains: the prediction contains the answer as a whole token sequence, case-insensitive. This is the intended
   direction; the reference tests answer-in-prediction backwards, so "" and "1" (for "10") counted as correct.
 * grounding: the first four numbers of the prediction, every digit kept (the reference dropped y2's last digit), as
@@ -26,7 +39,7 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 from fractions import Fraction
-from typing import Optional
+from typing import Literal, Optional
 
 import numpy as np
 
@@ -126,12 +139,25 @@ def tokenize_caption(text: str) -> str:
     return " ".join(_PUNCT.sub(" ", text.casefold()).split())
 
 
+Scoring = Literal["reference", "lenient"]
+SCORINGS: tuple[str, ...] = ("reference", "lenient")
+
+# answer type -> match(pred, answer), per scoring mode
 _MATCHERS = {
-    registry.EXACT: exact,
-    registry.CHOICE: choice,
-    registry.NUMBER: number,
-    registry.YESNO: yesno,
-    registry.CONTAINS: contains,
+    "reference": {
+        registry.EXACT: exact,
+        registry.CHOICE: exact,
+        registry.NUMBER: exact,
+        registry.YESNO: contains,
+        registry.CONTAINS: contains,
+    },
+    "lenient": {
+        registry.EXACT: exact,
+        registry.CHOICE: choice,
+        registry.NUMBER: number,
+        registry.YESNO: yesno,
+        registry.CONTAINS: contains,
+    },
 }
 
 
@@ -172,7 +198,9 @@ def _caption(preds: Sequence[str], samples: Sequence[Sample]) -> dict:
     }
 
 
-def score(answer_type: str, preds: Sequence[str], samples: Sequence[Sample]) -> dict:
+def score(answer_type: str, preds: Sequence[str], samples: Sequence[Sample], scoring: Scoring = "reference") -> dict:
+    if scoring not in _MATCHERS:
+        raise FcitError(f"score: unknown scoring {scoring!r}; known: {', '.join(SCORINGS)}")
     if len(preds) != len(samples):
         raise FcitError(f"score: {len(preds)} predictions for {len(samples)} samples")
     if not samples:
@@ -182,11 +210,12 @@ def score(answer_type: str, preds: Sequence[str], samples: Sequence[Sample]) -> 
         return _grounding(preds, samples)
     if answer_type == registry.CAPTION:
         return _caption(preds, samples)
-    if answer_type not in _MATCHERS:
+    matchers = _MATCHERS[scoring]
+    if answer_type not in matchers:
         raise FcitError(f"score: unknown answer type {answer_type!r}; known: {', '.join(registry.ANSWER_TYPES)}")
-    match = _MATCHERS[answer_type]
+    match = matchers[answer_type]
     return _accuracy([match(p, s.answer) for p, s in zip(preds, samples)])
 
 
-def score_dataset(dataset: str, preds: Sequence[str], samples: Sequence[Sample]) -> dict:
-    return score(registry.get(dataset).answer_type, preds, samples)
+def score_dataset(dataset: str, preds: Sequence[str], samples: Sequence[Sample], scoring: Scoring = "reference") -> dict:
+    return score(registry.get(dataset).answer_type, preds, samples, scoring)

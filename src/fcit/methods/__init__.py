@@ -13,9 +13,12 @@ from fcit.methods.mlora import MLora
 from fcit.methods.moelora import MoELora
 from fcit.methods.olora import OLora
 from fcit.methods.mtl import MultiTask
+from fcit.methods.mtl_fed import MultiTaskFed
 from fcit.methods.zeroshot import ZeroShot
 
-REGISTRY: dict[str, type[Method]] = {m.name: m for m in (ZeroShot, Finetune, Ewc, Lwf, OLora, MLora, MoELora, Disco, MultiTask)}
+REGISTRY: dict[str, type[Method]] = {
+    m.name: m for m in (ZeroShot, Finetune, Ewc, Lwf, OLora, MLora, MoELora, Disco, MultiTask, MultiTaskFed)
+}
 
 
 def build_method(cfg: Config) -> Method:

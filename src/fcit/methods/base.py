@@ -104,6 +104,11 @@ class Method:
     summary: ClassVar[str] = "One LoRA tuned on each stage in turn, FedAvg on the server (the lower bound)."
     kind: ClassVar[Kind] = Kind.FEDERATED
     Params: ClassVar[type[Params]] = Params
+    # False for a reference point that is not a continual learner (zero-shot, the multi-task upper bounds): its one
+    # final model is evaluated once, so it reports Last only; Avg and forgetting are not applicable (None).
+    continual: ClassVar[bool] = True
+    # True: train one stage over the union of all stages' data for stages x rounds rounds (``Scenario(union=True)``).
+    union_stages: ClassVar[bool] = False
 
     def __init__(self, cfg: Config):
         self.cfg = cfg

@@ -10,3 +10,4 @@ class MultiTask(Method):
         "sample budget (local_epochs passes), evaluated once."
     )
     kind = Kind.CENTRALIZED
+    continual = False

@@ -119,8 +119,9 @@ def _colormap(name: str):
     return matplotlib.colormaps[name].with_extremes(bad="white")
 
 
-def matrix_heatmap(m: AccuracyMatrix, path: Path, title: str) -> Path:
-    """Stages x datasets picture of an accuracy matrix, colour scale 0..100 (stretched if CIDEr exceeds 100)."""
+def matrix_heatmap(m: AccuracyMatrix, path: Path, title: str, row_labels: Optional[list[str]] = None) -> Path:
+    """Stages x datasets picture of an accuracy matrix, colour scale 0..100 (stretched if CIDEr exceeds 100);
+    ``row_labels`` replaces "Stage t"."""
     values = np.full((len(m.rows), len(m.datasets)), np.nan)
     for t, row in enumerate(m.rows):
         for j, name in enumerate(m.datasets):
@@ -130,7 +131,7 @@ def matrix_heatmap(m: AccuracyMatrix, path: Path, title: str) -> Path:
     top = max(100.0, float(finite.max())) if finite.size else 100.0
     return heatmap(
         values,
-        row_labels=[f"Stage {t}" for t in range(1, len(m.rows) + 1)],
+        row_labels=row_labels or [f"Stage {t}" for t in range(1, len(m.rows) + 1)],
         col_labels=m.datasets,
         path=path,
         title=title,
@@ -138,5 +139,5 @@ def matrix_heatmap(m: AccuracyMatrix, path: Path, title: str) -> Path:
         vmax=top,
         fmt=".1f",
         colorbar_label="score",
-        ylabel="after stage",
+        ylabel="" if row_labels else "after stage",
     )

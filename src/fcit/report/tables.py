@@ -56,9 +56,12 @@ def seed_cell(values: Sequence[float]) -> Union[float, tuple[float, float]]:
 
 
 def matrix_markdown(
-    m: AccuracyMatrix, summary: Optional[dict], title: Optional[str] = None, digits: int = 1
+    m: AccuracyMatrix, summary: Optional[dict], title: Optional[str] = None, digits: int = 1,
+    row_labels: Optional[list[str]] = None,
 ) -> str:
-    """Stage x dataset table (blank where a dataset was not yet seen) followed by the summary lines."""
+    """Stage x dataset table (blank where a dataset was not yet seen) followed by the summary lines.
+
+    ``row_labels`` replaces "After stage t" (e.g. the one row of a method that is not continual)."""
     lines: list[str] = []
     if title:
         lines += [f"### {title}", ""]
@@ -66,14 +69,15 @@ def matrix_markdown(
     lines.append(_row(["---"] + ["---:"] * len(m.datasets)))
     for t, row in enumerate(m.rows, start=1):
         cells = [f"{row[d]:.{digits}f}" if d in row else "" for d in m.datasets]
-        lines.append(_row([f"After stage {t}"] + cells))
+        lines.append(_row([row_labels[t - 1] if row_labels else f"After stage {t}"] + cells))
     if summary:
         lines.append("")
         for key in ("last", "avg", "forgetting", "last_groups", "avg_groups"):
             if key not in summary:
                 continue
             value = summary[key]
-            # Forgetting is undefined with a single stage or when every dataset is retrained at the end.
+            # Forgetting is undefined with a single stage or when every dataset is retrained at the end; Avg and
+            # forgetting are not applicable to a method that is not continual.
             text = "n/a" if value is None else f"{value:.{digits}f}"
             lines.append(f"- **{_HEADERS[key]}**: {text}")
     return "\n".join(lines) + "\n"

@@ -1,25 +1,33 @@
 """Server optimizers (FedAvg, FedAvgM, FedAdam, FedAdagrad, FedYogi) over state dicts.
 
 Plain code, independent of any engine: ``step`` takes the global state, the clients' uploads and their weights, and
-returns new values for the uploaded keys. Formulas follow reference section 3.1, i.e. OpenFedLLM, which the reference's
-unused ``fed_alg`` flags come from:
+returns new values for the uploaded keys. The adaptive optimizers follow Reddi et al. (2021, "Adaptive Federated
+Optimization", Algorithm 2), FedAvgM follows Hsu et al. (2019, "Measuring the Effects of Non-Identical Data
+Distribution for Federated Visual Classification"):
 
 * Delta = sum_k p_k (y_k - x)
 * FedAvg:     x <- sum_k p_k y_k
-* FedAvgM:    m <- beta1 m + (1 - beta1) Delta;                          x <- x + eta m
-* FedAdagrad: v <- v + Delta^2;                                          x <- x + eta Delta / (sqrt(v) + tau)
-* FedAdam:    m as FedAvgM;  v <- beta2 v + (1 - beta2) m^2;             x <- x + eta m / (sqrt(v) + tau)
-* FedYogi:    m as FedAvgM;  v <- v - (1 - beta2) m^2 sign(v - m^2);     x <- x + eta m / (sqrt(v) + tau)
+* FedAvgM:    m <- beta1 m + Delta;                                      x <- x + eta m
+* FedAdagrad: m <- beta1 m + (1 - beta1) Delta;  v <- v + Delta^2;       x <- x + eta m / (sqrt(v) + tau)
+* FedAdam:    m as FedAdagrad;  v <- beta2 v + (1 - beta2) Delta^2;      x <- x + eta m / (sqrt(v) + tau)
+* FedYogi:    m as FedAdagrad;  v <- v - (1 - beta2) Delta^2 sign(v - Delta^2);  x <- x + eta m / (sqrt(v) + tau)
 
-Choices, all documented here because the reference leaves them open:
+with m_0 = 0 and v_0 = tau^2. The reference's unused flags come from OpenFedLLM (reference section 3.1), which
+differs: it starts m at Delta, builds FedAdam's and FedYogi's v from m^2 instead of Delta^2, and runs FedAvgM's m as an
+EMA; this module implemented that form before and no longer does.
+
+Choices, all documented here because the papers leave them open:
 
 * Weights. p_k = n_k / sum n ("samples") for every optimizer by default, so switching aggregator changes only the server
-  rule and not the weighting of clients. The reference (OpenFedLLM) uses p_k = 1/m for the FedOpt family; that reading
-  is ``weighting="uniform"``.
-* Momentum. m is an EMA (the (1 - beta1) factor), not Hsu et al.'s m <- beta m + Delta, and the first time a tensor
-  is stepped m = Delta (OpenFedLLM's ``if round_idx > 0 else delta``), which makes FedAvgM's first round plain FedAvg.
-  FedAvgM also scales by eta (``server_lr``); the reference has no eta there, so eta = 1 reproduces it.
-* v starts at tau^2 (OpenFedLLM's ``v = tau^2`` initialisation).
+  rule and not the weighting of clients. Reddi et al. (and OpenFedLLM) use p_k = 1/m; that reading is
+  ``weighting="uniform"``.
+* FedAvgM's momentum is Hsu et al.'s beta (``beta1``), with no (1 - beta) factor, so with eta = 1 its first round is
+  plain FedAvg and a steady Delta is amplified up to 1 / (1 - beta).
+* FedAdagrad uses the first moment like the other two (Algorithm 2); ``beta1 = 0`` gives the momentum-free step
+  eta Delta / (sqrt(v) + tau).
+* No bias correction of m or v, as in Algorithm 2: with m_0 = 0 the first steps are (1 - beta1) of a full one, and
+  with v_0 = tau^2 FedAdam/FedYogi then move each coordinate by about eta (m / sqrt(v) is about +-1 for a steady
+  Delta), so eta is a step size in weight units.
 * State (m, v) is kept per (group, key) in fp32 on the tensor's device and persists across rounds and stages: a stage
   boundary is not a restart for the server. ``group`` lets a method with several subspaces keep separate moments per
   subspace even when the subspaces share tensor names.
@@ -118,9 +126,13 @@ class ServerOptimizer:
         return delta
 
     # -- helpers for the momentum family -------------------------------------------------------------------------
-    def _momentum(self, slot: tuple[str, str], delta: torch.Tensor) -> torch.Tensor:
+    def _m0(self, slot: tuple[str, str], like: torch.Tensor) -> torch.Tensor:
         m = self.m.get(slot)
-        m = delta.clone() if m is None else self.beta1 * m.to(delta.device) + (1.0 - self.beta1) * delta
+        return torch.zeros_like(like) if m is None else m.to(like.device)
+
+    def _ema_momentum(self, slot: tuple[str, str], delta: torch.Tensor) -> torch.Tensor:
+        """Reddi et al.'s first moment: m <- beta1 m + (1 - beta1) Delta, from m_0 = 0."""
+        m = self.beta1 * self._m0(slot, delta) + (1.0 - self.beta1) * delta
         self.m[slot] = m
         return m
 
@@ -157,7 +169,10 @@ class FedAvgM(ServerOptimizer):
     uses_pseudo_gradient = True
 
     def _update(self, slot, delta):
-        return self.server_lr * self._momentum(slot, delta)
+        # Hsu et al.: heavy-ball momentum on the pseudo-gradient, m <- beta m + Delta from m_0 = 0.
+        m = self.beta1 * self._m0(slot, delta) + delta
+        self.m[slot] = m
+        return self.server_lr * m
 
 
 class FedAdagrad(ServerOptimizer):
@@ -165,10 +180,10 @@ class FedAdagrad(ServerOptimizer):
     uses_pseudo_gradient = True
 
     def _update(self, slot, delta):
-        # Reddi et al.'s FedAdagrad has no first moment: the step uses Delta itself.
+        m = self._ema_momentum(slot, delta)
         v = self._v0(slot, delta) + delta.square()
         self.v[slot] = v
-        return self._adaptive_step(delta, v)
+        return self._adaptive_step(m, v)
 
 
 class FedAdam(ServerOptimizer):
@@ -176,8 +191,8 @@ class FedAdam(ServerOptimizer):
     uses_pseudo_gradient = True
 
     def _update(self, slot, delta):
-        m = self._momentum(slot, delta)
-        v = self.beta2 * self._v0(slot, delta) + (1.0 - self.beta2) * m.square()
+        m = self._ema_momentum(slot, delta)
+        v = self.beta2 * self._v0(slot, delta) + (1.0 - self.beta2) * delta.square()
         self.v[slot] = v
         return self._adaptive_step(m, v)
 
@@ -187,10 +202,10 @@ class FedYogi(ServerOptimizer):
     uses_pseudo_gradient = True
 
     def _update(self, slot, delta):
-        m = self._momentum(slot, delta)
+        m = self._ema_momentum(slot, delta)
         v0 = self._v0(slot, delta)
-        m2 = m.square()
-        v = v0 - (1.0 - self.beta2) * m2 * torch.sign(v0 - m2)
+        d2 = delta.square()
+        v = v0 - (1.0 - self.beta2) * d2 * torch.sign(v0 - d2)
         self.v[slot] = v
         return self._adaptive_step(m, v)
 
@@ -211,7 +226,8 @@ def build_server_optimizer(cfg, weighting: Optional[Weighting] = None) -> Server
     w = weighting or getattr(cfg, "weighting", None) or "samples"
     lr = cfg.server_lr
     if lr is None:
-        # An unset eta: 1 keeps FedAvgM's first round equal to FedAvg; the FedOpt family uses the reference's 1e-3,
-        # since with eta = 1 its first step moves every coordinate by about eta / sqrt(1 - beta2).
+        # An unset eta: 1 keeps FedAvgM's first round equal to FedAvg (FedAvg itself has no eta); the adaptive ones
+        # use the reference's fedopt_eta, 1e-3, since they move each coordinate by about eta per round whatever the
+        # size of Delta (a LoRA weight here is of order 1e-2). Set federation.server_lr to tune it per run.
         lr = 1.0 if cls in (FedAvg, FedAvgM) else 1e-3
     return cls(server_lr=lr, beta1=cfg.beta1, beta2=cfg.beta2, tau=cfg.adaptivity, weighting=w)

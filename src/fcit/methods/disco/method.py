@@ -6,10 +6,13 @@ Per round:
    images), before training.
 2. ``plan_round`` (server): a client whose token is within cosine ``tau`` of a used global token trains that
    subspace; the others are grouped by greedy threshold clustering (disjoint groups) and each group gets a fresh
-   subspace. New subspaces are opened only in round 0 of a stage (as in the reference; ``new_slots="any"`` allows
-   them in every round); in later rounds every client trains the subspace of its nearest used global token, which
-   is the slot its task got in round 0. Keying by identity rather than by position is what makes the same rule work
-   in Hom and Het: a recurring task routes back to its subspace.
+   subspace. Sharing a subspace always takes a similarity >= ``tau``: a small new group (``min_share``) joins
+   another group of the round only when it is that close, and otherwise opens its own. In rounds after the first
+   of a stage a client trains the nearest of the stage's subspaces (the ones its earlier rounds chose) when it is
+   within ``tau`` of it, which is the slot its task got in round 0; a client below ``tau`` to all of them is routed
+   as in round 0 (a used subspace within ``tau``, else a free one), where the reference takes the nearest stage slot
+   at any similarity. Keying by identity rather than by position is what makes the same rule work in Hom and Het:
+   a recurring task routes back to its subspace.
 3. ``before_local`` (client): only that subspace (and the projector) is trainable, so the upload ``local_train``
    returns is that subspace plus the projector.
 4. ``aggregate`` (server): each subspace is averaged over the clients that trained it (weighted by samples), the
@@ -55,9 +58,15 @@ class Params(SubspaceParams):
     # None: keep Finetune's LoRA scaling model.lora.alpha / model.lora.r for the total rank.
     alpha: Optional[float] = Field(None, gt=0)
     scale_by: Literal["total", "subspace"] = "total"
+    # "round0": only a stage's first round plans new groups from scratch (later rounds keep their stage's subspaces
+    # and open one only for a client below tau to all of them); "any": every round routes like round 0.
     new_slots: Literal["round0", "any"] = "round0"
-    # A new group with less than this share of the round's samples joins the nearest group instead of opening a
-    # subspace: a client with a handful of samples has a noisy identity token (reference: tiny-singleton merge).
+    # Later rounds, a client below tau to every subspace of its stage: "tau" routes it as in round 0 (a free subspace
+    # unless a used one is within tau); "nearest" is the reference's nearest stage subspace at any similarity.
+    late_route: Literal["tau", "nearest"] = "tau"
+    # A new group with less than this share of the round's samples joins another group of the round if its mean
+    # similarity to that group's clients is >= tau, instead of founding a subspace on a noisy token; below tau it
+    # opens its own (the reference merges tiny singletons by share alone, across tasks).
     min_share: float = Field(0.05, ge=0, lt=1)
 
     @field_validator("encoder")
@@ -162,9 +171,9 @@ class Disco(SlotMethod):
             sims.append(cosine_matrix(t, self.C[m]))
         return torch.stack(sims).mean(0)
 
-    def stage_slots(self, stage: int) -> list[int]:
-        """The subspaces the stage's first round chose (later rounds route only among them)."""
-        return sorted({e["subspace"] for e in self.routing_log if e["stage"] == stage and e["round"] == 0})
+    def stage_slots(self, stage: int, before_round: int) -> list[int]:
+        """The subspaces the stage's earlier rounds chose (a later round tries them first)."""
+        return sorted({e["subspace"] for e in self.routing_log if e["stage"] == stage and e["round"] < before_round})
 
     def plan_round(self, info: StageInfo, identities: Sequence[dict], global_state: State) -> RoundPlan:
         if not identities:
@@ -174,9 +183,10 @@ class Disco(SlotMethod):
         sim_c = self._similarities(tokens)
         sim_pair = torch.stack([cosine_matrix(t, t) for t in tokens.values()]).mean(0)
         allow_new = info.round == 0 or self.params.new_slots == "any"
-        stage_slots = self.stage_slots(info.stage) if info.round > 0 else []
+        stage_slots = self.stage_slots(info.stage, info.round) if info.round > 0 else []
         slots, kinds = assign_slots(sim_c, sim_pair, self.used, self.params.tau, allow_new=allow_new, counts=counts,
-                                    min_share=self.params.min_share, stage_slots=stage_slots)
+                                    min_share=self.params.min_share, stage_slots=stage_slots,
+                                    late_route=self.params.late_route)
         for i, (idt, j, kind) in enumerate(zip(identities, slots, kinds)):
             self.routing_log.append({
                 "stage": info.stage, "round": info.round, "position": i, "subspace": j, "kind": kind,

@@ -74,28 +74,48 @@ def greedy_threshold_clusters(tokens: Optional[torch.Tensor] = None, tau: float 
 
 def assign_slots(sim_c: torch.Tensor, sim_pair: torch.Tensor, used: torch.Tensor, tau: float,
                  allow_new: bool = True, counts: Optional[torch.Tensor] = None, min_share: float = 0.0,
-                 stage_slots: Optional[Sequence[int]] = None) -> tuple[list[int], list[str]]:
-    """The server's plan: a slot per client and why (``matched`` | ``new`` | ``merged`` | ``overflow`` | ``nearest``).
+                 stage_slots: Optional[Sequence[int]] = None,
+                 late_route: Literal["tau", "nearest"] = "tau") -> tuple[list[int], list[str]]:
+    """The server's plan: a slot per client and why (``matched`` | ``nearest`` | ``new`` | ``merged`` | ``overflow``).
 
     ``sim_c`` (n, E): clients vs global tokens; ``sim_pair`` (n, n): clients vs clients; ``used`` (E,) bool.
-    With ``allow_new=False`` (rounds after the first of a stage) every client takes its nearest slot among
-    ``stage_slots`` (the slots the stage's first round chose; all used slots when not given), so a client whose
-    few samples give an off token cannot train another task's subspace. A new group holding less than ``min_share`` of
-    the round's samples does not open a subspace (its token is too noisy to found one, the reference's tiny-singleton
-    rule): it joins the most similar group or slot. When all E slots are taken, a group that needs a new one falls
-    back to its nearest slot with a warning.
+    Every decision to share a subspace needs a similarity of at least ``tau``; below it a client's group opens a
+    free slot, whatever its size or round:
+
+    * a client within ``tau`` of a used global token trains that subspace (``matched``). With ``allow_new=False``
+      (rounds after the first of a stage) the stage's own slots (``stage_slots``; all used slots when not given)
+      come first: the nearest of them if it is within ``tau`` (``nearest``), so a client whose few samples give an
+      off token does not drift to another task's subspace. ``late_route="nearest"`` is the reference's rule
+      instead: every such client takes its nearest stage slot at any similarity (kept for comparison: with as many
+      slots as tasks, a noisy small client that opens a slot can leave the last task none);
+    * the others are grouped by greedy threshold clustering, and each group opens a free slot (``new``). A group
+      holding less than ``min_share`` of the round's samples has a noisy token, so it joins one of this round's
+      groups if its mean similarity to that group's clients reaches ``tau`` (``merged``; the reference's
+      tiny-singleton rule, which merges by share alone, put a new task's small client into another task's subspace);
+      otherwise it opens its own slot like any group.
+
+    When no free slot is left, a group that needs one trains its nearest slot (``overflow``, with a warning that names
+    ``num_subspaces``), in later rounds the nearest of the stage's slots: the run goes on as the reference's capped
+    bank does, rather than failing a long run at its last stage over a capacity the user can raise.
     """
     used = torch.as_tensor(used, dtype=torch.bool)
     n, E = sim_c.shape
+    sim_c = sim_c.float()
+    fallback = used.clone()  # where an overflowing group goes
     if not allow_new and bool(used.any()):
-        allowed = used.clone()
         if stage_slots:
-            allowed = torch.zeros_like(used)
-            allowed[list(stage_slots)] = True
-        nearest = sim_c.float().masked_fill(~allowed, -math.inf).argmax(dim=1)
-        return [int(j) for j in nearest], ["nearest"] * n
-    slots = route_sim(sim_c, used, tau)
-    kinds = ["matched" if s != NEW else "" for s in slots]
+            fallback = torch.zeros_like(used)
+            fallback[list(stage_slots)] = True
+        slots = route_sim(sim_c, fallback, -math.inf if late_route == "nearest" else tau)
+        kinds = ["nearest" if s != NEW else "" for s in slots]
+        # Below tau to every slot of the stage: route as in a stage's first round (a used slot within tau, or new).
+        rest = [i for i, s in enumerate(slots) if s == NEW]
+        for i, s in zip(rest, route_sim(sim_c[rest], used, tau) if rest else []):
+            if s != NEW:
+                slots[i], kinds[i] = s, "matched"
+    else:
+        slots = route_sim(sim_c, used, tau)
+        kinds = ["matched" if s != NEW else "" for s in slots]
     pending = [i for i, s in enumerate(slots) if s == NEW]
     if not pending:
         return slots, kinds
@@ -103,51 +123,60 @@ def assign_slots(sim_c: torch.Tensor, sim_pair: torch.Tensor, used: torch.Tensor
     total = float(counts.sum()) or 1.0
     clusters = greedy_threshold_clusters(sim=sim_pair[pending][:, pending], tau=tau, weights=counts[pending].tolist())
     groups = [[pending[g] for g in group] for group in clusters]
+    # Groups that may found a subspace on their own first, so that a tiny group can join one of them.
     tiny = [g for g in groups if float(counts[g].sum()) / total < min_share]
-    solid = [g for g in groups if g not in tiny]
-    if not solid and not bool(used.any()):
-        solid, tiny = tiny[:1], tiny[1:]  # the very first round must open something
+    solid = [g for g in groups if float(counts[g].sum()) / total >= min_share]
+    # This round's clients by slot: the groups a tiny group may join.
+    peers: dict[int, list[int]] = {}
+    for i, j in enumerate(slots):
+        if j != NEW:
+            peers.setdefault(j, []).append(i)
     taken = used.clone()
-    opened: dict[int, list[int]] = {}
-    for members in solid:
+    opened: dict[int, list[int]] = {}  # slots opened in this call -> their clients
+    for members in solid + tiny:
+        if float(counts[members].sum()) / total < min_share and peers:
+            slot, sim = _nearest_group(members, sim_pair, peers)
+            if sim >= tau:
+                peers[slot].extend(members)
+                for m in members:
+                    slots[m], kinds[m] = slot, "merged"
+                continue
         free = (~taken).nonzero().flatten()
         if len(free):
             slot, kind = int(free[0]), "new"
             taken[slot] = True
-            opened[slot] = list(members)
+            opened[slot] = []
         else:
-            slot, kind = _nearest_slot(members, sim_c, sim_pair, used, opened), "overflow"
+            slot, kind = _nearest_slot(members, sim_c, sim_pair, fallback, opened), "overflow"
             warnings.warn(
                 f"DISCO: all {E} subspaces are in use; clients {members} share subspace {slot} (the nearest) "
                 f"instead of a new one; raise method.params.num_subspaces to keep them apart",
                 RuntimeWarning,
                 stacklevel=2,
             )
+        peers.setdefault(slot, []).extend(members)
+        if slot in opened:
+            opened[slot].extend(members)
         for m in members:
             slots[m], kinds[m] = slot, kind
-    # A tiny group joins what this round's other clients train (same stage, so most likely the same task); only
-    # when every client of the round is tiny does it fall back to the nearest existing subspace.
-    peers: dict[int, list[int]] = {}
-    for i, j in enumerate(slots):
-        if j != NEW and kinds[i] != "merged":
-            peers.setdefault(j, []).append(i)
-    for members in tiny:
-        slot = _nearest_slot(members, sim_c, sim_pair, used if not peers else torch.zeros_like(used), peers)
-        for m in members:
-            slots[m], kinds[m] = slot, "merged"
     return slots, kinds
 
 
-def _nearest_slot(members: list[int], sim_c: torch.Tensor, sim_pair: torch.Tensor, used: torch.Tensor,
+def _nearest_group(members: list[int], sim_pair: torch.Tensor, peers: dict[int, list[int]]) -> tuple[int, float]:
+    """The slot whose clients of this round are most similar to ``members`` (mean pairwise cosine), and that cosine."""
+    cand = {j: float(sim_pair[members][:, mem].mean()) for j, mem in peers.items()}
+    slot = max(cand.items(), key=lambda kv: kv[1])[0]
+    return slot, cand[slot]
+
+
+def _nearest_slot(members: list[int], sim_c: torch.Tensor, sim_pair: torch.Tensor, allowed: torch.Tensor,
                   opened: dict[int, list[int]]) -> int:
-    """The slot most similar to a group: a used slot by its global token, or one opened this round by its members."""
-    cand: dict[int, float] = {int(j): float(sim_c[members, j].mean()) for j in used.nonzero().flatten()}
+    """The slot most similar to a group: an allowed used slot by its global token, or one opened in this call by its
+    members (which have no global token yet)."""
+    cand: dict[int, float] = {int(j): float(sim_c[members, j].mean()) for j in allowed.nonzero().flatten()}
     for j, mem in opened.items():
         cand[j] = float(sim_pair[members][:, mem].mean())
-    slot = max(cand.items(), key=lambda kv: kv[1])[0]
-    if slot in opened:
-        opened[slot].extend(members)
-    return slot
+    return max(cand.items(), key=lambda kv: kv[1])[0]
 
 
 def update_centres(C: torch.Tensor, N: torch.Tensor, slot: int, tokens: torch.Tensor,
