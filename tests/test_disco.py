@@ -88,10 +88,14 @@ def test_assign_slots_new_groups_get_fresh_slots_and_matched_ones_reuse():
     tokens = torch.stack([_unit(0, 1, 0, 0), _unit(1, 0.01, 0, 0), _unit(0, 0, 1, 0), _unit(0, 1, 0.01, 0)])
     slots, kinds = assign_slots(cosine_matrix(tokens, C), cosine_matrix(tokens, tokens), used, 0.9)
     assert slots == [1, 0, 2, 1] and kinds == ["new", "matched", "new", "new"]
-    # later rounds: the client within tau of the used slot keeps it; the others are below tau to it and open
-    # slots as in round 0 (the reference sends them all to the nearest slot)
-    slots, kinds = assign_slots(cosine_matrix(tokens, C), cosine_matrix(tokens, tokens), used, 0.9, allow_new=False)
+    # later rounds, late_route="tau": the client within tau of the used slot keeps it; the others are below tau to
+    # it and open slots as in round 0
+    slots, kinds = assign_slots(cosine_matrix(tokens, C), cosine_matrix(tokens, tokens), used, 0.9, allow_new=False,
+                                late_route="tau")
     assert slots == [1, 0, 2, 1] and kinds == ["new", "nearest", "new", "new"]
+    # the default, the reference's rule: every later-round client takes the nearest slot of the stage
+    slots, kinds = assign_slots(cosine_matrix(tokens, C), cosine_matrix(tokens, tokens), used, 0.9, allow_new=False)
+    assert slots == [0, 0, 0, 0] and kinds == ["nearest"] * 4
 
 
 def test_capacity_overflow_falls_back_to_the_nearest_slot_and_warns():
@@ -491,7 +495,7 @@ def test_later_rounds_join_a_stage_slot_above_tau_and_open_a_free_slot_below():
     sim_c, pair = cosine_matrix(tokens, C), cosine_matrix(tokens, tokens)
     # the below-tau clients are not within tau of each other (cos 0.43): each opens a slot, but only one is free
     with pytest.warns(RuntimeWarning, match="all 3 subspaces are in use"):
-        slots, kinds = assign_slots(sim_c, pair, used, 0.9, allow_new=False, stage_slots=[1])
+        slots, kinds = assign_slots(sim_c, pair, used, 0.9, allow_new=False, stage_slots=[1], late_route="tau")
     assert slots[:2] == [1, 2] and kinds[:2] == ["nearest", "new"]
     # No free slot left: the overflowing client trains the nearest slot of the stage (the reference's rule), not the
     # nearer old slot 0, with a warning that names the knob.
@@ -501,15 +505,15 @@ def test_later_rounds_join_a_stage_slot_above_tau_and_open_a_free_slot_below():
     old_twin = _unit(0.1, 0, 1)                # cos 0.995 to slot 0, 0.1 to slot 1
     tokens = torch.stack([above, old_twin])
     slots, kinds = assign_slots(cosine_matrix(tokens, C), cosine_matrix(tokens, tokens), used, 0.9,
-                                allow_new=False, stage_slots=[1])
+                                allow_new=False, stage_slots=[1], late_route="tau")
     assert slots == [1, 0] and kinds == ["nearest", "matched"]
-    # late_route="nearest": the reference's rule, the nearest stage slot at any similarity
-    slots, kinds = assign_slots(sim_c, pair, used, 0.9, allow_new=False, stage_slots=[1], late_route="nearest")
+    # The default, late_route="nearest": the reference's rule, the nearest stage slot at any similarity
+    slots, kinds = assign_slots(sim_c, pair, used, 0.9, allow_new=False, stage_slots=[1])
     assert slots == [1, 1, 1] and kinds == ["nearest"] * 3
 
 
 def test_disco_later_round_client_below_tau_opens_a_free_slot_and_one_above_joins():
-    cfg = Config.model_validate({"method": {"name": "disco", "params": {"num_subspaces": 3}}})
+    cfg = Config.model_validate({"method": {"name": "disco", "params": {"num_subspaces": 3, "late_route": "tau"}}})
     disco = Disco(cfg)
     a, far = _unit(1, 0, 0), _unit(0.3, 1, 0)  # cos 0.29
     close = _unit(1, 0.1, 0)  # cos 0.995 to a

@@ -61,9 +61,13 @@ class Params(SubspaceParams):
     # "round0": only a stage's first round plans new groups from scratch (later rounds keep their stage's subspaces
     # and open one only for a client below tau to all of them); "any": every round routes like round 0.
     new_slots: Literal["round0", "any"] = "round0"
-    # Later rounds, a client below tau to every subspace of its stage: "tau" routes it as in round 0 (a free subspace
-    # unless a used one is within tau); "nearest" is the reference's nearest stage subspace at any similarity.
-    late_route: Literal["tau", "nearest"] = "tau"
+    # Later rounds, a client below tau to every subspace of its stage: "nearest" (the reference's rule) trains the
+    # nearest stage subspace at any similarity; "tau" routes it as in round 0 (a free subspace unless a used one is
+    # within tau). "nearest" is the default because it is what routes better here: on FCIT-Synth v3 one task's
+    # clients sit at cosine 0.85-0.89 of each other, so "tau" lets a few-sample client open a slot and leaves a later
+    # task none; replaying the committed runs, "tau" sent 563-1368 samples per seed to a foreign subspace, "nearest"
+    # 0-866 (scripts/disco_routing_replay.py, README "DISCO routing").
+    late_route: Literal["tau", "nearest"] = "nearest"
     # A new group with less than this share of the round's samples joins another group of the round if its mean
     # similarity to that group's clients is >= tau, instead of founding a subspace on a noisy token; below tau it
     # opens its own (the reference merges tiny singletons by share alone, across tasks).

@@ -75,7 +75,7 @@ def greedy_threshold_clusters(tokens: Optional[torch.Tensor] = None, tau: float 
 def assign_slots(sim_c: torch.Tensor, sim_pair: torch.Tensor, used: torch.Tensor, tau: float,
                  allow_new: bool = True, counts: Optional[torch.Tensor] = None, min_share: float = 0.0,
                  stage_slots: Optional[Sequence[int]] = None,
-                 late_route: Literal["tau", "nearest"] = "tau") -> tuple[list[int], list[str]]:
+                 late_route: Literal["tau", "nearest"] = "nearest") -> tuple[list[int], list[str]]:
     """The server's plan: a slot per client and why (``matched`` | ``nearest`` | ``new`` | ``merged`` | ``overflow``).
 
     ``sim_c`` (n, E): clients vs global tokens; ``sim_pair`` (n, n): clients vs clients; ``used`` (E,) bool.
