@@ -3,7 +3,9 @@
     .venv/bin/python scripts/bench_speed.py [--preset default] [--set KEY=VALUE ...] [--out bench_speed.json]
     .venv/bin/python scripts/bench_speed.py --scaling [--quick]      # wall time vs clients, samples, rounds
 
-One run (default: the default `fcit run`, in-process) reports, in one JSON and a table:
+One run (default: the default `fcit run` with its clients in this process, `federation.workers=1`, so that the
+probes see every step; the default run's pool of worker processes is timed by `fcit run` itself) reports, in one
+JSON and a table:
   * wall time, and the run's own timing (setup, train, eval, aggregation);
   * training FLOPs: FlopCounterMode over forward + backward of a sample of real training batches after the run (the
     model as it trains, vision cache warm), per padded token, times the padded tokens the run trained on;
@@ -154,7 +156,8 @@ def one_run(preset: str, overrides: list[str], flops: bool = True) -> dict:
     probe = PROBE
     probe.__init__()
     install(probe)
-    cfg = load_config(None, preset, overrides)
+    # The probes wrap this process's functions: the clients must train here, not in the worker pool.
+    cfg = load_config(None, preset, ["federation.workers=1", *overrides])
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         exp = Experiment(cfg, Path(tmp) / "run", progress=False)
