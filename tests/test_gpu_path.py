@@ -13,7 +13,7 @@ from fcit.errors import FcitError
 from fcit.training.local import local_train
 from fcit.models.backbone import TinySpec, build_tiny, build_tokenizer, load_backbone
 from fcit.models.cache import TensorLRU
-from fcit.models.device import model_device, resolve_device, upcast_trainables
+from fcit.models.device import FP32_ATTENTION, model_device, resolve_device, set_compute_dtype, upcast_trainables
 from fcit.models.inputs import IGNORE, Batcher
 from fcit.models.lora import attach_lora, get_state, trainable_names
 from fcit.models.vision_cache import VisionFeatureCache
@@ -100,6 +100,39 @@ def test_bf16_local_train_keeps_fp32_trainables_and_a_frozen_bf16_base(micro_bac
             assert p.dtype == torch.bfloat16 and torch.equal(p, before[n]), n
     assert any(not torch.equal(res.state[n], before[n]) for n in names if "lora_B" in n)
     assert any(not torch.equal(res.state[n], before[n]) for n in names if "multi_modal_projector" in n)
+
+
+def test_bf16_compute_on_an_fp32_base_runs_bf16_matmuls_fp32_attention_and_fp32_masters(micro_backbone,
+                                                                                          micro_samples):
+    base, processor = micro_backbone
+    runs = {}
+    for compute in (None, "bfloat16"):
+        torch.manual_seed(0)
+        model = attach_lora(copy.deepcopy(base), ModelConfig())
+        set_compute_dtype(model, compute)
+        start = get_state(model)
+        res = local_train(model, Batcher(model, processor), start, micro_samples,
+                          TrainConfig(batch_size=3, lr=1e-2, local_epochs=1), seed=0)
+        runs[compute] = (model, res)
+    model, res = runs["bfloat16"]
+    top = model.get_base_model()
+    assert top.config._attn_implementation == FP32_ATTENTION
+    assert all(p.dtype == torch.float32 for p in model.parameters())  # the weights are the fp32 masters
+    assert all(v.dtype == torch.float32 for v in res.state.values())
+    ref = runs[None][1]
+    assert runs[None][0].get_base_model().config._attn_implementation == "sdpa"
+    # bf16 matmuls: close to the fp32 computation, and not equal to it (the bf16 units did run)
+    assert abs(res.loss - ref.loss) <= 0.02 * abs(ref.loss) and res.loss != ref.loss
+    # a linear under the model's autocast computes in bf16; attention's inputs arrive as fp32
+    seen = []
+    h = top.model.language_model.layers[0].mlp.gate_proj.base_layer.register_forward_hook(
+        lambda m, i, o: seen.append(o.dtype))
+    from fcit.models.device import autocast_for
+
+    with torch.no_grad(), autocast_for(model):
+        model(**Batcher(model, processor).train_batch(micro_samples[:2]))
+    h.remove()
+    assert seen == [torch.bfloat16]
 
 
 # ---- 3. memory ------------------------------------------------------------------------------------------------

@@ -80,6 +80,10 @@ class ModelConfig(_Strict):
     path: Optional[str] = None  # local HF directory (e.g. llava-1.5-7b-hf); None = the embedded tiny base
     # bfloat16/float16: a frozen base in that dtype, fp32 trainable tensors, autocast around every forward.
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    # The matmuls' dtype under autocast: None = the base's dtype (no autocast for float32). bfloat16 on an fp32 base
+    # keeps fp32 weights and trainables (the masters) and runs the matmuls on the CPU's bf16 units; attention stays
+    # fp32 on the CPU. Not bit-equal to float32 (README "Speed of the embedded engine").
+    compute_dtype: Optional[Literal["bfloat16", "float16"]] = None
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2", "flash_attention_3"] = "sdpa"
     train_projector: bool = True
     # Each of the two image caches (processed pixels by path, frozen vision-tower features by content) is an LRU of

@@ -15,7 +15,7 @@ import torch
 
 from fcit.config import Config
 from fcit.methods.base import Method
-from fcit.models.device import upcast_trainables
+from fcit.models.device import set_compute_dtype, upcast_trainables
 from fcit.models.inputs import Batcher
 from fcit.models.vision_cache import VisionFeatureCache, supports as vision_cache_supported
 
@@ -60,6 +60,7 @@ def prepare_model(cfg: Config, method: Method, base_model: torch.nn.Module, proc
     torch.manual_seed(cfg.seed)
     model = method.setup(base_model)
     upcast_trainables(model)  # a half-precision base trains fp32 adapters (no-op for float32)
+    set_compute_dtype(model, cfg.model.compute_dtype)
     # The vision-feature cache wraps a LLaVA-style vision tower; other families run without it (README).
     use_cache = cfg.model.vision_cache_mb != 0 and vision_cache_supported(model)
     cache = VisionFeatureCache(model, cfg.model.vision_cache_mb) if use_cache else None
