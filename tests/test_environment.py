@@ -1,10 +1,19 @@
-"""The environment record (``fcit.environment``)."""
+"""The environment record (``fcit.environment``) and how ``fcit compare`` flags runs from different environments.
+
+Nothing here trains: the compare tests build finished run folders by hand (config.json + metrics.json), which
+compare reuses without loading a model. The record of a real run and of a resumed one is checked in
+test_experiment.py (``test_run_records_its_environment_and_resume_appends``).
+"""
 
 import copy
 import json
 import time
 
 from fcit import environment
+from fcit.config import load_config
+from fcit.eval.metrics import AccuracyMatrix
+from fcit.jsonio import write_json
+from fcit.results import RunResult, Summary
 
 
 def test_the_record_has_every_field_and_is_strict_json():
@@ -81,3 +90,76 @@ def test_resume_note_names_what_changed():
     b["packages"]["torch"], b["cpu"]["model"] = "2.11.0", "Other CPU"
     note = environment.resume_note([a, b])
     assert "cpu " in note and "torch 2.13.0 vs 2.11.0" in note
+
+
+# -- compare ------------------------------------------------------------------------------------------------------------
+def _finished_run(out, seed, records):
+    """A finished run folder as compare reuses it: its config, its metrics and (if given) its environment."""
+    d = out / f"finetune-s{seed}"
+    d.mkdir(parents=True)
+    cfg = load_config(preset="smoke", overrides={"seed": seed, "method.name": "finetune"})
+    write_json(d / "config.json", cfg.model_dump(mode="json"))
+    m = AccuracyMatrix(datasets=[], rows=[])
+    m.add_stage({"ImageNet-R": 40.0 + seed})
+    result = RunResult(method="finetune", scenario="task-hom", seed=seed, matrix=m,
+                       summary=Summary(last=40.0 + seed, avg=40.0 + seed, forgetting=None), per_dataset=[],
+                       rounds=[], timing={"total": 1.0},
+                       environment=environment.summary(records) if records else None)
+    write_json(d / "metrics.json", result.to_dict())
+    if records:
+        write_json(d / environment.FILE, records)
+
+
+def _compare(out, monkeypatch):
+    """compare over the two hand-made runs: everything is finished, so nothing trains and no model is loaded."""
+    import fcit.compare as compare_mod
+
+    def no_training(*a, **k):
+        raise AssertionError("a finished run was run again")
+
+    monkeypatch.setattr(compare_mod, "run", no_training)
+    monkeypatch.setattr(compare_mod.Runtime, "build", no_training)
+    cfg = load_config(preset="smoke", overrides={"method.name": "finetune"})
+    return compare_mod.compare(cfg, ["finetune"], [0, 1], out=out, progress=False)
+
+
+def test_compare_flags_runs_from_different_environments(tmp_path, capsys, monkeypatch):
+    a = _rec(torch="2.13.0")
+    b = copy.deepcopy(a)
+    b["packages"]["torch"], b["threads"]["torch"] = "2.11.0", 7
+    _finished_run(tmp_path, 0, [a])
+    _finished_run(tmp_path, 1, [b])
+    out, table = _compare(tmp_path, monkeypatch)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("warning: compare: runs come from 2 environments:"), err
+    assert "torch 2.13.0 vs 2.11.0" in err[0] and "threads" in err[0]
+    md = (out / "table.md").read_text()
+    assert md == table and "| finetune |" in md
+    assert "Note: runs come from 2 environments: threads" in md and "torch 2.13.0 vs 2.11.0" in md
+    assert "- environment 1 (threads " in md and ": finetune-s0" in md and ": finetune-s1" in md
+    res = json.loads((out / "results.json").read_text())
+    assert res["environment_note"][0].startswith("runs come from 2 environments")
+    assert set(res["environments"]) == {"finetune-s0", "finetune-s1"}
+
+
+def test_compare_does_not_flag_one_environment(tmp_path, capsys, monkeypatch):
+    a = _rec()
+    later = copy.deepcopy(a)
+    later["time"] = "2030-01-01T00:00:00Z"
+    _finished_run(tmp_path, 0, [a])
+    _finished_run(tmp_path, 1, [a, later])  # resumed later, same machine and versions
+    out, table = _compare(tmp_path, monkeypatch)
+    assert capsys.readouterr().err == ""
+    assert "Note" not in table and "environment" not in (out / "table.md").read_text()
+    assert json.loads((out / "results.json").read_text())["environment_note"] == []
+
+
+def test_compare_says_when_a_run_has_no_record(tmp_path, capsys, monkeypatch):
+    _finished_run(tmp_path, 0, [_rec()])
+    _finished_run(tmp_path, 1, None)  # metrics.json of an fcit that recorded no environment
+    out, _ = _compare(tmp_path, monkeypatch)
+    assert "1 of 2 runs have no environment record" in capsys.readouterr().err
+    assert "finetune-s1" in (out / "table.md").read_text()
+    # The metrics without an environment still load, and write back as they were.
+    d = json.loads((tmp_path / "finetune-s1" / "metrics.json").read_text())
+    assert "environment" not in d and RunResult.from_dict(d).to_dict() == d
