@@ -28,8 +28,8 @@ SMOKE = {
                                     "federation.aggregator=fedavgm", "--set", "federation.prox_mu=0.01"],
 }
 DEFAULT = {"default-finetune": ["--method", "finetune"]}
-# Wall-clock fields: the only things a rerun may change.
-TIMING_KEYS = {"timing", "seconds"}
+# Wall-clock fields and the environment summary (commit, versions): the only things a rerun may change.
+TIMING_KEYS = {"timing", "seconds", "environment"}
 
 
 def strip(obj):

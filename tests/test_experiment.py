@@ -77,6 +77,30 @@ def test_same_seed_same_metrics_and_resume_continues(small_base, cache_dir, tmp_
     assert c["matrix"] == a["matrix"] and _rounds(c) == _rounds(a)
 
 
+def test_run_records_its_environment_and_resume_appends(small_base, cache_dir, tmp_path):
+    from fcit import environment
+
+    cfg = smoke_cfg(small_base, cache_dir, tmp_path, threads=1)
+    one = smoke_cfg(small_base, cache_dir, tmp_path, threads=1, **{"scenario.stages": 1})
+    d = tmp_path / "env"
+    _, m = run(one, d, progress=False)
+    (rec,) = json.loads((d / "environment.json").read_text())
+    assert rec["device"] == "cpu" and rec["threads"]["torch"] == 1 and rec["packages"]["torch"]
+    assert m["environment"] == {"file": "environment.json", "starts": 1, "environments": [environment.key(rec)]}
+    # Resumed "on another machine": the first start's record says another torch; the resume appends its own record
+    # and warns about the change.
+    (d / "metrics.json").unlink()
+    (d / "config.json").write_text(json.dumps(cfg.model_dump(mode="json")))
+    rec["packages"]["torch"] = "2.11.0"
+    (d / "environment.json").write_text(json.dumps([rec]))
+    _, m = run(cfg, d, progress=False, resume=True)
+    first, second = json.loads((d / "environment.json").read_text())
+    assert first == rec and second["packages"]["torch"] != "2.11.0" and second["time"] >= first["time"]
+    assert m["environment"]["starts"] == 2 and len(m["environment"]["environments"]) == 2
+    assert any(w.startswith("this run was resumed in another environment") and "torch 2.11.0 vs" in w
+               for w in m["warnings"]), m["warnings"]
+
+
 @pytest.mark.parametrize("method", sorted(REGISTRY))
 def test_every_registered_method_completes_a_smoke_run(small_base, cache_dir, tmp_path, method):
     _, m = run(smoke_cfg(small_base, cache_dir, tmp_path, **{"method.name": method}), tmp_path / method,

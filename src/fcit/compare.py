@@ -1,17 +1,21 @@
 """``fcit compare``: several methods (and server optimizers) on one setting with shared seeds, in one process.
 
 The benchmark and the base model are loaded once; every (method, optimizer, seed) gets its own run directory under
-the comparison folder, and the paper-style table (Last / Avg, mean +- std over seeds) is written beside them.
+the comparison folder, and the paper-style table (Last / Avg, mean +- std over seeds) is written beside them. When
+the runs of the table come from different environments (``fcit.environment.COMPARED``), a one-line warning goes to
+stderr and the differences are written under the table.
 """
 
 from __future__ import annotations
 
+import sys
 import time
 from datetime import datetime, timezone
 from pathlib import Path
 
 from pydantic import ValidationError
 
+from fcit import environment
 from fcit.config import Config, one_line
 from fcit.errors import FcitError
 from fcit.jsonio import write_json
@@ -34,6 +38,16 @@ def _finished(run_dir: Path, cfg: Config) -> RunResult | None:
         return RunResult.load(run_dir)
     except FcitError as err:
         raise FcitError(f"compare: {err}; remove the run directory to rerun it") from None
+
+
+def _environment_of(run_dir: Path) -> dict | None:
+    """The environment summary of a run whose metrics.json has none (a run of an older fcit): its
+    environment.json if it has one, else None (no record)."""
+    try:
+        records = environment.read_records(run_dir)
+    except FcitError:
+        return None
+    return environment.summary(records) if records else None
 
 
 def _label(method: str, agg: str, aggregators: list[str]) -> str:
@@ -71,8 +85,9 @@ def compare(cfg: Config, methods: list[str], seeds: list[int], aggregators: list
     # Damaged or foreign finished runs are reported now, not after hours of the runs before them.
     for m, agg, seed, c in combos:
         _finished(out / f"{_label(m, agg, aggregators)}-s{seed}", c)
-    rt = Runtime.build(cfg, progress=progress)
+    rt = None  # built on the first run to train: a comparison of finished runs loads no model
     results: dict[tuple[str, str], list[RunResult]] = {}
+    envs: dict[str, dict | None] = {}
     t0 = time.perf_counter()
     for i, (m, agg, seed, c) in enumerate(combos):
         label = _label(m, agg, aggregators)
@@ -83,10 +98,12 @@ def compare(cfg: Config, methods: list[str], seeds: list[int], aggregators: list
         if metrics is None:
             # Not finished (``_finished`` returned None): a checkpoint means an interrupted run to continue.
             # Any trace of an earlier attempt (config.json) means continue it: a fresh run would be refused there.
+            rt = rt or Runtime.build(cfg, progress=progress)
             _, metrics = run(c, run_dir, runtime=rt, progress=progress, resume=(run_dir / "config.json").exists())
         elif progress:
             print(f"  reusing the finished run in {run_dir}", flush=True)
         results.setdefault((m, agg), []).append(metrics)
+        envs[run_dir.name] = metrics.environment or _environment_of(run_dir)
     rows = []
     for (m, agg), ms in results.items():
         label = m if len(aggregators) == 1 else f"{m} ({agg})"
@@ -100,6 +117,12 @@ def compare(cfg: Config, methods: list[str], seeds: list[int], aggregators: list
     title = (f"### {sc.setting}-{sc.mode}, beta={sc.beta:g}, seeds {','.join(map(str, seeds))}"
              f" ({len(combos)} runs, {time.perf_counter() - t0:.0f}s)\n\n")
     table = title + results_markdown(rows, ["last", "avg", "forgetting"])
+    note = environment.combined_note(envs)
+    if note:
+        print(f"warning: compare: {note[0]} (see {out / 'table.md'})", file=sys.stderr)
+        table = table.rstrip("\n") + "\n\n" + "\n".join(f"Note: {ln}" if i == 0 else ln
+                                                     for i, ln in enumerate(note)) + "\n"
     (out / "table.md").write_text(table)
-    write_json(out / "results.json", {"rows": rows, "seeds": seeds, "methods": methods, "aggregators": aggregators})
+    write_json(out / "results.json", {"rows": rows, "seeds": seeds, "methods": methods, "aggregators": aggregators,
+                                      "environments": envs, "environment_note": note})
     return out, table

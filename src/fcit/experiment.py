@@ -1,8 +1,9 @@
 """One FCIT experiment end to end: build everything from a validated config, run the stages, write the run directory.
 
-Run directory: ``config.json`` (resolved config), ``metrics.json`` (accuracy matrix, Last/Avg/forgetting, per-round
-logs, time breakdown), ``results.md``, ``matrix.png`` and ``checkpoint/`` (global state after the last finished stage,
-so ``fcit run --resume DIR`` continues a crashed run from there).
+Run directory: ``config.json`` (resolved config), ``environment.json`` (one ``fcit.environment`` record per start:
+a resumed run appends one), ``metrics.json`` (accuracy matrix, Last/Avg/forgetting, per-round logs, time breakdown,
+a summary of the environment records), ``results.md``, ``matrix.png`` and ``checkpoint/`` (global state after the
+last finished stage, so ``fcit run --resume DIR`` continues a crashed run from there).
 
 The stage loop is here, once: train the stage (``fcit.engines.loop.StageLoop`` over the run's transport), evaluate
 every dataset seen so far, checkpoint. Which engine carries the rounds is the caller's choice (``fcit.launch``).
@@ -17,7 +18,7 @@ from typing import Optional
 
 from tqdm.auto import tqdm
 
-from fcit import rundir
+from fcit import environment, rundir
 from fcit.config import Config
 from fcit.data import registry
 from fcit.data.validation import validate_scenario
@@ -87,6 +88,19 @@ class Experiment:
             return InProcessTransport(*args)
         return PoolTransport(*args, workers=workers, threads=threads)
 
+    def _environment(self) -> dict:
+        """This start's environment record: the process, the run's device and the client worker pool."""
+        from fcit.engines.pool import PoolTransport
+        from fcit.models.device import model_device
+
+        if isinstance(self.transport, PoolTransport):
+            workers, threads = self.transport.workers, self.transport.threads
+        elif isinstance(self.transport, InProcessTransport):
+            workers, threads = 1, None
+        else:  # the clients run elsewhere (Flower)
+            workers = threads = None
+        return environment.record(device=str(model_device(self.model)), workers=workers, worker_threads=threads)
+
     # -- evaluation ---------------------------------------------------------------------------------------------
     def evaluate(self, datasets: list[str], stage: int) -> dict[str, dict]:
         from fcit.eval.scorers import score_dataset
@@ -129,6 +143,7 @@ class Experiment:
         t_start = time.perf_counter()
         self.run_dir.mkdir(parents=True, exist_ok=True)
         write_json(self.run_dir / "config.json", self.cfg.model_dump(mode="json"))
+        env_records, env_warning = environment.append(self.run_dir, self._environment(), fresh=not resume)
         sc = self.scenario
         matrix = AccuracyMatrix(datasets=[], rows=[])
         logs: list[RoundLog] = []
@@ -145,6 +160,10 @@ class Experiment:
             self.timer.seconds.update(prog["timing"])
             total_before = self.timer.seconds.pop("total", 0.0)
             self.warnings = prog.get("warnings", [])
+        self._environment_summary = environment.summary(env_records)
+        for w in (env_warning, environment.resume_note(env_records)):
+            if w is not None:
+                self.warnings.append(w)
 
         kind = self.method.kind
         # Time to the first stage: data generation (first run), model load, partitions; the issue bounds it at 60 s.
@@ -221,7 +240,8 @@ class Experiment:
         t["other"] = max(0.0, t.get("total", 0.0) - t["train"] - t["eval"] - t["aggregation"])
         result = RunResult(method=self.method.name, scenario=sc.name, seed=self.cfg.seed, matrix=matrix,
                            summary=summ, per_dataset=details, rounds=logs, timing=t, warnings=self.warnings,
-                           method_artifacts=write_artifacts(self.method.artifacts(), self.run_dir))
+                           method_artifacts=write_artifacts(self.method.artifacts(), self.run_dir),
+                           environment=self._environment_summary)
         write_json(self.run_dir / "metrics.json", result.to_dict())
         title = f"{self.method.name} on {sc.name} (beta={self.cfg.scenario.beta:g}, seed {self.cfg.seed})"
         labels = None if self.method.continual else ["Final model"]

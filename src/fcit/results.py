@@ -74,9 +74,11 @@ class RunResult:
     timing: dict[str, float]
     method_artifacts: dict[str, Any] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)  # e.g. a dataset on which every prediction was empty
+    # ``fcit.environment.summary`` of the run directory's environment.json; None in metrics of older fcit versions
+    environment: Optional[dict[str, Any]] = None
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        d = {
             "method": self.method,
             "scenario": self.scenario,
             "seed": self.seed,
@@ -88,6 +90,9 @@ class RunResult:
             "method_artifacts": self.method_artifacts,
             "warnings": self.warnings,
         }
+        if self.environment is not None:
+            d["environment"] = self.environment
+        return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "RunResult":
@@ -96,6 +101,7 @@ class RunResult:
             matrix=AccuracyMatrix.from_dict(d["matrix"]), summary=Summary.from_dict(d["summary"]),
             per_dataset=d["per_dataset"], rounds=[RoundLog.from_dict(r) for r in d["rounds"]],
             timing=d["timing"], method_artifacts=d.get("method_artifacts", {}), warnings=d.get("warnings", []),
+            environment=d.get("environment"),
         )
 
     @classmethod
