@@ -203,3 +203,17 @@ def test_compare_treats_explicit_default_method_params_as_the_same_run():
     explicit = load_config(overrides={"method.name": "ewc", "method.params.lambda": 1000, "threads": 1})
     other = load_config(overrides={"method.name": "ewc", "method.params.lambda": 10})
     assert _canonical(base) == _canonical(explicit) != _canonical(other)
+
+
+def test_run_identity_leaves_out_defaults_threads_and_workers():
+    from fcit.rundir import canonical as _canonical, config_hash
+
+    base = load_config(overrides={"method.name": "disco"})
+    # A setting left at its default is not part of the identity, so a later fcit that adds one (with a default
+    # that computes what the run computed) still resumes and reuses the run.
+    assert "compute_dtype" not in _canonical(base).get("model", {})
+    faster = load_config(overrides={"method.name": "disco", "threads": 1, "federation.workers": 2})
+    assert config_hash(faster) == config_hash(base)
+    changed = load_config(overrides={"method.name": "disco", "model.compute_dtype": "bfloat16"})
+    assert config_hash(changed) != config_hash(base)
+    assert _canonical(base)["method"]["name"] == "disco"

@@ -53,14 +53,20 @@ class RunInterrupted(KeyboardInterrupt):
 
 # -- config identity ---------------------------------------------------------------------------------------------------
 def canonical(cfg: "Config") -> dict:
-    """What a run computes from: the config without where and how fast it ran, with the method's parameters
-    resolved (so ``lambda: 1000`` given explicitly equals the default 1000)."""
+    """What a run computes from: the config without where and how fast it ran (threads, the client worker pool),
+    and without the settings left at their defaults, with the method's parameters resolved (so ``lambda: 1000``
+    given explicitly equals the default 1000). Leaving defaults out keeps a run resumable and reusable when a later
+    fcit adds a setting whose default computes what the run computed."""
     from fcit.methods import REGISTRY
 
-    d = cfg.model_dump(mode="json", exclude={"out_dir", "run_name", "threads"})
+    d = cfg.model_dump(mode="json", exclude={"out_dir": True, "run_name": True, "threads": True,
+                                             "federation": {"workers"}}, exclude_defaults=True)
+    d = {k: v for k, v in d.items() if v != {}}  # a section whose only non-default key was excluded
     method = REGISTRY.get(cfg.method.name)
     if method is not None:
-        d["method"]["params"] = method.Params.model_validate(cfg.method.params).model_dump(mode="json")
+        d.setdefault("method", {})["name"] = cfg.method.name
+        d["method"]["params"] = method.Params.model_validate(cfg.method.params).model_dump(mode="json",
+                                                                                          exclude_defaults=True)
     return d
 
 
