@@ -33,6 +33,7 @@ def test_worker_plan():
 
 
 # finetune: plain; disco: plans per client and identities; ewc: shared client state and the stage-end exchange.
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["finetune", "disco", "ewc"])
 def test_pool_equals_one_process(cache_dir, tmp_path, method):
     one = cfg_for(cache_dir, tmp_path, **{"method.name": method, "threads": 1, "federation.workers": 1})
@@ -47,6 +48,7 @@ def test_pool_equals_one_process(cache_dir, tmp_path, method):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.slow
 def test_a_diverging_client_in_a_worker_names_where(cache_dir, tmp_path):
     cfg = cfg_for(cache_dir, tmp_path, **{"train.lr": 1e30, "threads": 2, "federation.workers": 2})
     with pytest.raises(TrainingDiverged, match=r"stage 1 round 1 client \d+: loss is"):

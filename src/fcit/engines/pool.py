@@ -52,7 +52,6 @@ def serve(fd: int, threads: int) -> None:
     from fcit import env
 
     conn = Connection(fd)
-
     env.apply()
     torch.set_num_threads(threads)
     from fcit.engines import resident
