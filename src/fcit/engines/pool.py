@@ -29,6 +29,7 @@ from tqdm.auto import tqdm
 
 from fcit.engines.inprocess import InProcessTransport
 from fcit.engines.loop import TrainJob
+from fcit.engines.resident import request_meta, train_result
 from fcit.errors import FcitError
 from fcit.methods.base import StageInfo
 from fcit.models.lora import State
@@ -199,15 +200,11 @@ class PoolTransport(InProcessTransport):
 
     workers: int = 2
     threads: int = 1
-    config_json: str = ""
+    config_json: str = field(init=False, default="")  # every message carries the run's config
 
     def __post_init__(self):
         self.config_json = self.cfg.model_dump_json()
         get_pool(self.workers, self.threads)  # started now, so the workers load while the parent finishes setup
-
-    def _meta(self, info: StageInfo, job: TrainJob) -> dict[str, Any]:
-        return {"config": self.config_json, "stage": info.stage, "round": info.round, "num_stages": info.num_stages,
-                "tasks": list(info.tasks), "task": job.client.task, "plan": job.plan, "seed": job.seed}
 
     def train(self, info: StageInfo, jobs: Sequence[TrainJob], global_state: State,
               shared: dict[str, torch.Tensor]) -> dict[int, LocalResult]:
@@ -215,7 +212,9 @@ class PoolTransport(InProcessTransport):
         sizes = {j.client.client_id: len(self.scenario.client_data(j.client.task, j.client.client_id)) for j in jobs}
         order = sorted(jobs, key=lambda j: -sizes[j.client.client_id])
         tensors = {"global": global_state, "shared": shared}
-        msgs = [(j.client.client_id, ("train", self._meta(info, j), tensors, j.client.client_id)) for j in order]
+        msgs = [(j.client.client_id, ("train", request_meta(self.config_json, info, j.client.task, plan=j.plan,
+                                                             seed=j.seed), tensors, j.client.client_id))
+                for j in order]
         bar = tqdm(total=len(jobs), desc="clients", leave=False, disable=not self.progress)
         try:
             replies = get_pool(self.workers, self.threads).run(msgs, done=bar.update)
@@ -223,8 +222,4 @@ class PoolTransport(InProcessTransport):
             raise TrainingDiverged(f"stage {info.stage + 1} round {info.round + 1} {err}") from None
         finally:
             bar.close()
-        out = {}
-        for cid, (meta, tensors_out, _) in replies.items():
-            out[cid] = LocalResult(state=tensors_out["state"], num_samples=int(meta["num_samples"]),
-                                   loss=float(meta["loss"]), steps=int(meta["steps"]), seconds=float(meta["seconds"]))
-        return out
+        return {cid: train_result(meta, tensors_out) for cid, (meta, tensors_out, _) in replies.items()}

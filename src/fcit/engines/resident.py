@@ -20,6 +20,7 @@ from fcit.config import Config
 from fcit.engines.client import client_update
 from fcit.methods.base import StageInfo
 from fcit.models.lora import set_state
+from fcit.training.local import LocalResult
 
 Tensors = dict[str, dict[str, torch.Tensor]]
 
@@ -82,6 +83,18 @@ def runtime(meta: dict, settings: dict[str, Any]) -> ClientRuntime:
         RESIDENT.runtime, RESIDENT.key = ClientRuntime.build(Config.model_validate(raw)), key
         RESIDENT.loads += 1
     return RESIDENT.runtime
+
+
+def request_meta(config_json: str, info: StageInfo, task: int, **extra) -> dict[str, Any]:
+    """A message's meta: the run's config and where the run is; ``handle`` reads it back."""
+    return {"config": config_json, "stage": info.stage, "round": info.round, "num_stages": info.num_stages,
+            "tasks": list(info.tasks), "task": task, **extra}
+
+
+def train_result(meta: dict, tensors: Tensors) -> LocalResult:
+    """The ``LocalResult`` of a ``train`` reply (its meta and tensors, as ``handle`` returned them)."""
+    return LocalResult(state=tensors["state"], num_samples=int(meta["num_samples"]), loss=float(meta["loss"]),
+                       steps=int(meta["steps"]), seconds=float(meta["seconds"]))
 
 
 def _info(meta: dict) -> StageInfo:

@@ -25,6 +25,7 @@ from fcit.config import Config
 from fcit.data.scenario import Assignment
 from fcit.engines.flower.records import decode, encode
 from fcit.engines.loop import TrainJob
+from fcit.engines.resident import request_meta, train_result
 from fcit.methods.base import StageInfo
 from fcit.models.lora import State
 from fcit.training.guard import TrainingDiverged
@@ -77,8 +78,7 @@ class FlowerTransport:
         out = {}
         for cid, rep in self._exchange("train", reqs, f"{self._where(info)} (train)").items():
             meta, tensors = decode(rep.content)
-            out[cid] = LocalResult(state=tensors["state"], num_samples=int(meta["num_samples"]),
-                                   loss=float(meta["loss"]), steps=int(meta["steps"]), seconds=float(meta["seconds"]))
+            out[cid] = train_result(meta, tensors)
         return out
 
     def stage_end(self, info: StageInfo, clients: Sequence[Assignment], global_state: State,
@@ -101,9 +101,8 @@ class FlowerTransport:
         return f"stage {info.stage + 1} round {info.round + 1}"
 
     def _meta(self, info: StageInfo, task: int, **extra) -> dict[str, Any]:
-        return {"config": self.config_json, "run_key": self.run_key, "stage": info.stage, "round": info.round,
-                "num_stages": info.num_stages, "tasks": list(info.tasks), "client_threads": self.client_threads,
-                "task": task, **extra}
+        return request_meta(self.config_json, info, task, run_key=self.run_key, client_threads=self.client_threads,
+                            **extra)
 
     def _discover(self) -> None:
         """Ask nodes we have not met yet for their client id."""
