@@ -30,11 +30,16 @@ if [[ $part == all || $part == sweeps ]]; then     # LwF and O-LoRA at a 10x str
   cmp --methods lwf --seeds 0 --set method.params.alpha=10 --out runs/bench-lwf-alpha-10
   cmp --methods olora --seeds 0 --set method.params.lambda=5 --out runs/bench-olora-lambda-5
 fi
-if [[ $part == all || $part == optimizers ]]; then # DISCO under each server optimizer (their default server_lr)
-  cmp --methods disco --aggregators fedavg,fedavgm,fedadam,fedadagrad,fedyogi --seeds "${OPT_SEEDS:-$SEEDS}" \
-    --out runs/bench-optimizers
-  cmp --methods disco --aggregators fedadam,fedyogi,fedadagrad --set federation.server_lr=0.01 \
-    --seeds "${OPT_SEEDS:-$SEEDS}" --out runs/bench-optimizers-lr0.01   # the adaptive ones at server_lr 0.01
+if [[ $part == all || $part == optimizers ]]; then # DISCO under each server optimizer, on a grid of server rates
+  cmp --methods disco --aggregators fedavg --seeds "${OPT_SEEDS:-$SEEDS}" --out runs/bench-optimizers
+  for lr in ${AVGM_RATES:-0.5 1.0}; do
+    cmp --methods disco --aggregators fedavgm --set federation.server_lr=$lr --seeds "${OPT_SEEDS:-$SEEDS}" \
+      --out runs/bench-optimizers-lr$lr
+  done
+  for lr in ${ADAPTIVE_RATES:-0.001 0.01 0.1}; do
+    cmp --methods disco --aggregators fedadam,fedadagrad,fedyogi --set federation.server_lr=$lr \
+      --seeds "${OPT_SEEDS:-$SEEDS}" --out runs/bench-optimizers-lr$lr
+  done
 fi
 if [[ $part == all || $part == ablation ]]; then   # DISCO identity ablation (activation: see the disco part)
   for id in image text+image; do

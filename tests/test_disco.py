@@ -394,6 +394,9 @@ def test_disco_rounds_by_hand_then_through_the_engine(micro_backbone, micro_samp
     summary = write_artifacts(disco.artifacts(), tmp_path)
     assert summary["subspaces_formed"] == 3 and summary["routing_accuracy"] == 1.0
     assert summary["slot_of_dataset"] == {"caption": 2, "colour": 0, "count": 1}
+    C = torch.nn.functional.normalize(disco.C["text"][:3], dim=-1)
+    want = max(float(C[i] @ C[j]) for i in range(3) for j in range(3) if i != j)
+    assert summary["max_cross_cosine"] == pytest.approx(want, abs=1e-6) and want < 0.9
     for f in summary["files"]:
         assert (tmp_path / f).is_file()
 

@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from fcit.config import load_config
 from fcit.launch import run as _run
@@ -22,10 +23,12 @@ def small_base(tmp_path_factory, cache_dir):
     from fcit.pretrain import pretrain
 
     out = tmp_path_factory.mktemp("base")
-    cfg = load_config(preset="smoke", overrides={"data.root": str(cache_dir), "data.synth.n_pretrain": 48})
-    pretrain(cfg, out, epochs=1, progress=False)
+    cfg = load_config(preset="smoke", overrides={"data.root": str(cache_dir), "data.synth.n_pretrain": 48,
+                                                 "data.synth.n_instruct": 36})
+    pretrain(cfg, out, epochs=1, progress=False, instruct_epochs=1)
     meta = json.loads((out / "fcit_pretrain.json").read_text())
     assert meta["samples"] == 48 and meta["epochs"] == 1
+    assert meta["instruct"]["samples"] == 36 and meta["instruct"]["frozen"] == "vision_tower"
     return out
 
 
@@ -217,3 +220,25 @@ def test_run_identity_leaves_out_defaults_threads_and_workers():
     changed = load_config(overrides={"method.name": "disco", "model.compute_dtype": "bfloat16"})
     assert config_hash(changed) != config_hash(base)
     assert _canonical(base)["method"]["name"] == "disco"
+
+
+def test_instruction_phase_keeps_the_vision_tower_and_tunes_the_language_model(tmp_path, cache_dir):
+    """Phase 2 starts from phase 1's weights (same seed), moves the LM and the projector, and leaves vision alone."""
+    from safetensors.torch import load_file
+
+    from fcit.pretrain import pretrain
+
+    cfg = load_config(preset="smoke", overrides={"data.root": str(cache_dir), "data.synth.n_pretrain": 24,
+                                                 "data.synth.n_instruct": 24})
+    one = load_file(pretrain(cfg, tmp_path / "one", epochs=1, progress=False, instruct_epochs=0) / "model.safetensors")
+    two = load_file(pretrain(cfg, tmp_path / "two", epochs=1, progress=False, instruct_epochs=1) / "model.safetensors")
+    assert set(one) == set(two)
+    vision = [k for k in one if "vision_tower" in k]
+    lm = [k for k in one if "language_model" in k and "layers" in k]
+    projector = [k for k in one if "projector" in k]
+    assert vision and lm and projector
+    assert all(torch.equal(one[k], two[k]) for k in vision)
+    assert all(not torch.equal(one[k], two[k]) for k in projector)
+    assert sum(not torch.equal(one[k], two[k]) for k in lm) == len(lm)
+    meta = json.loads((tmp_path / "one" / "fcit_pretrain.json").read_text())
+    assert meta["instruct"] is None

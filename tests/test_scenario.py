@@ -226,6 +226,9 @@ def test_show(bench, tmp_path):
     assert "task-het" in text and "beta 0.5" in text and "Gini" in text and "#" in text
     assert "positions -> tasks [1, 2, 4, 5, 6]" in text
     assert (tmp_path / "out" / "samples.png").stat().st_size > 1000
+    assert "Instruction endings" in text
+    # the fixture's instructions are all different: the two most common endings, then how many more there are
+    assert '  super-CLEVR: "Question 0 about super-CLEVR?" 3%; "Question 1 about super-CLEVR?" 3% (+28 more)' in text
     text = show(cfg, "cap-hom", None, tmp_path / "out2")
     assert "General" in text and "stage 4" in text and "beta 1" in text
     with pytest.raises(FcitError, match="unknown setting"):

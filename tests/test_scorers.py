@@ -172,17 +172,17 @@ def test_cider_matches_definition():
     want = _cider_d_by_hand([tokenize_caption(p) for p in preds], REFS)
     assert 0 < want < 10
     assert r["cider"] == pytest.approx(100 * want, rel=1e-9)
-    assert r["score"] == pytest.approx(min(100.0, 100 * want))
+    assert r["score"] == r["cider"]  # the headline is CIDEr x100, uncapped
     assert r["correct"] is None and r["n"] == 3
     assert 0 <= r["bleu4"] <= 100 and 0 < r["rougeL"] <= 100
     assert len(r["cider_per_sample"]) == 3
 
 
-def test_perfect_caption_beats_wrong_one_and_headline_is_capped():
+def test_perfect_caption_beats_wrong_one():
     perfect = score("caption", [r[0] for r in REFS], _caption_samples())
     wrong = score("caption", ["a red car", "a plate of food", "snow"], _caption_samples())
     assert perfect["cider"] > wrong["cider"] and perfect["bleu4"] > wrong["bleu4"]
-    assert perfect["cider"] > 100 and perfect["score"] == 100.0  # CIDEr-D is unbounded; the headline is not
+    assert perfect["cider"] > 100 and perfect["score"] == perfect["cider"]  # unbounded, and not capped
     assert wrong["score"] < 10
 
 

@@ -14,7 +14,7 @@ from PIL import Image
 from fcit.config import SynthConfig
 from fcit.data import registry, synth
 
-SMALL = SynthConfig(seed=0, n_train=20, n_test=6, n_pretrain=30)
+SMALL = SynthConfig(seed=0, n_train=20, n_test=6, n_pretrain=30, n_instruct=27)
 
 
 def _tree(root: Path) -> dict[str, bytes]:
@@ -113,7 +113,7 @@ def test_answer_formats(built):
                 x1, y1, x2, y2 = _box(a)
                 assert 0 <= x1 < x2 <= 1 and 0 <= y1 < y2 <= 1
             elif kind == registry.CAPTION:
-                assert a.endswith(".") and 3 <= len(a.split()) <= 12
+                assert a.endswith(".") and 3 <= len(a.split()) <= 18
             else:
                 assert re.fullmatch(r"[A-Za-z]+", a), (name, a)
     # choice questions list the options their letter points to
@@ -136,22 +136,38 @@ def test_caption_references_in_coco_file(built):
         assert len(refs[i]) >= 3 and r["answer"] == refs[i][0]
 
 
-def test_clevr_tasks_share_scenes_but_not_instructions(built):
+def test_clevr_tasks_share_scenes_and_suffixes_but_not_questions(built):
     assert synth.GENERATORS["CLEVR-Math"].family == synth.GENERATORS["super-CLEVR"].family
     math_q = [r["conversations"][0]["value"] for r in _load(built, "CLEVR-Math")[0]]
     attr_q = [r["conversations"][0]["value"] for r in _load(built, "super-CLEVR")[0]]
-    assert not {q.split("\n")[-1] for q in math_q} & {q.split("\n")[-1] for q in attr_q}
     assert all("How many" in q for q in math_q) and not any("How many" in q for q in attr_q)
-    # the 8 Task-related datasets each end their instruction in their own way
-    last_lines = {}
+    # LLaVA-1.5's two suffixes, shared as the real files share them: one per answer kind, not one per task
+    suffix = {}
     for name in registry.TASK_ORDER:
         lines = {r["conversations"][0]["value"].split("\n")[-1] for r in _load(built, name)[0]}
+        if registry.get(name).answer_type == registry.CAPTION:
+            continue
         assert len(lines) == 1, name
-        last_lines[name] = lines.pop()
-    assert len(set(last_lines.values())) == len(registry.TASK_ORDER)
+        suffix[name] = lines.pop()
+    assert set(suffix.values()) == {synth.SHORT, synth.MC}
+    assert {n for n, v in suffix.items() if v == synth.MC} == {"ArxivQA", "IconQA"}
 
 
-def test_pretrain_mixture_has_no_task_format(built):
+def test_caption_references_vary_like_human_ones(built):
+    """CIDEr of one reference against the other four sits in the usual range (v3's paraphrases gave 400+)."""
+    from fcit.data.records import Sample
+    from fcit.eval.scorers import score
+
+    samples, preds = [], []
+    for i in range(60):
+        _, _, _, refs, _, _ = synth.make_sample(synth.SynthConfig(), "Flickr30k", "test", i, render=False)
+        assert len(set(refs)) == 5
+        samples.append(Sample("Flickr30k", str(i), None, synth.CAPTION_PROMPT, refs[1], refs[1:]))
+        preds.append(refs[0])
+    assert 50 < score("caption", preds, samples)["cider"] < 160
+
+
+def test_description_mixture_has_no_task_format(built):
     records = json.loads((built / "pretrain" / "train.json").read_text())
     assert len(records) == SMALL.n_pretrain
     assert (built / "pretrain" / "manifest.json").is_file()
@@ -169,6 +185,31 @@ def test_pretrain_mixture_has_no_task_format(built):
     for family in ("picture of", "line chart", "grid of icons", "scene with", "book cover", "landscape",
                    "labelled bars", "bar chart with", "table with"):  # fmt: skip
         assert family in seen  # drawn from every image family
+
+
+def test_instruction_mixture_has_every_format_and_no_task_question(built):
+    records = json.loads((built / "pretrain" / "instruct.json").read_text())
+    assert len(records) == SMALL.n_instruct
+    big = [synth.make_instruct_sample(SMALL, i, render=False) for i in range(900)]
+    task_q = {synth.make_sample(SMALL, name, "train", i, render=False)[1].split("\n")[0]
+              for name in synth.DATASET_NAMES for i in range(200)}
+    formats = set()
+    for q, a, _ in big:
+        assert q.split("\n")[0] not in task_q or q == synth.CAPTION_PROMPT, q
+        if q == synth.CAPTION_PROMPT:
+            formats.add("caption")
+        elif q.startswith("Please provide the bounding box"):
+            assert re.fullmatch(r"\[(0\.\d\d|1\.00), (0\.\d\d|1\.00), (0\.\d\d|1\.00), (0\.\d\d|1\.00)\]", a)
+            formats.add("box")
+        elif q.endswith(synth.MC):
+            assert a in synth.LETTERS and f"\n{a}. " in q
+            formats.add("letter")
+        else:
+            assert q.endswith(synth.SHORT)
+            formats.add("yes/no" if a in ("Yes", "No") else "number" if a.isdigit() else "word")
+    assert formats == {"caption", "box", "letter", "yes/no", "number", "word"}
+    yes = sum(a == "Yes" for _, a, _ in big) / sum(a in ("Yes", "No") for _, a, _ in big)
+    assert 0.35 < yes < 0.65  # presence questions must not be answerable without looking
 
 
 def test_corpus_covers_every_word(built):

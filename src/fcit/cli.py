@@ -143,7 +143,8 @@ def cmd_pretrain(args: argparse.Namespace) -> None:
     from fcit.pretrain import pretrain
 
     cfg = _load(args)
-    out = pretrain(cfg, Path(args.out) if args.out else None, epochs=args.epochs, progress=not args.quiet)
+    out = pretrain(cfg, Path(args.out) if args.out else None, epochs=args.epochs, progress=not args.quiet,
+                   instruct_epochs=args.instruct_epochs)
     print(f"pre-trained base model written to {out}")
 
 
@@ -215,7 +216,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("pretrain", help="pre-train the embedded tiny LLaVA base on the generic synthetic mixture")
     _config_args(p)
     p.add_argument("--out", help="output directory (default: the package's embedded model folder)")
-    p.add_argument("--epochs", type=int, default=None, help="passes over the mixture")
+    p.add_argument("--epochs", type=int, default=None, help="passes over the description mixture (default 4)")
+    p.add_argument("--instruct-epochs", type=int, default=None,
+                   help="passes over the generic instruction mixture (default 2; 0 skips that phase)")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_pretrain)
 

@@ -31,7 +31,8 @@ class SynthConfig(_Strict):
     seed: int = Field(0, ge=0, le=SEED_MAX)
     n_train: int = Field(1000, ge=10, description="training samples per dataset")
     n_test: int = Field(100, ge=5, description="test samples per dataset")
-    n_pretrain: int = Field(20000, ge=10, description="samples in the generic pre-training mixture")
+    n_pretrain: int = Field(20000, ge=10, description="samples in the generic description mixture (pre-training phase 1)")
+    n_instruct: int = Field(20000, ge=10, description="samples in the generic instruction mixture (pre-training phase 2)")
     image_size: int = Field(48, ge=16, le=512)
 
 
@@ -207,7 +208,7 @@ LLAVA_SYSTEM = ("A chat between a curious user and an artificial intelligence as
 PRESETS: dict[str, dict[str, Any]] = {
     "default": {},
     "smoke": {
-        "data": {"synth": {"n_train": 40, "n_test": 8, "n_pretrain": 200}},
+        "data": {"synth": {"n_train": 40, "n_test": 8, "n_pretrain": 200, "n_instruct": 200}},
         "scenario": {"num_clients": 4, "clients_per_round": 2, "rounds": 2, "stages": 2},
         # Seconds of training: starting worker processes (about 4 s) would cost more than they save.
         "federation": {"workers": 1},

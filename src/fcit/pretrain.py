@@ -1,8 +1,12 @@
-"""``fcit pretrain``: build the embedded base model from scratch on the generic synthetic mixture.
+"""``fcit pretrain``: build the embedded base model from scratch, in LLaVA-1.5's two phases.
 
-No pretrained network can be downloaded here, so the embedded default is a tiny LLaVA that learns to see the
-benchmark's image distribution from full scene descriptions. The mixture contains none of the 12 task formats, which
-keeps zero-shot scores low and leaves every task to be learned by the continual run.
+No pretrained network can be downloaded here, so the embedded default is a tiny LLaVA trained by fcit itself:
+
+1. **Descriptions** (every weight trained): the model learns to see the benchmark's image families from full scene
+   descriptions, in one register without any answer format.
+2. **Generic instructions** (vision tower frozen, as in LLaVA's visual instruction tuning): questions in the
+   benchmark's answer formats and LLaVA-1.5's two instruction suffixes, none of them one of the 12 tasks' questions
+   (``synth.INSTRUCT``). The base then follows formats, as LLaVA-1.5 does, and the tasks are still to be learned.
 """
 
 from __future__ import annotations
@@ -22,17 +26,31 @@ from fcit.models.inputs import Batcher
 
 PRETRAIN_TRAIN = TrainConfig(lr=1e-3, projector_lr_scale=1.0, weight_decay=0.01, warmup_ratio=0.03, batch_size=32,
                              max_length=192, local_epochs=1)
+INSTRUCT_TRAIN = TrainConfig(lr=5e-4, projector_lr_scale=1.0, weight_decay=0.01, warmup_ratio=0.03, batch_size=32,
+                             max_length=192, local_epochs=1)
 
 
-def pretrain(cfg: Config, out: Optional[Path] = None, epochs: Optional[int] = None, progress: bool = True,
-             spec: TinySpec = TinySpec()) -> Path:
-    from fcit.data import synth
-    from fcit.data.loader import load_train_file
+def _phase(model, processor, samples, train: TrainConfig, epochs: int, seed: int, desc: str, progress: bool):
     from fcit.training.local import local_train
     from fcit.models.lora import get_state, set_state
 
+    batcher = Batcher(model, processor, max_length=train.max_length)
+    bar = tqdm(total=-(-len(samples) // train.batch_size) * epochs, desc=desc, disable=not progress)
+    res = local_train(model, batcher, get_state(model), samples, train, seed=seed, epochs=epochs, progress=bar.update)
+    bar.close()
+    set_state(model, res.state)
+    return res
+
+
+def pretrain(cfg: Config, out: Optional[Path] = None, epochs: Optional[int] = None, progress: bool = True,
+             spec: TinySpec = TinySpec(), instruct_epochs: Optional[int] = None) -> Path:
+    """Both phases; ``instruct_epochs=0`` stops after the descriptions (the v3 base)."""
+    from fcit.data import synth
+    from fcit.data.loader import load_train_file
+
     out = Path(out) if out else EMBEDDED_DIR
-    epochs = epochs or 6
+    epochs = epochs or 4
+    instruct_epochs = 2 if instruct_epochs is None else instruct_epochs
     torch.set_num_threads(cfg.threads or max(1, torch.get_num_threads()))
     t0 = time.perf_counter()
     scfg = cfg.data.synth.model_copy(update={"image_size": spec.image_size})
@@ -42,13 +60,17 @@ def pretrain(cfg: Config, out: Optional[Path] = None, epochs: Optional[int] = No
     model, processor = build_tiny(tokenizer, spec, seed=cfg.seed)
     for p in model.parameters():
         p.requires_grad_(True)
-    batcher = Batcher(model, processor, max_length=PRETRAIN_TRAIN.max_length)
-    steps = -(-len(samples) // PRETRAIN_TRAIN.batch_size) * epochs
-    bar = tqdm(total=steps, desc="pretrain", disable=not progress)
-    res = local_train(model, batcher, get_state(model), samples, PRETRAIN_TRAIN, seed=cfg.seed, epochs=epochs,
-                      progress=bar.update)
-    bar.close()
-    set_state(model, res.state)
+    res = _phase(model, processor, samples, PRETRAIN_TRAIN, epochs, cfg.seed, "pretrain: descriptions", progress)
+    t1 = time.perf_counter()
+    res2, instruct = None, []
+    if instruct_epochs:
+        instruct = load_train_file(root / "pretrain" / "instruct.json", "instruct", root)
+        from fcit.models.identity import vision_tower
+
+        for p in vision_tower(model).parameters():
+            p.requires_grad_(False)
+        res2 = _phase(model, processor, instruct, INSTRUCT_TRAIN, instruct_epochs, cfg.seed + 1,
+                      "pretrain: instructions", progress)
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out)
     processor.save_pretrained(out)
@@ -63,7 +85,16 @@ def pretrain(cfg: Config, out: Optional[Path] = None, epochs: Optional[int] = No
         "seed": cfg.seed,
         "samples": len(samples),
         "mean_loss": round(res.loss, 4),
-        "seconds": round(time.perf_counter() - t0, 1),
+        "seconds": round(t1 - t0, 1),
+        "instruct": None if res2 is None else {
+            "mixture_sha256": hashlib.sha256((root / "pretrain" / "instruct.json").read_bytes()).hexdigest(),
+            "epochs": instruct_epochs,
+            "train": INSTRUCT_TRAIN.model_dump(),
+            "frozen": "vision_tower",
+            "samples": len(instruct),
+            "mean_loss": round(res2.loss, 4),
+            "seconds": round(time.perf_counter() - t1, 1),
+        },
         "params": sum(p.numel() for p in model.parameters()),
     }, sort_keys=False)
     return out

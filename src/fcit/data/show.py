@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import textwrap
+from collections import Counter
 from pathlib import Path
 from typing import Optional
 
@@ -86,6 +87,20 @@ def report(sc: Scenario) -> str:
     return "\n".join(out)
 
 
+def templates(bench: Benchmark, datasets: list[str], top: int = 2) -> list[str]:
+    """How each dataset's instructions end (LLaVA-style suffixes), with their share of the training samples: on a
+    real release this shows how much the tasks' instructions overlap, to set beside FCIT-Synth's."""
+    out = ["", "Instruction endings (last line of the instruction, share of training samples):"]
+    for d in datasets:
+        train = bench.train(d)
+        ends = Counter(s.prompt.strip().split("\n")[-1] for s in train)
+        shown = "; ".join(f'"{textwrap.shorten(t, 80, placeholder="...")}" {100 * n / len(train):.0f}%'
+                          for t, n in ends.most_common(top))
+        more = f" (+{len(ends) - top} more)" if len(ends) > top else ""
+        out.append(f"  {d}: {shown}{more}")
+    return out
+
+
 def render_samples(bench: Benchmark, datasets: list[str], path: Path, per_dataset: int = SAMPLES_PER_DATASET) -> None:
     import matplotlib
 
@@ -124,9 +139,9 @@ def show(cfg: Config, setting: str, beta: float | None, out: Path, bench: Option
     """Text report of ``setting`` under ``cfg`` (beta overridden when given); writes ``out/samples.png``."""
     bench = bench or open_benchmark(cfg)
     sc = _scenario(cfg, setting, beta, bench)
-    text = report(sc)
+    datasets = [d for ds in sc.tasks for d in ds]
+    text = "\n".join([report(sc), *templates(bench, datasets)])
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    datasets = [d for ds in sc.tasks for d in ds]
     render_samples(bench, datasets, out / "samples.png")
     return text + f"\n\nwrote {out / 'samples.png'}"

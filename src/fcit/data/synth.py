@@ -7,10 +7,15 @@ problem while fitting a tiny LLaVA (ViT with 8-pixel patches on 48 x 48 images) 
 * the 8 Task-related datasets are learnable from about a thousand samples: big high-contrast objects, a few classes
   per question, short answers;
 * tasks share image families (CLEVR-Math and super-CLEVR use one scene generator; ArxivQA, FigureQA and DVQA are all
-  charts; Flickr30k, AOKVQA and Grounding all use landscapes) but differ in instructions and answer formats, so the
+  charts; Flickr30k, AOKVQA and Grounding all use landscapes) but differ in questions and answer formats, so the
   same picture asks for a caption, a letter, a number or yes/no depending on the task: sequential tuning forgets;
-* the pre-training mixture describes every image family in one descriptive register (number words, no questions, no
-  options, no yes/no, no boxes, no digits), so it teaches the model to see without teaching any task format.
+* instructions end in LLaVA-1.5's two shared suffixes (``SHORT``, ``MC``), as the real datasets' do, so tasks are
+  told apart by their questions only;
+* captions are drawn per reference from a small grammar, so references disagree in wording as human ones do and
+  CIDEr sits in its usual range;
+* the base is pre-trained on two generic mixtures over the same image families (``fcit.pretrain``): descriptions
+  in one register without any answer format, then instructions in every answer format of the benchmark
+  (``INSTRUCT``) that are none of the 12 tasks' questions, so the base follows formats without knowing the tasks.
 
 Everything is a pure function of ``SynthConfig``: each sample has its own seed (seed, dataset, split, index), so files
 are byte-identical across runs and machines with the same Pillow, and the test split does not change with n_train.
@@ -35,7 +40,7 @@ from fcit.config import SynthConfig
 from fcit.data import registry
 from fcit.errors import FcitError
 
-GENERATOR_VERSION = "3"
+GENERATOR_VERSION = "4"
 
 # ---------------------------------------------------------------------------------------------------------------
 # Vocabulary. Fixed lists keep the whole text corpus small (the tokenizer is trained on it).
@@ -84,18 +89,22 @@ PRETRAIN_PROMPTS = [
     "Write down what the image shows.",
 ]
 
-# Per-task instruction suffixes differ on purpose: instructions should separate tasks more than images do.
+# The two instruction suffixes of LLaVA-1.5's training mixture, shared across datasets as the real FCIT files share
+# them: multiple-choice sets end with MC, short-answer sets (words, numbers, titles, yes/no) with SHORT. Tasks are
+# then told apart by their questions, not by a suffix of their own, so identity tokens overlap as on real data.
+SHORT = "Answer the question using a single word or phrase."
+MC = "Answer with the option's letter from the given choices directly."
 SUFFIX = {
-    "ImageNet-R": "Answer the question using a single word or phrase.",
-    "ArxivQA": "Answer with the option's letter from the given choices directly.",
-    "IconQA": "Choose the correct option and reply with its letter only.",
-    "CLEVR-Math": "Answer with a single number.",
-    "OCR-VQA": "Answer with the title exactly as it is written.",
-    "FigureQA": "Please answer yes or no.",
-    "super-CLEVR": "Answer with one word.",
-    "AOKVQA": "Answer with the option's letter from the given choices directly.",
-    "DVQA": "Answer the question using a single word or phrase.",
-    "TabMWP": "Use the table to answer with a number.",
+    "ImageNet-R": SHORT,
+    "ArxivQA": MC,
+    "IconQA": MC,
+    "CLEVR-Math": SHORT,
+    "OCR-VQA": SHORT,
+    "FigureQA": SHORT,
+    "super-CLEVR": SHORT,
+    "AOKVQA": MC,
+    "DVQA": SHORT,
+    "TabMWP": SHORT,
 }
 CAPTION_PROMPT = "Provide a one-sentence caption for the provided image."
 GROUNDING_PROMPT = "Please provide the bounding box coordinate of the region this sentence describes: {}."
@@ -651,8 +660,10 @@ class BarSpec:
 
 
 def sample_bars(rng: np.random.Generator, labelled: bool = False) -> BarSpec:
-    n = 3 if labelled else int(rng.integers(3, 5))
-    lo, hi, gap = (1, 9, 1) if labelled else (1, 10, 2)  # FigureQA bars differ clearly; DVQA's labels disambiguate
+    # FigureQA's bars differ by at least 3 of 10: "is X the maximum?" then turns on whether X's bar is tall, which
+    # the tiny model can see; with 2-unit gaps over 3-4 bars it never learned the comparison (v3: MTL at chance).
+    n = 3
+    lo, hi, gap = (1, 9, 1) if labelled else (1, 10, 3)
     while True:
         values = [int(v) for v in rng.integers(lo, hi + 1, n)]
         srt = sorted(values)
@@ -780,8 +791,9 @@ def qa_arxivqa(s: LineSpec, rng, i) -> QA:
 
 def qa_iconqa(s: IconSpec, rng, i) -> QA:
     opts, letter = list(ICON_NAMES), LETTERS[ICON_NAMES.index(s.counts[0][0])]  # fixed order, as in ArxivQA
-    choices = " ".join(f"({LETTERS[j]}) {o}" for j, o in enumerate(opts))
-    q = f"Question: Which icon appears most often in the grid?\nChoices: {choices}\n{SUFFIX['IconQA']}"
+    # The multiple-choice layout of ArxivQA and AOKVQA (LLaVA-1.5's), with a question stem close to ArxivQA's
+    body = "\n".join(f"{LETTERS[j]}. {o}" for j, o in enumerate(opts))
+    q = f"Which icon appears most often in this figure?\nOptions:\n{body}\n{SUFFIX['IconQA']}"
     return q, letter, [letter], {}
 
 
@@ -836,21 +848,68 @@ def qa_ocrvqa(s: BookSpec, rng, i) -> QA:
     return f"What is the title of this book?\n{SUFFIX['OCR-VQA']}", s.title, [s.title], {}
 
 
-def captions(s: LandscapeSpec) -> list[str]:
-    """Paraphrased references (at most 11 words), first one the test answer."""
-    g = [t.noun_phrase for t in s.ground]
+# Captions are drawn from a small grammar (several phrasings of each thing, the setting and the sky, and several
+# sentence shapes), one draw per reference: like human references, they agree on the content but not on the words,
+# so CIDEr lands in its usual range (v3's near-identical paraphrases gave CIDEr x100 of 400-600).
+_CAPTION_NOUN = {
+    "house": ["house", "home", "cottage", "building"],
+    "car": ["car", "vehicle", "automobile"],
+    "flower": ["flower", "blossom", "bloom"],
+    "tree": ["tree", "oak", "green tree", "leafy tree"],
+}
+_CAPTION_ADJ = ["small", "little", "tall", "single", "lonely"]
+_CAPTION_SETTING = ["in a green field", "on the grass", "in a grassy meadow", "on a green lawn", "in the countryside",
+                    "outdoors", "in a park"]  # fmt: skip
+_CAPTION_SCENE = ["a green field", "a grassy meadow", "a quiet countryside scene", "a wide green lawn", "a park"]
+_CAPTION_SKY = {
+    "sun": ["on a sunny day", "under the bright sun", "with the sun shining above", "in the sunshine"],
+    "cloud": ["under a cloudy sky", "beneath a white cloud", "with a cloud in the sky", "on an overcast day"],
+    None: ["under a clear sky", "under a blue sky", "on a clear day"],
+}
+
+
+def _caption_thing(t: Thing, rng: np.random.Generator) -> str:
+    noun = _pick(rng, _CAPTION_NOUN[t.kind])
+    if t.color and rng.random() < 0.75:  # people leave out details: the colour is not always said
+        return _a(f"{t.color} {noun}") if rng.random() < 0.7 else f"{_a(noun)} painted {t.color}"
+    return _a(f"{_pick(rng, _CAPTION_ADJ)} {noun}") if rng.random() < 0.4 else _a(noun)
+
+
+def caption(s: LandscapeSpec, rng: np.random.Generator) -> str:
+    """One reference caption of a landscape (at most 15 words), drawn from the grammar above."""
+    ground = list(s.ground)
+    if len(ground) == 2 and rng.random() < 0.25:  # and not always every thing
+        ground = [ground[int(rng.integers(2))]]
+    g = [_caption_thing(t, rng) for t in ground]
+    if len(g) == 2 and rng.random() < 0.5:
+        g = g[::-1]
     things = _join(g)
-    sky = {None: "under a clear sky", "sun": "on a sunny day", "cloud": "under a cloudy sky"}[s.sky and s.sky.kind]
-    refs = [f"{things} {sky}", f"{things} in a green field", f"a grassy field with {things}"]
-    refs.append(f"{g[0]} next to {g[1]}" if len(g) == 2 else f"{g[0]} standing in a field")
-    if s.sky:
-        refs.append(f"{things} with {'the sun' if s.sky.kind == 'sun' else 'a cloud'} above")
-    return [r[0].upper() + r[1:] + "." for r in refs]
+    sky = _pick(rng, _CAPTION_SKY[s.sky and s.sky.kind]) if rng.random() < 0.7 else ""
+    shapes = [f"{things} {_pick(rng, _CAPTION_SETTING)} {sky}", f"{things} {sky}",
+              f"there is {things} {_pick(rng, _CAPTION_SETTING)}", f"{_pick(rng, _CAPTION_SCENE)} with {things}",
+              f"a view of {things} {_pick(rng, _CAPTION_SETTING)}"]  # fmt: skip
+    if len(g) == 2:
+        shapes.append(f"{g[0]} next to {g[1]} {sky}")
+    text = " ".join(_pick(rng, shapes).split())
+    return text[0].upper() + text[1:] + "."
+
+
+def captions(s: LandscapeSpec, rng: np.random.Generator, k: int = 5) -> list[str]:
+    """``k`` distinct references (the test answer is the first)."""
+    refs: list[str] = []
+    for _ in range(20 * k):  # two-thing scenes have hundreds of phrasings; one-thing scenes still have dozens
+        c = caption(s, rng)
+        if c not in refs:
+            refs.append(c)
+        if len(refs) == k:
+            break
+    return refs
 
 
 def qa_flickr(s: LandscapeSpec, rng, i) -> QA:
-    refs = captions(s)
-    return CAPTION_PROMPT, _pick(rng, refs), refs, {}
+    # The training target is a fresh draw, not one of the references: a model cannot learn the test references.
+    refs = captions(s, rng)
+    return CAPTION_PROMPT, caption(s, rng), refs, {}
 
 
 def qa_aokvqa(s: LandscapeSpec, rng, i) -> QA:
@@ -988,6 +1047,180 @@ def make_pretrain_sample(cfg: SynthConfig, i: int, render: bool = True):
     prompt = _pick(rng, PRETRAIN_PROMPTS)
     img = family.draw(spec, cfg.image_size, rng) if render else None
     return prompt, family.describe(spec), img
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The generic instruction mixture: the base's second pre-training phase, as LLaVA-1.5's visual instruction tuning is
+# to the 7B. It asks about the same image families in the benchmark's answer formats (a word, a number, yes/no, an
+# option letter, a box, a caption) and with the same two suffixes, but never one of the 12 tasks' questions: colours,
+# counts, presence, styles, positions and rows instead of shapes, trends, subtractions, titles or maxima. The base
+# then follows formats without knowing any task, and a task's questions still have to be learned.
+
+_INSTRUCT_STREAM = 300
+Instruct = tuple[str, str]  # (question without <image>, answer)
+
+
+def _yes_no(rng: np.random.Generator, truth: str, pool: list[str]) -> tuple[str, str]:
+    """(value to ask about, "Yes"/"No"), balanced: half the time the true value, else another from ``pool``."""
+    if rng.random() < 0.5 or not [p for p in pool if p != truth]:
+        return truth, "Yes"
+    return _pick(rng, [p for p in pool if p != truth]), "No"
+
+
+def _mc(rng: np.random.Generator, question: str, answer: str, pool: list[str], k: int = 4) -> Instruct:
+    opts, letter = _options(rng, answer, pool, min(k, len(set(pool))))
+    body = "\n".join(f"{LETTERS[j]}. {o}" for j, o in enumerate(opts))
+    return f"{question}\n{body}\n{MC}", letter
+
+
+def _short(question: str, answer: Any) -> Instruct:
+    return f"{question}\n{SHORT}", str(answer)
+
+
+def _box(cx: float, cy: float, half_w: float, half_h: float) -> str:
+    return _box_str((cx - half_w, cy - half_h, cx + half_w, cy + half_h))
+
+
+def instruct_object(s: ObjectSpec, rng) -> Instruct:
+    kind = _pick(rng, ["color", "is_color", "style", "box", "caption"])
+    if kind == "color":
+        return _short("What color is the object in this image?", s.color)
+    if kind == "is_color":
+        c, yn = _yes_no(rng, s.color, COLOR_NAMES)
+        return _short(f"Is the object in this image {c}?", yn)
+    if kind == "style":
+        return _mc(rng, "In which style is this image made?", s.style, STYLES)
+    if kind == "box":
+        return GROUNDING_PROMPT.format(f"the {s.color} object"), _box(s.cx, s.cy, s.r, s.r)
+    text = f"{_a(s.color)} {s.shape} in {s.style} style."
+    return CAPTION_PROMPT, text[0].upper() + text[1:]
+
+
+def instruct_line(s: LineSpec, rng) -> Instruct:
+    kind = _pick(rng, ["color", "is_color", "mc_color", "caption"])
+    if kind == "color":
+        return _short("What color is the line in the chart?", s.color)
+    if kind == "is_color":
+        c, yn = _yes_no(rng, s.color, COLOR_NAMES)
+        return _short(f"Is the line in this chart {c}?", yn)
+    if kind == "mc_color":
+        return _mc(rng, "Which color is the plotted line?", s.color, COLOR_NAMES)
+    return CAPTION_PROMPT, f"A line chart with a {s.color} line."
+
+
+def instruct_icons(s: IconSpec, rng) -> Instruct:
+    present = {k: n for k, n in s.counts}
+    kind = _pick(rng, ["count", "present", "empty", "mc_count"])
+    icon = _pick(rng, ICON_NAMES)
+    if kind == "count":
+        return _short(f"How many {icon}s are in the grid?", present.get(icon, 0))
+    if kind == "present":
+        return _short(f"Is there a {icon} in the grid?", "Yes" if icon in present else "No")
+    if kind == "empty":
+        return _short("How many cells of the grid are empty?", sum(c is None for c in s.cells))
+    return _mc(rng, "How many icons are in the grid in total?", str(sum(present.values())),
+               [str(v) for v in range(1, 10)])
+
+
+def instruct_scene(s: SceneSpec, rng) -> Instruct:
+    kind = _pick(rng, ["count", "count_color", "present", "box", "mc_count"])
+    o = _pick(rng, list(s.objs))
+    if kind == "count":
+        return _short("How many objects are in the scene?", len(s.objs))
+    if kind == "count_color":
+        c = _pick(rng, SCENE_COLORS)
+        return _short(f"How many {c} objects are there?", sum(x.color == c for x in s.objs))
+    if kind == "present":
+        c, sh = _pick(rng, SCENE_COLORS), _pick(rng, SOLIDS)
+        if rng.random() < 0.5:
+            c, sh = o.color, o.shape
+        yes = any(x.color == c and x.shape == sh for x in s.objs)
+        return _short(f"Is there a {c} {sh} in the scene?", "Yes" if yes else "No")
+    if kind == "box" and sum(x.color == o.color and x.shape == o.shape for x in s.objs) == 1:
+        return GROUNDING_PROMPT.format(f"the {o.color} {o.shape}"), _box(o.cx, o.cy + 0.02, 0.13, 0.14)
+    return _mc(rng, "How many objects are in the scene?", str(len(s.objs)), [str(v) for v in range(1, 7)])
+
+
+def instruct_book(s: BookSpec, rng) -> Instruct:
+    kind = _pick(rng, ["cover", "is_cover", "mc_cover", "caption"])
+    covers = list(COVER_COLORS)
+    if kind == "cover":
+        return _short("What color is the cover of this book?", s.cover)
+    if kind == "is_cover":
+        c, yn = _yes_no(rng, s.cover, covers)
+        return _short(f"Is the cover of this book {c}?", yn)
+    if kind == "mc_cover":
+        return _mc(rng, "Which color is the book cover?", s.cover, covers)
+    return CAPTION_PROMPT, f"A {s.cover} book cover with a short title."
+
+
+def instruct_landscape(s: LandscapeSpec, rng) -> Instruct:
+    kind = _pick(rng, ["present", "count", "mc_sky", "sky_present"])
+    kinds = {t.kind for t in s.things}
+    if kind == "present":
+        k = _pick(rng, GROUND_THINGS)
+        return _short(f"Is there a {k} in the picture?", "Yes" if k in kinds else "No")
+    if kind == "count":
+        return _short("How many things stand on the grass?", len(s.ground))
+    if kind == "mc_sky":
+        truth = s.sky.kind if s.sky else "nothing"
+        return _mc(rng, "What can be seen in the sky?", truth, ["sun", "cloud", "nothing", "moon"])
+    k = _pick(rng, SKY_THINGS)
+    return _short(f"Is there a {k} in the sky?", "Yes" if s.sky and s.sky.kind == k else "No")
+
+
+def instruct_bars(s: BarSpec, rng) -> Instruct:
+    kind = _pick(rng, ["count", "leftmost", "present", "mc_rightmost", "caption"])
+    if kind == "count":
+        return _short("How many bars are in the chart?", len(s.values))
+    if kind == "leftmost":
+        return _short("What color is the leftmost bar?", s.colors[0])
+    if kind == "present":
+        c = _pick(rng, COLOR_NAMES)
+        return _short(f"Is there a {c} bar in the chart?", "Yes" if c in s.colors else "No")
+    if kind == "mc_rightmost":
+        return _mc(rng, "Which color is the rightmost bar?", s.colors[-1], COLOR_NAMES)
+    return CAPTION_PROMPT, f"A bar chart with {NUM_WORDS[len(s.values)]} bars."
+
+
+def instruct_table(s: TableSpec, rng) -> Instruct:
+    kind = _pick(rng, ["rows", "first", "present", "mc_last", "caption"])
+    if kind == "rows":
+        return _short("How many rows does the table have?", len(s.items))
+    if kind == "first":
+        return _short("What is written in the first row of the table?", s.items[0])
+    if kind == "present":
+        item, yn = _yes_no(rng, _pick(rng, list(s.items)), TABLE_ITEMS)
+        return _short(f"Does the table have a row for {item}?", "Yes" if item in s.items else "No")
+    if kind == "mc_last":
+        return _mc(rng, "What is written in the last row of the table?", s.items[-1], TABLE_ITEMS)
+    return CAPTION_PROMPT, f"A table with {NUM_WORDS[len(s.items)]} rows."
+
+
+INSTRUCT: dict[str, Callable[[Any, np.random.Generator], Instruct]] = {
+    "object": instruct_object,
+    "line": instruct_line,
+    "icons": instruct_icons,
+    "scene": instruct_scene,
+    "book": instruct_book,
+    "landscape": instruct_landscape,
+    "bars": instruct_bars,
+    "labelled_bars": instruct_bars,
+    "table": instruct_table,
+}
+assert list(INSTRUCT) == list(FAMILIES)
+
+
+def make_instruct_sample(cfg: SynthConfig, i: int, render: bool = True):
+    """(question, answer, image) of instruction-mixture sample ``i``: families in turn, as in the description mix."""
+    names = list(FAMILIES)
+    name = names[i % len(names)]
+    family = FAMILIES[name]
+    rng = _rng(cfg.seed, _INSTRUCT_STREAM, i)
+    spec = family.sample(rng)
+    q, ans = INSTRUCT[name](spec, rng)
+    img = family.draw(spec, cfg.image_size, rng) if render else None
+    return q, ans, img
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -1141,7 +1374,8 @@ def build(cfg: SynthConfig, cache_dir: Optional[Path] = None, progress: bool = T
 
 
 def build_pretrain(cfg: SynthConfig, cache_dir: Optional[Path] = None, progress: bool = True) -> Path:
-    """Write the pre-training mixture under the benchmark root (``pretrain/train.json``); returns that root."""
+    """Write both pre-training mixtures under the benchmark root: the descriptions (``pretrain/train.json``) and the
+    generic instructions (``pretrain/instruct.json``); returns that root."""
 
     def write(tmp: Path) -> list[str]:
         (tmp / "images" / "pretrain").mkdir(parents=True, exist_ok=True)
@@ -1153,9 +1387,18 @@ def build_pretrain(cfg: SynthConfig, cache_dir: Optional[Path] = None, progress:
             _save_png(img, tmp / rel)
             records.append({"id": rid, "image": rel, "conversations": [
                 {"from": "human", "value": f"<image>\n{prompt}"}, {"from": "gpt", "value": desc}]})  # fmt: skip
-        h = _write_json(tmp / "pretrain" / "train.json", records)
-        _write_json(tmp / "pretrain" / "manifest.json", _manifest(cfg, {"pretrain/train.json": h}))
-        return ["images/pretrain", "pretrain"]  # "pretrain" holds train.json and its manifest: one atomic move
+        instruct = []
+        for i in _progress(range(cfg.n_instruct), progress, "FCIT-Synth instruct", cfg.n_instruct):
+            q, ans, img = make_instruct_sample(cfg, i)
+            rid = f"instruct-{i:06d}"
+            rel = f"images/pretrain/{rid}.png"
+            _save_png(img, tmp / rel)
+            instruct.append({"id": rid, "image": rel, "conversations": [
+                {"from": "human", "value": f"<image>\n{q}"}, {"from": "gpt", "value": ans}]})  # fmt: skip
+        hashes = {"pretrain/train.json": _write_json(tmp / "pretrain" / "train.json", records),
+                  "pretrain/instruct.json": _write_json(tmp / "pretrain" / "instruct.json", instruct)}
+        _write_json(tmp / "pretrain" / "manifest.json", _manifest(cfg, hashes))
+        return ["images/pretrain", "pretrain"]  # "pretrain" holds both files and the manifest: one atomic move
 
     return _build_atomic(synth_root(cfg, cache_dir), "pretrain/manifest.json", "pretrain-", write)
 
@@ -1169,8 +1412,10 @@ def corpus_texts(cfg: SynthConfig) -> Iterator[str]:
              + list(LETTERS) + [str(d) for d in range(20)] + ["Yes", "No"])  # fmt: skip
     yield " ".join(words)
     yield from PRETRAIN_PROMPTS
-    yield from SUFFIX.values()
-    yield CAPTION_PROMPT
+    yield from (SHORT, MC, CAPTION_PROMPT)
+    for noun in _CAPTION_NOUN.values():
+        yield " ".join(noun + _CAPTION_ADJ)
+    yield " ".join(_CAPTION_SETTING + _CAPTION_SCENE + [x for v in _CAPTION_SKY.values() for x in v])
     for name in DATASET_NAMES:
         gen = GENERATORS[name]
         family = FAMILIES[gen.family]
@@ -1184,3 +1429,6 @@ def corpus_texts(cfg: SynthConfig) -> Iterator[str]:
         family = FAMILIES[fname]
         for i in range(200):
             yield family.describe(family.sample(_rng(cfg.seed, _CORPUS_STREAM, 100 + j, i)))
+        for i in range(200):
+            rng = _rng(cfg.seed, _CORPUS_STREAM, 200 + j, i)
+            yield from INSTRUCT[fname](family.sample(rng), rng)

@@ -28,9 +28,9 @@ Both modes share:
   frame, so the reference's rescaling by max(w, h) does not change the IoU and is skipped.
 * caption: CIDEr-D (pycocoevalcap's ``Cider``: clipped n-gram tf-idf cosine with a Gaussian length penalty, sigma
   6, x10) over the scored corpus, plus BLEU-4 and ROUGE-L; all x100. METEOR and SPICE need Java and are skipped; the
-  Java PTB tokenizer is replaced by lower-casing and dropping punctuation. The headline is CIDEr x100 **capped at
-  100**: CIDEr-D is unbounded (a close caption of a synthetic task scores 300+), and one uncapped dataset would
-  outweigh all the accuracy datasets in Last/Avg. The uncapped value is ``"cider"``. Note CIDEr's idf comes from the
+  Java PTB tokenizer is replaced by lower-casing and dropping punctuation. The headline is CIDEr x100, uncapped,
+  as in the captioning literature (FCIT-Synth v4's references are varied enough that it sits in the usual 0-150
+  range; v3 capped it at 100 because near-identical references put it at 400-600). Note CIDEr's idf comes from the
   scored references themselves, so it needs a corpus: with a single image every idf is 0 and so is CIDEr.
 """
 
@@ -188,7 +188,7 @@ def _caption(preds: Sequence[str], samples: Sequence[Sample]) -> dict:
     bleu, _ = Bleu(4).compute_score(gts, res, verbose=0)
     rouge, _ = Rouge().compute_score(gts, res)
     return {
-        "score": min(100.0, 100.0 * float(cider)),
+        "score": 100.0 * float(cider),
         "correct": None,
         "n": len(samples),
         "cider": 100.0 * float(cider),

@@ -287,8 +287,11 @@ class Disco(SlotMethod):
             "slot_of_dataset": slot_of,
             "gate_stats": self.gate_stats,
         }})
+        max_cross = None
         if used and self.C:
             sim = torch.stack([cosine_matrix(c[used], c[used]) for c in self.C.values()]).mean(0)
+            if len(used) > 1:  # how far apart the tasks' tokens are: issue 16's overlap measure
+                max_cross = float((sim - 3 * torch.eye(len(used))).max())
             labels = [f"{j}: {names[j]}" if names[j] else str(j) for j in used]
             out.heatmaps["disco/identity_similarity.png"] = Heatmap(
                 sim.tolist(), labels, labels, "DISCO global identity tokens (cosine)", vmin=-1, vmax=1)
@@ -305,6 +308,7 @@ class Disco(SlotMethod):
         out.summary = {
             "subspaces_formed": len(used),
             "routing_accuracy": self.routing_accuracy(final) if final is not None else None,
+            "max_cross_cosine": max_cross,
             "slot_of_dataset": slot_of,
             "mean_gate": mean_gate,
         }

@@ -1,0 +1,145 @@
+"""Is the embedded benchmark in the paper's regime? Issue 16's bars, read off a `fcit compare` folder.
+
+    python scripts/regime.py runs/bench-hom [--markdown]
+
+The folder holds `<method>-s<seed>/` run directories (what `scripts/benchmark.sh` writes). Every figure is a mean
+over the seeds found for that method; a bar whose runs are missing is "not measured", never guessed. Per dataset,
+MTL's final score is set against a constant answer's score on the same test set: the most frequent test answer
+(for captions, the most frequent training caption) scored by the run's own scorer, which is the chance level a
+model reaches without looking at the image.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+from collections import Counter, defaultdict
+from pathlib import Path
+
+from fcit.eval.scorers import score_dataset
+from fcit.results import RunResult
+from fcit.rundir import read_config
+
+BASELINES = ["ewc", "lwf", "olora", "mlora", "moelora"]
+NAMES = {"zeroshot": "Zero-shot", "finetune": "Finetune", "ewc": "EWC", "lwf": "LwF", "olora": "O-LoRA",
+         "mlora": "M-LoRA", "moelora": "MoELoRA", "disco": "DISCO", "mtl": "MTL"}
+
+
+def load_runs(folder: Path) -> dict[str, list[tuple[Path, RunResult]]]:
+    runs: dict[str, list[tuple[Path, RunResult]]] = defaultdict(list)
+    for d in sorted(folder.iterdir()):
+        if d.is_dir() and (d / "metrics.json").is_file() and "-s" in d.name:
+            runs[d.name.rsplit("-s", 1)[0]].append((d, RunResult.load(d)))
+    return runs
+
+
+def constant_scores(run_dir: Path, datasets: list[str]) -> dict[str, float]:
+    """Each dataset's score when every test sample gets the same, most frequent, answer."""
+    from fcit.data.loader import open_benchmark
+
+    cfg = read_config(run_dir)
+    bench = open_benchmark(cfg, progress=False)
+    out = {}
+    for d in datasets:
+        test = bench.test(d)
+        if test[0].refs and len(test[0].refs) > 1:  # captions: the most frequent training caption
+            answer = Counter(s.answer for s in bench.train(d)).most_common(1)[0][0]
+        else:
+            answer = Counter(s.answer for s in test).most_common(1)[0][0]
+        out[d] = float(score_dataset(d, [answer] * len(test), test, cfg.eval.scoring)["score"])
+    return out
+
+
+def mean(xs: list[float]) -> float:
+    return statistics.fmean(xs)
+
+
+def report(folder: Path) -> list[tuple[str, str, str, str]]:
+    """(bar, target, measured, verdict) rows."""
+    runs = load_runs(folder)
+    last = {m: mean([r.summary.last for _, r in rs]) for m, rs in runs.items()}
+    seeds = {m: len(rs) for m, rs in runs.items()}
+    rows: list[tuple[str, str, str, str]] = []
+
+    def verdict(ok: bool) -> str:
+        return "met" if ok else "not met"
+
+    def ratio_row(method: str, lo: float, hi: float):
+        if method in last and "mtl" in last:
+            r = last[method] / last["mtl"]
+            rows.append((f"{NAMES[method]} Last / MTL Last", f"{lo:.2f}-{hi:.2f}",
+                         f"{last[method]:.1f} / {last['mtl']:.1f} = {r:.2f}", verdict(lo <= r <= hi)))
+        else:
+            rows.append((f"{NAMES[method]} Last / MTL Last", f"{lo:.2f}-{hi:.2f}", "-", "not measured"))
+
+    ratio_row("zeroshot", 0.25, 0.55)
+    ratio_row("finetune", 0.55, 0.80)
+    have = [b for b in BASELINES if b in last]
+    if "finetune" in last and len(have) == len(BASELINES):
+        above = [NAMES[b] for b in have if last[b] > last["finetune"]]
+        rows.append(("continual baselines above Finetune on Last", ">= 3 of 5",
+                     f"{len(above)} ({', '.join(above) or 'none'})", verdict(len(above) >= 3)))
+    else:
+        rows.append(("continual baselines above Finetune on Last", ">= 3 of 5", f"{len(have)} of 5 run",
+                     "not measured"))
+    if "disco" in last and "mtl" in last:
+        r = last["disco"] / last["mtl"]
+        rows.append(("DISCO Last / MTL Last", ">= 0.85", f"{last['disco']:.1f} / {last['mtl']:.1f} = {r:.2f}",
+                     verdict(r >= 0.85)))
+    if "disco" in last and have:
+        best = max(have, key=lambda b: last[b])
+        gap = last["disco"] - last[best]
+        rows.append(("DISCO Last - best baseline", ">= +5", f"{gap:+.1f} (best: {NAMES[best]} {last[best]:.1f})",
+                     verdict(gap >= 5 and len(have) == len(BASELINES)) if len(have) == len(BASELINES)
+                     else "not measured"))
+    if "disco" in runs:
+        arts = [r.method_artifacts for _, r in runs["disco"]]
+        cross = [a.get("max_cross_cosine") for a in arts if a.get("max_cross_cosine") is not None]
+        formed = [a.get("subspaces_formed") for a in arts]
+        own = [a.get("routing_accuracy") for a in arts if a.get("routing_accuracy") is not None]
+        tasks = len(runs["disco"][0][1].matrix.datasets)
+        rows.append(("highest cross-task cosine of DISCO's identity tokens", ">= 0.75",
+                     " / ".join(f"{c:.2f}" for c in cross) or "-",
+                     verdict(bool(cross) and min(cross) >= 0.75) if cross else "not measured"))
+        rows.append(("DISCO subspaces formed (one per task)", f"{tasks}", " / ".join(map(str, formed)),
+                     verdict(all(f == tasks for f in formed))))
+        rows.append(("test samples with the largest gate on their own task's subspace", ">= 90%",
+                     " / ".join(f"{100 * o:.0f}%" for o in own) or "-",
+                     verdict(bool(own) and min(own) >= 0.9) if own else "not measured"))
+    if "mtl" in runs:
+        run_dir, res = runs["mtl"][0]
+        final = res.matrix.rows[-1]
+        chance = constant_scores(run_dir, list(final))
+        per = {d: mean([r.matrix.rows[-1][d] for _, r in runs["mtl"]]) for d in final}
+        for d in sorted(final):
+            rows.append((f"learnable: MTL {d} - constant answer", ">= +20",
+                         f"{per[d]:.1f} - {chance[d]:.1f} = {per[d] - chance[d]:+.1f}",
+                         verdict(per[d] - chance[d] >= 20)))
+    rows.append(("seeds per method", "3", ", ".join(f"{NAMES.get(m, m)} {n}" for m, n in sorted(seeds.items())),
+                 verdict(all(n >= 3 for n in seeds.values()))))
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("folder", type=Path)
+    ap.add_argument("--markdown", action="store_true", help="a markdown table instead of aligned text")
+    args = ap.parse_args(argv)
+    if not args.folder.is_dir():
+        print(f"regime: {args.folder}: no such folder", file=sys.stderr)
+        return 2
+    rows = report(args.folder)
+    if args.markdown:
+        print("| bar | target | measured | verdict |\n|---|---|---|---|")
+        for r in rows:
+            print("| " + " | ".join(r) + " |")
+    else:
+        w = max(len(r[0]) for r in rows)
+        for r in rows:
+            print(f"{r[0]:<{w}}  {r[1]:>10}  {r[2]:<40}  {r[3]}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
