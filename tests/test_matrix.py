@@ -209,3 +209,31 @@ def test_findings_pools_folders_and_prints_markdown(tmp_path):
     bad = subprocess.run([sys.executable, str(ROOT / "scripts" / "findings.py"), str(tmp_path / "none")],
                          capture_output=True, text=True, timeout=60)
     assert bad.returncode != 0 and "not an fcit matrix output" in bad.stderr
+
+
+# -- eval.unseen: zero-shot transfer to the datasets the setting never trains ------------------------------------------
+def test_unseen_datasets_are_scored_after_the_last_stage_and_reach_the_matrix(small_base, cache_dir, tmp_path):
+    cfg = smoke_cfg(small_base, cache_dir, tmp_path, **{"scenario.stages": 1, "eval.unseen": True})
+    res = _matrix(cfg, tmp_path / "mx")
+    for c in res.cells:
+        m = json.loads((tmp_path / "mx" / c.run_dir / "metrics.json").read_text())
+        assert sorted(m["unseen"]) == ["AOKVQA", "DVQA", "Grounding", "TabMWP"]  # what the Task setting never trains
+        assert all(0 <= v <= 100 for v in m["unseen"].values()) and c.unseen == m["unseen"]
+        assert not set(m["unseen"]) & set(m["matrix"]["datasets"])  # Last/Avg stay over the trained datasets
+        assert "- **Unseen** (never trained): AOKVQA" in (tmp_path / "mx" / c.run_dir / "results.md").read_text()
+    cells = json.loads((tmp_path / "mx" / "matrix.json").read_text())["cells"]
+    assert all(set(c["unseen"]) == {"AOKVQA", "Grounding", "DVQA", "TabMWP"} for c in cells)
+    # Off by default: no key, and the run identity of earlier runs is unchanged (a default is left out of it).
+    from fcit.rundir import canonical
+
+    plain = smoke_cfg(small_base, cache_dir, tmp_path)
+    assert "eval" not in canonical(plain) or "unseen" not in canonical(plain)["eval"]
+    assert canonical(cfg)["eval"]["unseen"] is True
+
+
+def test_capability_setting_has_no_unseen_dataset():
+    from fcit.config import ScenarioConfig
+    from fcit.data.scenario import Scenario
+
+    assert Scenario(ScenarioConfig(setting="capability"), 0, None).unseen == []
+    assert Scenario(ScenarioConfig(setting="task"), 0, None).unseen == ["AOKVQA", "Grounding", "DVQA", "TabMWP"]
