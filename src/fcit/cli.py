@@ -1,4 +1,4 @@
-"""The ``fcit`` command line: run, compare, pretrain, data build/show, methods."""
+"""The ``fcit`` command line: run, compare, matrix, pretrain, data build/show, methods."""
 
 from __future__ import annotations
 
@@ -139,6 +139,18 @@ def cmd_compare(args: argparse.Namespace) -> None:
     print(f"\ncomparison written to {out}")
 
 
+def cmd_matrix(args: argparse.Namespace) -> None:
+    from fcit.matrix import matrix, parse_axes
+
+    axes = parse_axes(args.methods, args.settings, args.scenarios, args.betas, args.seeds)
+    if args.jobs < 1:
+        raise FcitError(f"--jobs: expected a number >= 1, got {args.jobs}")
+    cfg = _load(args)
+    res = matrix(cfg, **axes, out=Path(args.out) if args.out else None, jobs=args.jobs, progress=not args.quiet)
+    print(res.markdown)
+    print(f"\nmatrix written to {res.out} ({len(res.cells)} cells, {len(res.executed)} runs trained now)")
+
+
 def cmd_pretrain(args: argparse.Namespace) -> None:
     from fcit.pretrain import pretrain
 
@@ -212,6 +224,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="comparison folder (default runs/compare-...)")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_compare)
+
+    p = sub.add_parser("matrix", help="the evaluation grid: methods x settings x scenarios x betas x seeds")
+    _config_args(p)
+    p.add_argument("--methods", default="zeroshot,finetune,olora,moelora,disco,mtl", help="comma-separated")
+    p.add_argument("--settings", default="task,capability", help="comma-separated: task, capability")
+    p.add_argument("--scenarios", default="hom,het", help="comma-separated: hom, het")
+    p.add_argument("--betas", default="0.5,1,5", help="comma-separated Dirichlet betas")
+    p.add_argument("--seeds", default="0", help="comma-separated seeds")
+    p.add_argument("--jobs", type=int, default=1, help="independent runs at once, each in its own process (1 thread)")
+    p.add_argument("--out", help="matrix folder (default runs/matrix-...); finished runs in it are reused")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_matrix)
 
     p = sub.add_parser("pretrain", help="pre-train the embedded tiny LLaVA base on the generic synthetic mixture")
     _config_args(p)

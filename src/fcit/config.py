@@ -171,6 +171,9 @@ class EvalConfig(_Strict):
     # reference: the reference's decisions (exact match; "contains" for FigureQA/DVQA); lenient: read the letter,
     # the first number or the first word out of the prediction (fcit.eval.scorers).
     scoring: Literal["reference", "lenient"] = "reference"
+    # After the last stage, also score the benchmark's datasets that no task of the setting holds (zero-shot
+    # transfer; Task-related: AOKVQA, Grounding, DVQA, TabMWP): metrics.json "unseen", outside the matrix.
+    unseen: bool = False
 
 
 class Config(_Strict):

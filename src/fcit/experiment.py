@@ -72,6 +72,9 @@ class Experiment:
         sc = self.scenario
         self.batcher.check_max_length([s for k in sorted({k for t in range(sc.num_stages) for k in sc.stage_tasks(t)})
                                        for d in sc.tasks[k] for s in self.rt.bench.train(d)])
+        if cfg.eval.unseen:
+            for d in sc.unseen:  # parsed now: a missing test file fails before stage 1, not after the last
+                self.rt.bench.test(d, limit=cfg.eval.max_test)
         self.transport: Transport = transport or self._local_transport()
         self.timer = Timer()
         self._tests: dict[str, list] = {}
@@ -200,8 +203,13 @@ class Experiment:
             res = self.evaluate(all_seen, sc.num_stages - 1)
             matrix.add_stage({d: res[d]["score"] for d in all_seen})
             details.append(res)
+        unseen = None
+        if self.cfg.eval.unseen:
+            # The final model on what it never trained; scored apart so Last/Avg stay over the trained datasets.
+            res = self.evaluate(sc.unseen, sc.num_stages - 1)
+            unseen = {d: r["score"] for d, r in res.items()}
         self.timer.add("total", total_before + time.perf_counter() - t_start)
-        return self._write_results(matrix, logs, details)
+        return self._write_results(matrix, logs, details, unseen)
 
     def _train_centralized(self, start: dict) -> None:
         sc = self.scenario
@@ -216,7 +224,8 @@ class Experiment:
         self.timer.add("train", time.perf_counter() - t0)
         set_state(self.model, res.state)
 
-    def _write_results(self, matrix, logs: list[RoundLog], details: list[dict]) -> RunResult:
+    def _write_results(self, matrix, logs: list[RoundLog], details: list[dict],
+                       unseen: Optional[dict[str, float]] = None) -> RunResult:
         from fcit.eval.metrics import summary
         from fcit.report.artifacts import write_artifacts
         from fcit.report.plots import matrix_heatmap
@@ -241,11 +250,14 @@ class Experiment:
         result = RunResult(method=self.method.name, scenario=sc.name, seed=self.cfg.seed, matrix=matrix,
                            summary=summ, per_dataset=details, rounds=logs, timing=t, warnings=self.warnings,
                            method_artifacts=write_artifacts(self.method.artifacts(), self.run_dir),
-                           environment=self._environment_summary)
+                           environment=self._environment_summary, unseen=unseen)
         write_json(self.run_dir / "metrics.json", result.to_dict())
         title = f"{self.method.name} on {sc.name} (beta={self.cfg.scenario.beta:g}, seed {self.cfg.seed})"
         labels = None if self.method.continual else ["Final model"]
         md = matrix_markdown(matrix, summ.to_dict(), title, row_labels=labels)
+        if unseen is not None:
+            md += "- **Unseen** (never trained): " + (", ".join(f"{d} {v:.1f}" for d, v in unseen.items())
+                                                      or "none: the setting trains every dataset") + "\n"
         (self.run_dir / "results.md").write_text(md)
         matrix_heatmap(matrix, self.run_dir / "matrix.png", title, row_labels=labels)
         return result

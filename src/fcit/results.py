@@ -76,6 +76,8 @@ class RunResult:
     warnings: list[str] = field(default_factory=list)  # e.g. a dataset on which every prediction was empty
     # ``fcit.environment.summary`` of the run directory's environment.json; None in metrics of older fcit versions
     environment: Optional[dict[str, Any]] = None
+    # eval.unseen: dataset -> score after the last stage on the datasets the setting never trains; None: not asked
+    unseen: Optional[dict[str, float]] = None
 
     def to_dict(self) -> dict[str, Any]:
         d = {
@@ -92,6 +94,8 @@ class RunResult:
         }
         if self.environment is not None:
             d["environment"] = self.environment
+        if self.unseen is not None:
+            d["unseen"] = self.unseen
         return d
 
     @classmethod
@@ -101,7 +105,7 @@ class RunResult:
             matrix=AccuracyMatrix.from_dict(d["matrix"]), summary=Summary.from_dict(d["summary"]),
             per_dataset=d["per_dataset"], rounds=[RoundLog.from_dict(r) for r in d["rounds"]],
             timing=d["timing"], method_artifacts=d.get("method_artifacts", {}), warnings=d.get("warnings", []),
-            environment=d.get("environment"),
+            environment=d.get("environment"), unseen=d.get("unseen"),
         )
 
     @classmethod

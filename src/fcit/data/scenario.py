@@ -112,6 +112,8 @@ class Scenario:
             self.tasks = [[registry.get(d).name for d in g] for g in groups]
             self.task_names = [_group_name(g, k) for k, g in enumerate(self.tasks)]
         seen = [d for t in self.tasks for d in t]
+        # Before a union rewrites the tasks: what the setting trains, whichever stages this run reaches.
+        self.unseen = [d for d in registry.DATASETS if d not in seen]
         if len(set(seen)) != len(seen) or not all(self.tasks):
             key = "task_order" if cfg.setting == "task" else "capability_order"
             raise FcitError(f"config: scenario.{key}: every dataset at most once and no empty group (got {self.tasks})")

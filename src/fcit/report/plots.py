@@ -7,6 +7,7 @@ ever selected, no global pyplot state is touched (a notebook's backend stays as 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
@@ -14,7 +15,7 @@ import numpy as np
 
 from fcit.eval.metrics import AccuracyMatrix
 
-__all__ = ["heatmap", "matrix_heatmap"]
+__all__ = ["heatmap", "matrix_heatmap", "Series", "line_panels", "matrix_grid"]
 
 # Beyond this many cells the numbers no longer fit legibly (e.g. a 50-client similarity matrix).
 _MAX_ANNOTATED_CELLS = 400
@@ -141,3 +142,95 @@ def matrix_heatmap(m: AccuracyMatrix, path: Path, title: str, row_labels: Option
         colorbar_label="score",
         ylabel="" if row_labels else "after stage",
     )
+
+
+@dataclass
+class Series:
+    """One line of a panel: ``y`` at ``x`` (with an error bar ``yerr`` where given); ``level`` draws the one value
+    of ``y`` as a dashed horizontal line over the panel (a reference point with no x axis of its own)."""
+
+    label: str
+    x: list[float]
+    y: list[float]
+    yerr: Optional[list[float]] = None
+    level: bool = False
+
+
+def _grid(n: int, ncols: int) -> tuple[int, int]:
+    ncols = max(1, min(ncols, n))
+    return -(-n // ncols), ncols
+
+
+def line_panels(panels: Sequence[tuple[str, Sequence[Series]]], path: Path, title: str, xlabel: str, ylabel: str,
+                log_x: bool = False, ncols: int = 2) -> Path:
+    """Small multiples: one axes per (panel title, its series), one legend for all. Returns ``path``."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    rows, cols = _grid(max(1, len(panels)), ncols)
+    fig = Figure(figsize=(5.0 * cols, 3.6 * rows + 0.8), dpi=110)
+    FigureCanvasAgg(fig)
+    colours: dict[str, Any] = {}
+    handles: dict[str, Any] = {}
+    for i, (name, series) in enumerate(panels):
+        ax = fig.add_subplot(rows, cols, i + 1)
+        for s in series:
+            c = colours.setdefault(s.label, f"C{len(colours) % 10}")
+            if s.level:
+                h = ax.axhline(s.y[0], color=c, linestyle="--", linewidth=1.2)
+            else:
+                h = ax.errorbar(s.x, s.y, yerr=s.yerr, color=c, marker="o", capsize=3, linewidth=1.4)
+            handles.setdefault(s.label, h)
+        xs = sorted({x for s in series for x in s.x})
+        if log_x:
+            ax.set_xscale("log")
+        if xs:  # the measured points are the ticks (betas, stages), not matplotlib's guesses between them
+            ax.set_xticks(xs)
+            ax.set_xticklabels([f"{x:g}" for x in xs])
+            ax.minorticks_off()
+        ax.set_title(name, fontsize=10)
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+    if handles:
+        fig.legend(list(handles.values()), list(handles), loc="upper center", ncol=min(6, len(handles)),
+                   bbox_to_anchor=(0.5, 1.0), frameon=False)
+    fig.suptitle(title, y=0.005, va="bottom", fontsize=10)
+    fig.tight_layout(rect=(0, 0.03, 1, 1 - 0.5 / (3.6 * rows + 0.8)))
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, format="png")
+    return path
+
+
+def matrix_grid(matrices: Sequence[tuple[str, AccuracyMatrix]], path: Path, ncols: int = 4) -> Path:
+    """Several accuracy matrices (stages x datasets, 0..100 as in ``matrix_heatmap``) in one figure, one colour scale."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    rows, cols = _grid(max(1, len(matrices)), ncols)
+    # constrained layout keeps the rotated dataset names of one row off the titles of the next
+    fig = Figure(figsize=(3.6 * cols, 3.2 * rows), dpi=100, layout="constrained")
+    FigureCanvasAgg(fig)
+    cmap = _colormap("viridis")
+    image = None
+    for i, (name, m) in enumerate(matrices):
+        values = np.full((len(m.rows), len(m.datasets)), np.nan)
+        for t, row in enumerate(m.rows):
+            for j, d in enumerate(m.datasets):
+                if d in row:
+                    values[t, j] = min(row[d], 100.0)  # the matrix's own cap for captions' CIDEr
+        ax = fig.add_subplot(rows, cols, i + 1)
+        image = ax.imshow(np.ma.masked_invalid(values), cmap=cmap, vmin=0, vmax=100, aspect="auto",
+                          interpolation="nearest")
+        ax.set_title(name, fontsize=8)
+        ax.set_xticks(np.arange(len(m.datasets)))
+        ax.set_xticklabels(m.datasets, rotation=60, ha="right", fontsize=6)
+        ax.set_yticks(np.arange(len(m.rows)))
+        ax.set_yticklabels([str(t) for t in range(1, len(m.rows) + 1)], fontsize=6)
+    if image is not None:
+        fig.colorbar(image, ax=fig.axes, shrink=0.8, label="score")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, format="png")
+    return path

@@ -1,0 +1,269 @@
+"""The paper's findings, checked against ``fcit matrix`` results: fcit's evidence and a verdict for each.
+
+    python scripts/findings.py RESULTS_DIR [RESULTS_DIR ...] [--markdown]
+
+Each RESULTS_DIR is an ``fcit matrix`` output folder (its ``matrix.json``); several are pooled, so an ablation run
+as its own matrix (e.g. ``fcit matrix --methods disco --set method.params.identity=image --out runs/m-image``)
+is compared with the main one cell for cell. DISCO cells are told apart by their resolved ``params``: a cell at the
+paper's defaults (tau 0.9, softmax gate, text identity) is a main cell, any other an ablation cell.
+
+A finding whose cells are missing is "not measured", never inferred from neighbouring cells. The thresholds are
+stated in the claims: "well below" is at most ``FORGET_RATIO`` of MTL's Last, "within a few points" is
+``RETENTION_POINTS`` points. Unseen-task scores (a cell's ``unseen``: dataset -> score) and general-ability
+retention (a cell's ``retention``: {"base", "after"}) are read where a cell carries them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+from statistics import mean
+from typing import Any, Callable, Optional
+
+FORGET_RATIO = 0.8  # Finetune's Last at most 80% of MTL's (the paper: 47.20 / 66.60 = 0.71)
+RETENTION_POINTS = 5.0  # "within a few points" of the base, on the 0..100 scale
+# The paper's DISCO, which fcit's defaults are: any other value of these makes a cell an ablation cell.
+DISCO_DEFAULTS = {"tau": 0.9, "variant": "softmax", "identity": "text"}
+GATE_ORDER = ["softmax", "argmax", "cosine", "concat"]
+NOT_MEASURED = "not measured"
+
+
+@dataclass
+class Finding:
+    number: int
+    claim: str
+    verdict: str  # "yes" | "no" | "not measured"
+    evidence: str
+
+
+Cells = list[dict[str, Any]]
+Group = tuple[str, str, float]  # (setting, scenario, beta)
+
+
+def load(dirs: list[Path]) -> Cells:
+    cells: Cells = []
+    for d in dirs:
+        path = Path(d) / "matrix.json"
+        try:
+            data = json.loads(path.read_text())
+            cells += [dict(c, source=str(d)) for c in data["cells"]]
+        except (OSError, ValueError, KeyError, TypeError) as err:
+            raise SystemExit(f"findings: error: {path}: not an fcit matrix output ({type(err).__name__}: {err})")
+    return cells
+
+
+def _is_main(c: dict) -> bool:
+    if c["method"] != "disco":
+        return True
+    p = c.get("params") or {}
+    return all(p.get(k, v) == v for k, v in DISCO_DEFAULTS.items())
+
+
+def _gname(g: Group) -> str:
+    return f"{g[0]}-{g[1]} β={g[2]:g}"
+
+
+def _runs(cells: Cells) -> Cells:
+    """One cell per run: a run shared by several cells (zero-shot over betas) counts once."""
+    return list({(c.get("source"), c["run_dir"]): c for c in cells}.values())
+
+
+def means(cells: Cells, key: str = "last") -> dict[Group, dict[str, float]]:
+    """Main cells: group -> method -> mean over seeds of ``key`` (methods where it is null are left out)."""
+    acc: dict[Group, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
+    for c in _runs([c for c in cells if _is_main(c)]):
+        if c.get(key) is not None:
+            acc[(c["setting"], c["scenario"], float(c["beta"]))][c["method"]].append(float(c[key]))
+    return {g: {m: mean(v) for m, v in ms.items()} for g, ms in acc.items()}
+
+
+def _continual(cells: Cells) -> set[str]:
+    # Zero-shot and the MTLs report no Avg: they are reference points, not baselines.
+    return {c["method"] for c in cells if c.get("avg") is not None}
+
+
+def _verdict(checks: list[bool]) -> str:
+    return NOT_MEASURED if not checks else ("yes" if all(checks) else "no")
+
+
+def f1_finetune_forgets(cells: Cells) -> Finding:
+    claim = (f"Finetune forgets: its Last is well below MTL's (at most {FORGET_RATIO:.0%} of it; "
+             f"paper Hom Task β=1: 47.20 vs 66.60)")
+    ev, checks = [], []
+    for g, ms in sorted(means(cells).items()):
+        if "finetune" in ms and "mtl" in ms:
+            ft, mtl = ms["finetune"], ms["mtl"]
+            checks.append(mtl > 0 and ft <= FORGET_RATIO * mtl)
+            ev.append(f"{_gname(g)}: {ft:.1f} vs {mtl:.1f}" + (f" ({ft / mtl:.2f})" if mtl > 0 else ""))
+    return Finding(1, claim, _verdict(checks), "; ".join(ev) or "no cell with both finetune and mtl")
+
+
+def _best_baseline(ms: dict[str, float], baselines: set[str]) -> Optional[tuple[str, float]]:
+    cands = [(m, v) for m, v in ms.items() if m in baselines]
+    return max(cands, key=lambda mv: mv[1]) if cands else None
+
+
+def f2_disco_best(cells: Cells) -> Finding:
+    claim = "DISCO is best on Last and Avg in every setting measured (paper: all four)"
+    baselines = _continual(cells) - {"disco"}
+    last, avg = means(cells, "last"), means(cells, "avg")
+    ev, checks, settings = [], [], set()
+    for g in sorted(last):
+        bl, ba = _best_baseline(last[g], baselines), _best_baseline(avg.get(g, {}), baselines)
+        if "disco" not in last[g] or bl is None or ba is None or "disco" not in avg.get(g, {}):
+            continue
+        dl, da = last[g]["disco"], avg[g]["disco"]
+        checks.append(dl >= bl[1] and da >= ba[1])
+        settings.add(g[:2])
+        ev.append(f"{_gname(g)}: Last {dl:.1f} vs {bl[0]} {bl[1]:.1f}, Avg {da:.1f} vs {ba[0]} {ba[1]:.1f}")
+    head = f"{len(settings)} of 4 settings measured. " if checks else ""
+    return Finding(2, claim, _verdict(checks), head + ("; ".join(ev) or "no cell with disco and a baseline"))
+
+
+def f3_margin_het(cells: Cells) -> Finding:
+    claim = "DISCO's margin over the best baseline (Last) is larger in Het than in Hom"
+    baselines = _continual(cells) - {"disco"}
+    margins = {}
+    for g, ms in means(cells).items():
+        b = _best_baseline(ms, baselines)
+        if "disco" in ms and b is not None:
+            margins[g] = (ms["disco"] - b[1], b[0])
+    ev, checks = [], []
+    for (setting, scenario, beta), (hom, hb) in sorted(margins.items()):
+        het = margins.get((setting, "het", beta))
+        if scenario != "hom" or het is None:
+            continue
+        checks.append(het[0] > hom)
+        ev.append(f"{setting} β={beta:g}: Het {het[0]:+.1f} (vs {het[1]}) vs Hom {hom:+.1f} (vs {hb})")
+    return Finding(3, claim, _verdict(checks), "; ".join(ev) or "no setting with disco and a baseline in both Hom and Het")
+
+
+def f4_beta(cells: Cells) -> Finding:
+    claim = "β=0.5 (more skew) hurts more than β=5: Last at β=0.5 below Last at β=5, on average over methods"
+    trained = _continual(cells) | {c["method"] for c in cells if c["method"] in ("mtl", "mtl-fed")}
+    last = means(cells)
+    diffs, ev = [], []
+    for (setting, scenario, beta), ms in sorted(last.items()):
+        if beta != 0.5 or (setting, scenario, 5.0) not in last:
+            continue
+        for m, v in ms.items():
+            if m in trained and m in last[(setting, scenario, 5.0)]:
+                d = v - last[(setting, scenario, 5.0)][m]
+                diffs.append(d)
+                ev.append(f"{m} {setting}-{scenario}: {d:+.1f}")
+    if not diffs:
+        return Finding(4, claim, NOT_MEASURED, "no method with both β=0.5 and β=5 cells")
+    lower = sum(d < 0 for d in diffs)
+    head = f"Last(β=0.5) − Last(β=5): mean {mean(diffs):+.1f}, lower in {lower} of {len(diffs)}. "
+    return Finding(4, claim, "yes" if mean(diffs) < 0 else "no", head + "; ".join(ev))
+
+
+def _disco_by(cells: Cells, key: str) -> dict[tuple, dict[Any, float]]:
+    """DISCO cells differing from the defaults at most in ``key``: (setting, scenario, beta, seed) -> value -> Last."""
+    out: dict[tuple, dict[Any, float]] = defaultdict(dict)
+    for c in cells:
+        p = c.get("params") or {}
+        if c["method"] != "disco" or any(p.get(k, v) != v for k, v in DISCO_DEFAULTS.items() if k != key):
+            continue
+        out[(c["setting"], c["scenario"], float(c["beta"]), c["seed"])][p.get(key, DISCO_DEFAULTS[key])] = c["last"]
+    return out
+
+
+def f5_identity(cells: Cells) -> Finding:
+    claim = "Text identity tokens are at least as good as image ones (DISCO Last)"
+    pairs = [v for v in _disco_by(cells, "identity").values() if "text" in v and "image" in v]
+    if not pairs:
+        return Finding(5, claim, NOT_MEASURED, "no DISCO cell with identity=image beside a text one")
+    t, i = mean(p["text"] for p in pairs), mean(p["image"] for p in pairs)
+    return Finding(5, claim, "yes" if t >= i else "no", f"text {t:.1f} vs image {i:.1f} over {len(pairs)} cells")
+
+
+def f6_gate(cells: Cells) -> Finding:
+    claim = "Gates rank softmax > argmax > cosine > concat (DISCO Last)"
+    full = [v for v in _disco_by(cells, "variant").values() if all(g in v for g in GATE_ORDER)]
+    if not full:
+        seen = sorted({g for v in _disco_by(cells, "variant").values() for g in v})
+        return Finding(6, claim, NOT_MEASURED, f"no cell with all four gates (have: {', '.join(seen) or 'none'})")
+    m = {g: mean(v[g] for v in full) for g in GATE_ORDER}
+    ok = all(m[a] > m[b] for a, b in zip(GATE_ORDER, GATE_ORDER[1:]))
+    return Finding(6, claim, "yes" if ok else "no",
+                   " > ".join(f"{g} {m[g]:.1f}" for g in sorted(GATE_ORDER, key=m.get, reverse=True))
+                   + f" over {len(full)} cells")
+
+
+def f7_tau(cells: Cells) -> Finding:
+    claim = "tau 0.9 forms one subspace per task"
+    runs = [c for c in _runs(cells) if c["method"] == "disco" and _is_main(c)
+            and (c.get("artifacts") or {}).get("subspaces_formed") is not None and c.get("tasks")]
+    if not runs:
+        return Finding(7, claim, NOT_MEASURED, "no DISCO run at tau 0.9 with its subspace count")
+    ok = [c["artifacts"]["subspaces_formed"] == c["tasks"] for c in runs]
+    bad = [f"{c['run_dir']}: {c['artifacts']['subspaces_formed']} for {c['tasks']} tasks"
+           for c, o in zip(runs, ok) if not o]
+    return Finding(7, claim, _verdict(ok), f"{sum(ok)} of {len(ok)} runs" + (f" ({'; '.join(bad)})" if bad else ""))
+
+
+def _paired(cells: Cells, a: str, b: str, value: Callable[[dict], Optional[float]]) -> list[tuple[float, float]]:
+    by: dict[tuple, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
+    for c in _runs([c for c in cells if _is_main(c)]):
+        v = value(c)
+        if v is not None and c["method"] in (a, b):
+            by[(c["setting"], c["scenario"], float(c["beta"]))][c["method"]].append(v)
+    return [(mean(ms[a]), mean(ms[b])) for ms in by.values() if ms.get(a) and ms.get(b)]
+
+
+def f8_unseen(cells: Cells) -> Finding:
+    claim = "DISCO transfers better zero-shot to unseen tasks than O-LoRA (paper: 33.08 vs 28.27)"
+    pairs = _paired(cells, "disco", "olora", lambda c: mean(c["unseen"].values()) if c.get("unseen") else None)
+    if not pairs:
+        return Finding(8, claim, NOT_MEASURED, "no disco and olora cells with unseen-task scores")
+    d, o = mean(p[0] for p in pairs), mean(p[1] for p in pairs)
+    return Finding(8, claim, "yes" if d > o else "no", f"disco {d:.1f} vs olora {o:.1f} over {len(pairs)} groups")
+
+
+def f9_retention(cells: Cells) -> Finding:
+    claim = (f"DISCO keeps the general ability within {RETENTION_POINTS:g} points of the base "
+             f"(paper: MME 1436.6 vs 1476.9, POPE 83.9 vs 86.4)")
+    runs = [c for c in _runs(cells) if c["method"] == "disco" and _is_main(c) and c.get("retention")]
+    if not runs:
+        return Finding(9, claim, NOT_MEASURED, "no DISCO cell with a retention score")
+    drops = [c["retention"]["base"] - c["retention"]["after"] for c in runs]
+    return Finding(9, claim, _verdict([d <= RETENTION_POINTS for d in drops]),
+                   f"drop from the base: max {max(drops):.1f}, mean {mean(drops):.1f} over {len(drops)} runs")
+
+
+CHECKS = [f1_finetune_forgets, f2_disco_best, f3_margin_het, f4_beta, f5_identity, f6_gate, f7_tau, f8_unseen,
+          f9_retention]
+
+
+def findings(cells: Cells) -> list[Finding]:
+    return [check(cells) for check in CHECKS]
+
+
+def markdown(fs: list[Finding]) -> str:
+    esc = lambda s: s.replace("|", "\\|")  # noqa: E731
+    lines = ["| # | finding | fcit evidence | verdict |", "| ---: | --- | --- | --- |"]
+    lines += [f"| {f.number} | {esc(f.claim)} | {esc(f.evidence)} | {f.verdict} |" for f in fs]
+    return "\n".join(lines) + "\n"
+
+
+def text(fs: list[Finding]) -> str:
+    return "".join(f"({f.number}) {f.claim}: {f.verdict}\n    {f.evidence}\n" for f in fs)
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("results", nargs="+", type=Path, help="fcit matrix output folder(s)")
+    ap.add_argument("--markdown", action="store_true", help="a Markdown table instead of text")
+    args = ap.parse_args(argv)
+    fs = findings(load(args.results))
+    sys.stdout.write(markdown(fs) if args.markdown else text(fs))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
