@@ -22,32 +22,8 @@ from fcit.jsonio import write_json
 from fcit.launch import run
 from fcit.methods.base import Kind
 from fcit.results import RunResult
-from fcit.rundir import canonical, read_config
+from fcit.rundir import finished_result
 from fcit.runtime import Runtime
-
-
-def _finished(run_dir: Path, cfg: Config) -> RunResult | None:
-    """The metrics of a finished run of exactly this config in ``run_dir`` (an interrupted comparison, or one
-    assembled from runs made elsewhere), else None. A finished run of another config is an error, not a reuse."""
-    m, c = run_dir / "metrics.json", run_dir / "config.json"
-    if not m.exists():
-        return None
-    if not c.exists() or canonical(read_config(run_dir)) != canonical(cfg):
-        raise FcitError(f"compare: {run_dir} holds a finished run of a different config; remove it or pick --out")
-    try:
-        return RunResult.load(run_dir)
-    except FcitError as err:
-        raise FcitError(f"compare: {err}; remove the run directory to rerun it") from None
-
-
-def _environment_of(run_dir: Path) -> dict | None:
-    """The environment summary of a run whose metrics.json has none (a run of an older fcit): its
-    environment.json if it has one, else None (no record)."""
-    try:
-        records = environment.read_records(run_dir)
-    except FcitError:
-        return None
-    return environment.summary(records) if records else None
 
 
 def _label(method: str, agg: str, aggregators: list[str]) -> str:
@@ -84,7 +60,7 @@ def compare(cfg: Config, methods: list[str], seeds: list[int], aggregators: list
                 combos.append((m, agg, seed, c))
     # Damaged or foreign finished runs are reported now, not after hours of the runs before them.
     for m, agg, seed, c in combos:
-        _finished(out / f"{_label(m, agg, aggregators)}-s{seed}", c)
+        finished_result(out / f"{_label(m, agg, aggregators)}-s{seed}", c)
     rt = None  # built on the first run to train: a comparison of finished runs loads no model
     results: dict[tuple[str, str], list[RunResult]] = {}
     envs: dict[str, dict | None] = {}
@@ -94,7 +70,7 @@ def compare(cfg: Config, methods: list[str], seeds: list[int], aggregators: list
         if progress:
             print(f"[{i + 1}/{len(combos)}] {label} seed {seed}", flush=True)
         run_dir = out / f"{label}-s{seed}"
-        metrics = _finished(run_dir, c)
+        metrics = finished_result(run_dir, c)
         if metrics is None:
             # Not finished (``_finished`` returned None): a checkpoint means an interrupted run to continue.
             # Any trace of an earlier attempt (config.json) means continue it: a fresh run would be refused there.
@@ -103,7 +79,7 @@ def compare(cfg: Config, methods: list[str], seeds: list[int], aggregators: list
         elif progress:
             print(f"  reusing the finished run in {run_dir}", flush=True)
         results.setdefault((m, agg), []).append(metrics)
-        envs[run_dir.name] = metrics.environment or _environment_of(run_dir)
+        envs[run_dir.name] = metrics.environment or environment.of_run_dir(run_dir)
     rows = []
     for (m, agg), ms in results.items():
         label = m if len(aggregators) == 1 else f"{m} ({agg})"

@@ -277,3 +277,13 @@ def combined_note(runs: Mapping[str, Optional[Mapping[str, Any]]]) -> list[str]:
         lines.append(f"{len(missing)} of {len(runs)} runs have no environment record (made before fcit recorded "
                      f"one), so whether they share an environment is unknown: {', '.join(missing)}")
     return lines
+
+
+def of_run_dir(run_dir: Path) -> Optional[dict]:
+    """The environment summary of a run whose metrics.json has none (a run of an older fcit): its
+    environment.json if it has one, else None (no record)."""
+    try:
+        records = read_records(run_dir)
+    except FcitError:
+        return None
+    return summary(records) if records else None

@@ -2,7 +2,7 @@
 
 Every cell is one run directory under the matrix folder, named ``<method>-<setting>-<scenario>-b<beta>-s<seed>``.
 Reuse and resume are ``fcit compare``'s: a finished run of exactly the cell's config is read back
-(``compare._finished``, identity by ``rundir.canonical``, so threads and the worker pool may differ), a started
+(``rundir.finished_result``, identity by ``rundir.canonical``, so threads and the worker pool may differ), a started
 one is resumed from its checkpoint, a finished run of another config is refused before anything trains.
 
 A method that never trains (``Kind.NONE``: zero-shot) computes the same numbers for every beta and seed of a
@@ -33,13 +33,13 @@ from typing import Any, Optional
 from pydantic import ValidationError
 
 from fcit import environment
-from fcit.compare import _environment_of, _finished
 from fcit.config import Config, ScenarioConfig, one_line
 from fcit.errors import FcitError
 from fcit.jsonio import write_json
 from fcit.launch import run
 from fcit.methods.base import Kind
 from fcit.results import RunResult
+from fcit.rundir import finished_result
 from fcit.runtime import Runtime
 
 SETTINGS = ("task", "capability")
@@ -272,7 +272,7 @@ def matrix(base: Config, methods: list[str], settings: list[str], scenarios: lis
     out = Path(out) if out else Path(base.out_dir) / f"matrix-{datetime.now(timezone.utc):%Y%m%d-%H%M%S}"
     runs = plan(base, methods, settings, scenarios, betas, seeds, out, jobs)
     # Damaged or foreign finished runs are reported now, not after hours of the runs before them.
-    finished = {p.run_dir.name: _finished(p.run_dir, p.cfg) for p in runs}
+    finished = {p.run_dir.name: finished_result(p.run_dir, p.cfg) for p in runs}
     todo = [p for p in runs if finished[p.run_dir.name] is None]
     out.mkdir(parents=True, exist_ok=True)
     if progress:
@@ -284,7 +284,7 @@ def matrix(base: Config, methods: list[str], settings: list[str], scenarios: lis
     envs: dict[str, dict | None] = {}
     for p in runs:
         r = finished[p.run_dir.name] or RunResult.load(p.run_dir)
-        envs[p.run_dir.name] = r.environment or _environment_of(p.run_dir)
+        envs[p.run_dir.name] = r.environment or environment.of_run_dir(p.run_dir)
         cells += [_cell_result(c, p, r, out) for c in p.cells]
     note = environment.combined_note(envs)
     md = markdown(cells, seeds)

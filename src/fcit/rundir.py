@@ -29,6 +29,7 @@ if TYPE_CHECKING:
     import torch
 
     from fcit.config import Config
+    from fcit.results import RunResult
 
 CHECKPOINT = "checkpoint"
 STATE_FILE = "state.safetensors"
@@ -313,3 +314,19 @@ def load_checkpoint(run_dir: Path, cfg: "Config", num_stages: int) -> Optional[t
     state = {k[7:]: v for k, v in tensors.items() if k.startswith("global/")}
     method_state = {k[7:]: v for k, v in tensors.items() if k.startswith("method/")}
     return state, method_state, progress
+
+
+def finished_result(run_dir: Path, cfg: "Config") -> Optional["RunResult"]:
+    """The metrics of a finished run of exactly this config in ``run_dir`` (an interrupted comparison or matrix, or
+    one assembled from runs made elsewhere), else None. A finished run of another config is an error, not a reuse."""
+    from fcit.results import RunResult
+
+    m, c = run_dir / "metrics.json", run_dir / "config.json"
+    if not m.exists():
+        return None
+    if not c.exists() or canonical(read_config(run_dir)) != canonical(cfg):
+        raise FcitError(f"{run_dir} holds a finished run of a different config; remove it or pick another --out")
+    try:
+        return RunResult.load(run_dir)
+    except FcitError as err:
+        raise FcitError(f"{err}; remove the run directory to rerun it") from None
