@@ -126,7 +126,7 @@ def test_score_is_the_mean_over_accuracy_formats_with_caption_apart():
 
 # -- a run with eval.retention ------------------------------------------------------------------------------------
 def _base_on_general(base, cfg):
-    """The base checkpoint scored directly: loaded alone, no method, no adapter."""
+    """The base checkpoint on the general set directly: loaded alone, no method, no adapter."""
     from fcit.eval.evaluate import generate
     from fcit.models.backbone import load_backbone
     from fcit.models.inputs import Batcher
@@ -134,15 +134,22 @@ def _base_on_general(base, cfg):
     model, processor = load_backbone(str(base), "float32", "cpu")
     samples = open_general(cfg, progress=False)
     preds = generate(model, Batcher(model, processor), samples, cfg.eval.batch_size, cfg.eval.max_new_tokens)
-    return score_general(preds, samples, cfg.eval.scoring), len(samples)
+    return preds, score_general(preds, samples, cfg.eval.scoring)
 
 
-def test_retention_scores_the_base_before_and_the_final_model_after(small_base, cache_dir, tmp_path):
+def test_retention_scores_the_base_before_and_the_final_model_after(small_base, cache_dir, tmp_path, monkeypatch):
+    import fcit.eval.general as general
+
     # 45 general samples (every family, evenly spaced) keep the smoke run short.
     cfg = smoke_cfg(small_base, cache_dir, tmp_path, **{"scenario.stages": 1, "eval.retention": True,
                                                         "eval.max_test": 45})
+    seen = []  # the predictions of each general-set scoring, in order: before, after
+    orig = general.score_general
+    monkeypatch.setattr(general, "score_general", lambda preds, *a: seen.append(list(preds)) or orig(preds, *a))
     res = matrix_mod.matrix(cfg, ["finetune"], ["task"], ["hom"], [1.0], [0], out=tmp_path / "mx", jobs=1,
                             progress=False)
+    monkeypatch.setattr(general, "score_general", orig)
+    assert len(seen) == 2
     (cell,) = res.cells
     run_dir = tmp_path / "mx" / cell.run_dir
     m = json.loads((run_dir / "metrics.json").read_text())
@@ -150,9 +157,12 @@ def test_retention_scores_the_base_before_and_the_final_model_after(small_base, 
     assert set(r) == {"before", "after", "drop", "per_format", "n"} and sum(r["n"].values()) == 45
     assert set(r["per_format"]) == set(r["n"]) and all(set(v) == {"before", "after"} for v in r["per_format"].values())
     assert r["drop"] == pytest.approx(r["before"] - r["after"]) and 0 <= r["after"] <= 100
-    # zero adapters at init: the run's "before" is the base checkpoint itself
-    direct, n = _base_on_general(small_base, cfg)
-    assert n == 45 and r["before"] == direct.score
+    # zero adapters at init: the run's "before" is the base checkpoint itself, prediction for prediction (the smoke
+    # base scores about 0, so the scores alone would prove little; its predictions are not empty)
+    preds, direct = _base_on_general(small_base, cfg)
+    assert seen[0] == preds and any(p.strip() for p in preds)
+    assert seen[1] != seen[0]  # the stage changed the model: "before" taken after training would differ
+    assert r["before"] == direct.score
     assert {f: v["before"] for f, v in r["per_format"].items()} == direct.per_format
     assert "- **General ability** (held-out generic instructions, mean over formats): base" in \
         (run_dir / "results.md").read_text()
