@@ -17,6 +17,7 @@ from fcit.data.loader import GENERAL, load_general_test, open_general
 from fcit.data.records import Sample
 from fcit.errors import FcitError
 from fcit.eval.general import ACCURACY_FORMATS, score_general
+from fcit.methods import REGISTRY
 from test_experiment import cache_dir, small_base, smoke_cfg  # noqa: F401 (fixtures)
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -173,6 +174,31 @@ def test_retention_scores_the_base_before_and_the_final_model_after(small_base, 
 
     assert "retention" not in canonical(smoke_cfg(small_base, cache_dir, tmp_path)).get("eval", {})
     assert canonical(cfg)["eval"]["retention"] is True
+
+
+@pytest.fixture(scope="module")
+def base_predictions(small_base, cache_dir, tmp_path_factory):
+    cfg = smoke_cfg(small_base, cache_dir, tmp_path_factory.mktemp("bp"), **{"eval.retention": True,
+                                                                              "eval.max_test": 18})
+    return _base_on_general(small_base, cfg)[0]
+
+
+@pytest.mark.parametrize("method", sorted(REGISTRY))
+def test_every_method_starts_from_the_base_on_the_general_set(small_base, cache_dir, tmp_path, base_predictions,
+                                                               method, monkeypatch):
+    # "before" is the run's own model before stage 1, outside any gate: the base only if every method's adapters
+    # start at zero, which this checks prediction for prediction.
+    import fcit.eval.general as general
+    from fcit.experiment import Experiment
+
+    cfg = smoke_cfg(small_base, cache_dir, tmp_path, **{"method.name": method, "eval.retention": True,
+                                                        "eval.max_test": 18})
+    exp = Experiment(cfg, tmp_path / "r", progress=False)
+    exp.method.initial_state(exp.model)  # what run() does before scoring the base
+    seen = []
+    monkeypatch.setattr(general, "score_general", lambda preds, *a: seen.append(list(preds)))
+    exp.score_general(None)
+    assert seen == [base_predictions]
 
 
 def test_a_resumed_run_keeps_the_base_score_of_its_checkpoint(small_base, cache_dir, tmp_path, monkeypatch):

@@ -225,12 +225,12 @@ class Experiment:
                 details.append(res)
                 stages.set_postfix(avg_seen=f"{sum(r['score'] for r in res.values()) / len(res):.1f}")
                 timing = {**self.timer.seconds, "total": total_before + time.perf_counter() - t_start}
-                self._save_checkpoint(global_state, {"next_stage": t + 1, "matrix": matrix.to_dict(),
-                                                     "rounds": [r.to_dict() for r in logs], "details": details,
-                                                     "method_state": self.method.state_json(),
-                                                     "timing": timing, "warnings": self.warnings,
-                                                     "retention_before": None if before is None
-                                                     else before.to_dict()})
+                record = {"next_stage": t + 1, "matrix": matrix.to_dict(), "rounds": [r.to_dict() for r in logs],
+                          "details": details, "method_state": self.method.state_json(), "timing": timing,
+                          "warnings": self.warnings}
+                if before is not None:  # only then: a run without eval.retention writes the checkpoint it always did
+                    record["retention_before"] = before.to_dict()
+                self._save_checkpoint(global_state, record)
         else:
             if kind == Kind.CENTRALIZED:
                 self._train_centralized(global_state)
