@@ -10,7 +10,8 @@ paper's defaults (tau 0.9, softmax gate, text identity) is a main cell, any othe
 A finding whose cells are missing is "not measured", never inferred from neighbouring cells. The thresholds are
 stated in the claims: "well below" is at most ``FORGET_RATIO`` of MTL's Last, "within a few points" is
 ``RETENTION_POINTS`` points. Unseen-task scores (a cell's ``unseen``: dataset -> score) and general-ability
-retention (a cell's ``retention``: {"base", "after"}) are read where a cell carries them.
+retention (a cell's ``retention``: {"before", "after", ...}, the general set on the base before stage 1 and on the
+final model, ``eval.retention``) are read where a cell carries them.
 """
 
 from __future__ import annotations
@@ -231,7 +232,7 @@ def f9_retention(cells: Cells) -> Finding:
     runs = [c for c in _runs(cells) if c["method"] == "disco" and _is_main(c) and c.get("retention")]
     if not runs:
         return Finding(9, claim, NOT_MEASURED, "no DISCO cell with a retention score")
-    drops = [c["retention"]["base"] - c["retention"]["after"] for c in runs]
+    drops = [c["retention"]["before"] - c["retention"]["after"] for c in runs]
     return Finding(9, claim, _verdict([d <= RETENTION_POINTS for d in drops]),
                    f"drop from the base: max {max(drops):.1f}, mean {mean(drops):.1f} over {len(drops)} runs")
 

@@ -23,6 +23,7 @@ LAYERS = [
     ("fcit.experiment", "fcit.pretrain", "fcit.rundir"),
     ("fcit.launch",),
     ("fcit.compare",),
+    ("fcit.matrix",),
     ("fcit.cli",),
 ]
 

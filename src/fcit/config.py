@@ -174,6 +174,9 @@ class EvalConfig(_Strict):
     # After the last stage, also score the benchmark's datasets that no task of the setting holds (zero-shot
     # transfer; Task-related: AOKVQA, Grounding, DVQA, TabMWP): metrics.json "unseen", outside the matrix.
     unseen: bool = False
+    # Score the general set (FCIT-Synth's held-out generic instructions, the analogue of MME/POPE) on the base before
+    # stage 1 and on the final model after the last stage: metrics.json "retention" (fcit.eval.general).
+    retention: bool = False
 
 
 class Config(_Strict):

@@ -11,6 +11,7 @@ every dataset seen so far, checkpoint. Which engine carries the rounds is the ca
 
 from __future__ import annotations
 
+import contextlib
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -26,11 +27,12 @@ from fcit.errors import FcitError
 from fcit.engines.inprocess import InProcessTransport
 from fcit.engines.loop import RoundFailed, StageLoop, Timer, Transport
 from fcit.eval.evaluate import generate
+from fcit.eval.general import GeneralScore
 from fcit.jsonio import write_json
 from fcit.methods import build_method
 from fcit.methods.base import Kind, Method, StageInfo
 from fcit.models.lora import set_state
-from fcit.results import RoundLog, RunResult, Summary
+from fcit.results import Retention, RoundLog, RunResult, Summary
 from fcit.runtime import Runtime, prepare_model, set_threads
 from fcit.training.guard import empty_predictions_warning, located
 from fcit.training.local import local_train
@@ -75,6 +77,11 @@ class Experiment:
         if cfg.eval.unseen:
             for d in sc.unseen:  # parsed now: a missing test file fails before stage 1, not after the last
                 self.rt.bench.test(d, limit=cfg.eval.max_test)
+        self._general: Optional[list] = None
+        if cfg.eval.retention:
+            from fcit.data.loader import open_general
+
+            self._general = open_general(cfg, progress=progress)  # built (once per cache) and parsed before stage 1
         self.transport: Transport = transport or self._local_transport()
         self.timer = Timer()
         self._tests: dict[str, list] = {}
@@ -126,6 +133,25 @@ class Experiment:
         self.timer.add("eval", time.perf_counter() - t0)
         return out
 
+    def score_general(self, stage: Optional[int]) -> GeneralScore:
+        """The general set on the current model: ``stage`` None is the base before any training, generated outside
+        the method's inference gate (every adapter is still zero, so the model is the base whatever the method; a
+        gate has nothing to route to yet); otherwise the model after ``stage``, generated as the tasks' test sets
+        are (DISCO's gate included)."""
+        from fcit.data.loader import GENERAL
+        from fcit.eval.general import score_general
+
+        t0 = time.perf_counter()
+        e, samples = self.cfg.eval, self._general
+        gate = contextlib.nullcontext() if stage is None else self.method.inference_gate(self.model, samples, stage)
+        with gate:
+            preds = generate(self.model, self.batcher, samples, e.batch_size, e.max_new_tokens)
+        when = "on the base" if stage is None else f"after stage {stage + 1}"
+        if (w := empty_predictions_warning(GENERAL, preds, when)) is not None:
+            self.warnings.append(w)
+        self.timer.add("eval", time.perf_counter() - t0)
+        return score_general(preds, samples, e.scoring)
+
     # -- checkpointing -------------------------------------------------------------------------------------------
     def _save_checkpoint(self, state: dict, progress: dict) -> None:
         rundir.save_checkpoint(self.run_dir, self.cfg, state, self.method.state_dict(), progress)
@@ -154,6 +180,7 @@ class Experiment:
         start_stage = 0
         global_state = self.method.initial_state(self.model)
         total_before = 0.0  # wall time of the stages a resumed run inherits
+        before: Optional[GeneralScore] = None  # eval.retention: the base on the general set
         if resume and (ck := self.load_checkpoint()) is not None:
             global_state, prog = ck
             matrix = AccuracyMatrix.from_dict(prog["matrix"])
@@ -163,6 +190,11 @@ class Experiment:
             self.timer.seconds.update(prog["timing"])
             total_before = self.timer.seconds.pop("total", 0.0)
             self.warnings = prog.get("warnings", [])
+            if self.cfg.eval.retention:
+                if prog.get("retention_before") is None:  # the trained model is no longer the base
+                    raise FcitError(f"{self.run_dir}: its checkpoint holds no base score on the general set "
+                                    f"(eval.retention); rerun it from the start")
+                before = GeneralScore.from_dict(prog["retention_before"])
         self._environment_summary = environment.summary(env_records)
         for w in (env_warning, environment.resume_note(env_records)):
             if w is not None:
@@ -171,6 +203,9 @@ class Experiment:
         kind = self.method.kind
         # Time to the first stage: data generation (first run), model load, partitions; the issue bounds it at 60 s.
         self.timer.seconds.setdefault("setup", time.perf_counter() - self._t_created)
+        if self.cfg.eval.retention and before is None:
+            # Before any training; a resumed run kept the score in its checkpoint (the base is gone by then).
+            before = self.score_general(None)
         if kind == Kind.FEDERATED:
             loop = StageLoop(self.method, self.model, sc, self.transport, rounds=sc.rounds,
                              seed=self.cfg.seed, min_replies=self.cfg.federation.min_replies, timer=self.timer)
@@ -190,10 +225,12 @@ class Experiment:
                 details.append(res)
                 stages.set_postfix(avg_seen=f"{sum(r['score'] for r in res.values()) / len(res):.1f}")
                 timing = {**self.timer.seconds, "total": total_before + time.perf_counter() - t_start}
-                self._save_checkpoint(global_state, {"next_stage": t + 1, "matrix": matrix.to_dict(),
-                                                     "rounds": [r.to_dict() for r in logs], "details": details,
-                                                     "method_state": self.method.state_json(),
-                                                     "timing": timing, "warnings": self.warnings})
+                record = {"next_stage": t + 1, "matrix": matrix.to_dict(), "rounds": [r.to_dict() for r in logs],
+                          "details": details, "method_state": self.method.state_json(), "timing": timing,
+                          "warnings": self.warnings}
+                if before is not None:  # only then: a run without eval.retention writes the checkpoint it always did
+                    record["retention_before"] = before.to_dict()
+                self._save_checkpoint(global_state, record)
         else:
             if kind == Kind.CENTRALIZED:
                 self._train_centralized(global_state)
@@ -208,8 +245,11 @@ class Experiment:
             # The final model on what it never trained; scored apart so Last/Avg stay over the trained datasets.
             res = self.evaluate(sc.unseen, sc.num_stages - 1)
             unseen = {d: r["score"] for d, r in res.items()}
+        retention = None
+        if before is not None:
+            retention = Retention(before=before, after=self.score_general(sc.num_stages - 1))
         self.timer.add("total", total_before + time.perf_counter() - t_start)
-        return self._write_results(matrix, logs, details, unseen)
+        return self._write_results(matrix, logs, details, unseen, retention)
 
     def _train_centralized(self, start: dict) -> None:
         sc = self.scenario
@@ -225,7 +265,8 @@ class Experiment:
         set_state(self.model, res.state)
 
     def _write_results(self, matrix, logs: list[RoundLog], details: list[dict],
-                       unseen: Optional[dict[str, float]] = None) -> RunResult:
+                       unseen: Optional[dict[str, float]] = None,
+                       retention: Optional[Retention] = None) -> RunResult:
         from fcit.eval.metrics import summary
         from fcit.report.artifacts import write_artifacts
         from fcit.report.plots import matrix_heatmap
@@ -250,7 +291,7 @@ class Experiment:
         result = RunResult(method=self.method.name, scenario=sc.name, seed=self.cfg.seed, matrix=matrix,
                            summary=summ, per_dataset=details, rounds=logs, timing=t, warnings=self.warnings,
                            method_artifacts=write_artifacts(self.method.artifacts(), self.run_dir),
-                           environment=self._environment_summary, unseen=unseen)
+                           environment=self._environment_summary, unseen=unseen, retention=retention)
         write_json(self.run_dir / "metrics.json", result.to_dict())
         title = f"{self.method.name} on {sc.name} (beta={self.cfg.scenario.beta:g}, seed {self.cfg.seed})"
         labels = None if self.method.continual else ["Final model"]
@@ -258,6 +299,17 @@ class Experiment:
         if unseen is not None:
             md += "- **Unseen** (never trained): " + (", ".join(f"{d} {v:.1f}" for d, v in unseen.items())
                                                       or "none: the setting trains every dataset") + "\n"
+        if retention is not None:
+            md += _retention_line(retention)
         (self.run_dir / "results.md").write_text(md)
         matrix_heatmap(matrix, self.run_dir / "matrix.png", title, row_labels=labels)
         return result
+
+
+def _retention_line(r: Retention) -> str:
+    fmts = ", ".join(f"{f} {v:.1f} -> {r.after.per_format[f]:.1f}" for f, v in r.before.per_format.items()
+                     if f != "caption")
+    cap = (f"; caption CIDEr {r.before.per_format['caption']:.1f} -> {r.after.per_format['caption']:.1f}"
+           if "caption" in r.before.per_format else "")
+    return (f"- **General ability** (held-out generic instructions, mean over formats): base {r.before.score:.1f}, "
+            f"final {r.after.score:.1f} ({-r.drop:+.1f}; {fmts}{cap})\n")

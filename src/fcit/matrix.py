@@ -95,6 +95,8 @@ class CellResult:
     artifacts: dict[str, Any] = field(default_factory=dict)  # e.g. DISCO's subspaces_formed, routing_accuracy
     tasks: int = 0  # distinct tasks the run trained (DISCO's one-subspace-per-task check needs it)
     unseen: Optional[dict[str, float]] = None  # eval.unseen: scores on the datasets the setting never trains
+    # eval.retention: the general set on the base and the final model (Retention.to_dict: before, after, per_format)
+    retention: Optional[dict[str, Any]] = None
     seconds: float = 0.0
 
     CSV_FIELDS = ("method", "setting", "scenario", "beta", "seed", "last", "avg", "forgetting", "run_dir")
@@ -262,7 +264,9 @@ def _cell_result(cell: Cell, p: PlannedRun, r: RunResult, out: Path) -> CellResu
                       run_dir=str(p.run_dir.relative_to(out)), shared=p.run_dir.name != cell.name,
                       curve=[sum(row.values()) / len(row) for row in r.matrix.rows], matrix=r.matrix.to_dict(),
                       params=params, last_groups=s.last_groups, avg_groups=s.avg_groups, artifacts=art,
-                      tasks=_tasks_trained(p.cfg), unseen=r.unseen, seconds=float(r.timing.get("total", 0.0)))
+                      tasks=_tasks_trained(p.cfg), unseen=r.unseen,
+                      retention=None if r.retention is None else r.retention.to_dict(),
+                      seconds=float(r.timing.get("total", 0.0)))
 
 
 def matrix(base: Config, methods: list[str], settings: list[str], scenarios: list[str], betas: list[float],

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from fcit.errors import FcitError
+from fcit.eval.general import GeneralScore
 from fcit.eval.metrics import AccuracyMatrix
 from fcit.jsonio import read_json
 
@@ -61,6 +62,32 @@ class Summary:
 
 
 @dataclass
+class Retention:
+    """eval.retention: the general set (``fcit.eval.general``) scored on the base before stage 1 and on the final
+    model after the last stage, the same samples both times."""
+
+    before: GeneralScore
+    after: GeneralScore
+
+    @property
+    def drop(self) -> float:
+        return self.before.score - self.after.score
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"before": self.before.score, "after": self.after.score, "drop": self.drop,
+                "per_format": {f: {"before": v, "after": self.after.per_format[f]}
+                               for f, v in self.before.per_format.items()},
+                "n": self.before.n}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "Retention":
+        n = {k: int(v) for k, v in d["n"].items()}
+        pf = d["per_format"]
+        return cls(before=GeneralScore(float(d["before"]), {f: float(v["before"]) for f, v in pf.items()}, n),
+                   after=GeneralScore(float(d["after"]), {f: float(v["after"]) for f, v in pf.items()}, n))
+
+
+@dataclass
 class RunResult:
     """Everything ``metrics.json`` records about one finished run."""
 
@@ -78,6 +105,8 @@ class RunResult:
     environment: Optional[dict[str, Any]] = None
     # eval.unseen: dataset -> score after the last stage on the datasets the setting never trains; None: not asked
     unseen: Optional[dict[str, float]] = None
+    # eval.retention: the general set before stage 1 and after the last stage; None: not asked
+    retention: Optional[Retention] = None
 
     def to_dict(self) -> dict[str, Any]:
         d = {
@@ -96,6 +125,8 @@ class RunResult:
             d["environment"] = self.environment
         if self.unseen is not None:
             d["unseen"] = self.unseen
+        if self.retention is not None:
+            d["retention"] = self.retention.to_dict()
         return d
 
     @classmethod
@@ -106,6 +137,7 @@ class RunResult:
             per_dataset=d["per_dataset"], rounds=[RoundLog.from_dict(r) for r in d["rounds"]],
             timing=d["timing"], method_artifacts=d.get("method_artifacts", {}), warnings=d.get("warnings", []),
             environment=d.get("environment"), unseen=d.get("unseen"),
+            retention=Retention.from_dict(d["retention"]) if d.get("retention") is not None else None,
         )
 
     @classmethod

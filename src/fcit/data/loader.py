@@ -238,6 +238,43 @@ class Benchmark:
         return [samples[i] for i in _sample_points(len(samples), limit)]
 
 
+# The Sample.dataset of the general-ability test split (not one of the 12 datasets; scored by fcit.eval.general).
+GENERAL = "Instruct-Test"
+
+
+def load_general_test(path: str | Path, image_root: str | Path, check_images: bool = True) -> list[Sample]:
+    """The general-ability test split: test records (``question_id``, ``image``, ``text``, ``answer``) of mixed
+    answer formats, each naming its ``format`` (a key of ``registry.FORMATS``); a box carries ``answer_bbox``."""
+    path, image_root = Path(path), Path(image_root)
+    samples = []
+    for i, rec in enumerate(_read_records(path)):
+        fmt = _field(path, i, rec, "format")
+        if fmt not in registry.FORMATS:
+            raise FcitError(f"{path}: record {i}: field 'format' must be one of {', '.join(registry.FORMATS)}, "
+                            f"got {fmt!r}")
+        spec = registry.DatasetSpec(GENERAL, "", "", path.name, "", registry.FORMATS[fmt])
+        s = _parse_test(path, i, rec, spec, image_root)
+        samples.append(replace(s, meta={**s.meta, "format": fmt}))
+    if check_images:
+        _check_images(path, samples, image_root)
+    return samples
+
+
+def open_general(cfg: "Config", progress: bool = True) -> list[Sample]:
+    """The general-ability test split of a config's benchmark: FCIT-Synth's held-out generic instructions (built
+    or taken from the cache), at most ``eval.max_test`` of them, evenly spaced. The real benchmark ships no
+    general set (the paper's MME and POPE are separate downloads), so a real-data run cannot ask for one."""
+    data = cfg.data
+    if data.kind != "synth":
+        raise FcitError("config: eval.retention: needs FCIT-Synth's held-out instruction mixture (data.kind=synth); "
+                        "the real benchmark has no general-ability test set (MME and POPE are not part of it)")
+    from fcit.data import synth
+
+    root = synth.build_general(data.synth, cache_dir=Path(data.root) if data.root else None, progress=progress)
+    samples = load_general_test(root / synth.GENERAL_TEST_FILE, root)
+    return [samples[i] for i in _sample_points(len(samples), cfg.eval.max_test)]
+
+
 SETTINGS = {"Task-related": "seq", "Capability-related": "cap"}
 
 

@@ -22,6 +22,11 @@ CAPTION = "caption"  # CIDEr-D x100 (headline)
 
 ANSWER_TYPES = (EXACT, CHOICE, NUMBER, YESNO, CONTAINS, GROUNDING, CAPTION)
 
+# The answer formats of the generic instruction mixture (FCIT-Synth's ``INSTRUCT``) and the answer type each is
+# scored as; its held-out split is the general-ability benchmark (``fcit.eval.general``), one record per format name.
+FORMATS: dict[str, str] = {"word": EXACT, "number": NUMBER, "yesno": YESNO, "letter": CHOICE, "box": GROUNDING,
+                           "caption": CAPTION}
+
 
 @dataclass(frozen=True)
 class DatasetSpec:

@@ -15,7 +15,9 @@ problem while fitting a tiny LLaVA (ViT with 8-pixel patches on 48 x 48 images) 
   CIDEr sits in its usual range;
 * the base is pre-trained on two generic mixtures over the same image families (``fcit.pretrain``): descriptions
   in one register without any answer format, then instructions in every answer format of the benchmark
-  (``INSTRUCT``) that are none of the 12 tasks' questions, so the base follows formats without knowing the tasks.
+  (``INSTRUCT``) that are none of the 12 tasks' questions, so the base follows formats without knowing the tasks;
+* a held-out split of that instruction mixture (``build_general``) is the general-ability benchmark, the analogue
+  of MME and POPE: what a run keeps of the base's own abilities.
 
 Everything is a pure function of ``SynthConfig``: each sample has its own seed (seed, dataset, split, index), so files
 are byte-identical across runs and machines with the same Pillow, and the test split does not change with n_train.
@@ -1211,16 +1213,71 @@ INSTRUCT: dict[str, Callable[[Any, np.random.Generator], Instruct]] = {
 assert list(INSTRUCT) == list(FAMILIES)
 
 
+def _instruct(cfg: SynthConfig, name: str, rng: np.random.Generator, render: bool):
+    family = FAMILIES[name]
+    spec = family.sample(rng)
+    q, ans = INSTRUCT[name](spec, rng)
+    img = family.draw(spec, cfg.image_size, rng) if render else None
+    return spec, q, ans, img
+
+
 def make_instruct_sample(cfg: SynthConfig, i: int, render: bool = True):
     """(question, answer, image) of instruction-mixture sample ``i``: families in turn, as in the description mix."""
     names = list(FAMILIES)
     name = names[i % len(names)]
-    family = FAMILIES[name]
-    rng = _rng(cfg.seed, _INSTRUCT_STREAM, i)
-    spec = family.sample(rng)
-    q, ans = INSTRUCT[name](spec, rng)
-    img = family.draw(spec, cfg.image_size, rng) if render else None
+    _, q, ans, img = _instruct(cfg, name, _rng(cfg.seed, _INSTRUCT_STREAM, i), render)
     return q, ans, img
+
+
+def instruct_format(question: str, answer: str) -> str:
+    """The answer format (a key of ``registry.FORMATS``) of a generic instruction, read off how INSTRUCT wrote it."""
+    if question == CAPTION_PROMPT:
+        return "caption"
+    if question.startswith(GROUNDING_PROMPT.split("{}")[0]):
+        return "box"
+    if question.endswith(MC):
+        return "letter"
+    if answer in ("Yes", "No"):
+        return "yesno"
+    return "number" if answer.isdigit() else "word"
+
+
+# The held-out split of the generic instruction mixture: the general-ability benchmark, fcit's analogue of MME and
+# POPE for the 7B (the base's own instruction distribution, scored before and after a run; ``eval.retention``).
+# Its own seed stream, so the training mixture (``_INSTRUCT_STREAM``, which the committed base was trained on) is
+# unchanged byte for byte. A fixed size rather than a SynthConfig field: a new field would change every cache key
+# (``synth_root`` hashes the whole config) and so every existing cache folder.
+_INSTRUCT_TEST_STREAM = 301
+GENERAL_PER_FAMILY = 30
+GENERAL_TEST_FILE = "general/test.json"
+_GENERAL_MARKER = "general/manifest.json"
+
+
+def _instruct_key(name: str, spec: Any, question: str) -> tuple[str, str, str]:
+    return name, repr(spec), question
+
+
+def make_general_test(cfg: SynthConfig, render: bool = True) -> Iterator[tuple[str, Any, str, str, Any]]:
+    """(family, image spec, question, answer, image) of the held-out split, family by family, GENERAL_PER_FAMILY
+    each.
+
+    A draw whose (family, image spec, question) is in the training mixture of ``cfg`` is skipped: it would be a
+    training item again up to pixel noise. Family-major order keeps an evenly spaced subset (``eval.max_test``)
+    balanced over families."""
+    train = set()
+    names = list(FAMILIES)
+    for i in range(cfg.n_instruct):
+        spec, q, _, _ = _instruct(cfg, names[i % len(names)], _rng(cfg.seed, _INSTRUCT_STREAM, i), render=False)
+        train.add(_instruct_key(names[i % len(names)], spec, q))
+    for f, name in enumerate(names):
+        kept, j = 0, 0
+        while kept < GENERAL_PER_FAMILY:
+            spec, q, ans, img = _instruct(cfg, name, _rng(cfg.seed, _INSTRUCT_TEST_STREAM, f, j), render)
+            j += 1
+            if _instruct_key(name, spec, q) in train:
+                continue
+            kept += 1
+            yield name, spec, q, ans, img
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -1401,6 +1458,32 @@ def build_pretrain(cfg: SynthConfig, cache_dir: Optional[Path] = None, progress:
         return ["images/pretrain", "pretrain"]  # "pretrain" holds both files and the manifest: one atomic move
 
     return _build_atomic(synth_root(cfg, cache_dir), "pretrain/manifest.json", "pretrain-", write)
+
+
+def build_general(cfg: SynthConfig, cache_dir: Optional[Path] = None, progress: bool = True) -> Path:
+    """Write the held-out general test split (``GENERAL_TEST_FILE``, the official test layout plus each record's
+    ``format``) under the benchmark root, as its own atomic build: an existing cache gains it, nothing else is
+    rebuilt. Returns that root."""
+
+    def write(tmp: Path) -> list[str]:
+        (tmp / "images" / "general").mkdir(parents=True, exist_ok=True)
+        records = []
+        n = GENERAL_PER_FAMILY * len(FAMILIES)
+        for k, (family, _, q, ans, img) in enumerate(_progress(make_general_test(cfg), progress, "FCIT-Synth general", n)):
+            rid = f"general-test-{k:06d}"
+            rel = f"images/general/{rid}.png"
+            _save_png(img, tmp / rel)
+            fmt = instruct_format(q, ans)
+            rec = {"question_id": rid, "image": rel, "text": q, "answer": ans, "format": fmt, "family": family}
+            if fmt == "box":  # as the Grounding test file: the box to score against, the image size
+                rec["answer_bbox"] = ans
+                rec["size"] = [cfg.image_size, cfg.image_size]
+            records.append(rec)
+        hashes = {GENERAL_TEST_FILE: _write_json(tmp / GENERAL_TEST_FILE, records)}
+        _write_json(tmp / _GENERAL_MARKER, {**_manifest(cfg, hashes), "per_family": GENERAL_PER_FAMILY})
+        return ["images/general", "general"]
+
+    return _build_atomic(synth_root(cfg, cache_dir), _GENERAL_MARKER, "general-", write)
 
 
 def corpus_texts(cfg: SynthConfig) -> Iterator[str]:
