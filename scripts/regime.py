@@ -6,7 +6,8 @@ The folder holds `<method>-s<seed>/` run directories (what `scripts/benchmark.sh
 over the seeds found for that method; a bar whose runs are missing is "not measured", never guessed. Per dataset,
 MTL's final score is set against a constant answer's score on the same test set: the most frequent test answer
 (for captions, the most frequent training caption) scored by the run's own scorer, which is the chance level a
-model reaches without looking at the image.
+model reaches without looking at the image. Not computed here: the server-optimizer bar (DISCO under each optimizer
+within 5 points of FedAvg; the `optimizers` part of `scripts/benchmark.sh` writes those runs elsewhere).
 """
 
 from __future__ import annotations
@@ -98,7 +99,7 @@ def report(folder: Path) -> list[tuple[str, str, str, str]]:
         cross = [a.get("max_cross_cosine") for a in arts if a.get("max_cross_cosine") is not None]
         formed = [a.get("subspaces_formed") for a in arts]
         own = [a.get("routing_accuracy") for a in arts if a.get("routing_accuracy") is not None]
-        tasks = len(runs["disco"][0][1].matrix.datasets)
+        tasks = len(runs["disco"][0][1].matrix.rows)  # one stage per task in Hom
         rows.append(("highest cross-task cosine of DISCO's identity tokens", ">= 0.75",
                      " / ".join(f"{c:.2f}" for c in cross) or "-",
                      verdict(bool(cross) and min(cross) >= 0.75) if cross else "not measured"))

@@ -242,7 +242,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="output directory (default: the package's embedded model folder)")
     p.add_argument("--epochs", type=int, default=None, help="passes over the description mixture (default 4)")
     p.add_argument("--instruct-epochs", type=int, default=None,
-                   help="passes over the generic instruction mixture (default 2; 0 skips that phase)")
+                   help="passes over the generic instruction mixture (default 3; 0 skips that phase)")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_pretrain)
 

@@ -5,7 +5,7 @@ No pretrained network can be downloaded here, so the embedded default is a tiny 
 1. **Descriptions** (every weight trained): the model learns to see the benchmark's image families from full scene
    descriptions, in one register without any answer format.
 2. **Generic instructions** (vision tower frozen, as in LLaVA's visual instruction tuning): questions in the
-   benchmark's answer formats and LLaVA-1.5's two instruction suffixes, none of them one of the 12 tasks' questions
+   benchmark's answer formats and LLaVA-1.5's two instruction suffixes, never asked as one of the 12 tasks asks
    (``synth.INSTRUCT``). The base then follows formats, as LLaVA-1.5 does, and the tasks are still to be learned.
 """
 
@@ -20,6 +20,7 @@ import torch
 from tqdm.auto import tqdm
 
 from fcit.config import Config, TrainConfig
+from fcit.errors import FcitError
 from fcit.models.backbone import EMBEDDED_DIR, TinySpec, build_tiny, build_tokenizer
 from fcit.jsonio import write_json
 from fcit.models.inputs import Batcher
@@ -44,13 +45,15 @@ def _phase(model, processor, samples, train: TrainConfig, epochs: int, seed: int
 
 def pretrain(cfg: Config, out: Optional[Path] = None, epochs: Optional[int] = None, progress: bool = True,
              spec: TinySpec = TinySpec(), instruct_epochs: Optional[int] = None) -> Path:
-    """Both phases; ``instruct_epochs=0`` stops after the descriptions (the v3 base)."""
+    """Both phases; ``instruct_epochs=0`` stops after the descriptions (a description-only base)."""
     from fcit.data import synth
     from fcit.data.loader import load_train_file
 
     out = Path(out) if out else EMBEDDED_DIR
     epochs = epochs or 4
-    instruct_epochs = 2 if instruct_epochs is None else instruct_epochs
+    instruct_epochs = 3 if instruct_epochs is None else instruct_epochs
+    if instruct_epochs < 0 or epochs < 0:
+        raise FcitError(f"pretrain: epochs must be >= 0 (got --epochs {epochs}, --instruct-epochs {instruct_epochs})")
     torch.set_num_threads(cfg.threads or max(1, torch.get_num_threads()))
     t0 = time.perf_counter()
     scfg = cfg.data.synth.model_copy(update={"image_size": spec.image_size})
@@ -78,14 +81,15 @@ def pretrain(cfg: Config, out: Optional[Path] = None, epochs: Optional[int] = No
         "spec": spec.__dict__,
         "synth": scfg.model_dump(),
         "generator_version": synth.GENERATOR_VERSION,
-        # The mixture's own fingerprint: task makers may change between generator versions, the mixture may not.
+        # Each mixture's own fingerprint: which data this base saw, whatever the generator version says.
         "mixture_sha256": hashlib.sha256((root / "pretrain" / "train.json").read_bytes()).hexdigest(),
         "epochs": epochs,
         "train": PRETRAIN_TRAIN.model_dump(),
         "seed": cfg.seed,
+        "threads": torch.get_num_threads(),  # matmul reductions, and so the weights, depend on it
         "samples": len(samples),
         "mean_loss": round(res.loss, 4),
-        "seconds": round(t1 - t0, 1),
+        "seconds": round(t1 - t0, 1),  # phase 1, with building both mixtures and the tokenizer
         "instruct": None if res2 is None else {
             "mixture_sha256": hashlib.sha256((root / "pretrain" / "instruct.json").read_bytes()).hexdigest(),
             "epochs": instruct_epochs,

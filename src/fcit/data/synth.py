@@ -15,7 +15,7 @@ problem while fitting a tiny LLaVA (ViT with 8-pixel patches on 48 x 48 images) 
   CIDEr sits in its usual range;
 * the base is pre-trained on two generic mixtures over the same image families (``fcit.pretrain``): descriptions
   in one register without any answer format, then instructions in every answer format of the benchmark
-  (``INSTRUCT``) that are none of the 12 tasks' questions, so the base follows formats without knowing the tasks;
+  (``INSTRUCT``) that never ask as one of the 12 tasks asks, so the base follows formats without knowing the tasks;
 * a held-out split of that instruction mixture (``build_general``) is the general-ability benchmark, the analogue
   of MME and POPE: what a run keeps of the base's own abilities.
 
@@ -878,7 +878,7 @@ def _caption_thing(t: Thing, rng: np.random.Generator) -> str:
 
 
 def caption(s: LandscapeSpec, rng: np.random.Generator) -> str:
-    """One reference caption of a landscape (at most 15 words), drawn from the grammar above."""
+    """One reference caption of a landscape (at most 20 words), drawn from the grammar above."""
     ground = list(s.ground)
     if len(ground) == 2 and rng.random() < 0.25:  # and not always every thing
         ground = [ground[int(rng.integers(2))]]
@@ -1054,9 +1054,12 @@ def make_pretrain_sample(cfg: SynthConfig, i: int, render: bool = True):
 # ---------------------------------------------------------------------------------------------------------------
 # The generic instruction mixture: the base's second pre-training phase, as LLaVA-1.5's visual instruction tuning is
 # to the 7B. It asks about the same image families in the benchmark's answer formats (a word, a number, yes/no, an
-# option letter, a box, a caption) and with the same two suffixes, but never one of the 12 tasks' questions: colours,
-# counts, presence, styles, positions and rows instead of shapes, trends, subtractions, titles or maxima. The base
-# then follows formats without knowing any task, and a task's questions still have to be learned.
+# option letter, a box, a caption) and with the same two suffixes, but never as one of the 12 tasks asks: colours,
+# counts, presence, styles, positions and rows; an attribute a task asks for is only asked in another form (a shape
+# as yes/no or by position, a title by its first letter or length), and the caption prompt, Flickr30k's, only on the
+# other families. The base then follows formats and reads questions without knowing any task, and a task's questions
+# still have to be learned. Two yes/no kinds are skewed (landscape presence about 38% yes, table rows about 64%);
+# the overall yes share is balanced, and changing them means a new base.
 
 _INSTRUCT_STREAM = 300
 Instruct = tuple[str, str]  # (question without <image>, answer)
@@ -1084,12 +1087,15 @@ def _box(cx: float, cy: float, half_w: float, half_h: float) -> str:
 
 
 def instruct_object(s: ObjectSpec, rng) -> Instruct:
-    kind = _pick(rng, ["color", "is_color", "style", "box", "caption"])
+    kind = _pick(rng, ["color", "is_color", "is_shape", "style", "box", "caption"])
     if kind == "color":
         return _short("What color is the object in this image?", s.color)
     if kind == "is_color":
         c, yn = _yes_no(rng, s.color, COLOR_NAMES)
         return _short(f"Is the object in this image {c}?", yn)
+    if kind == "is_shape":
+        sh, yn = _yes_no(rng, s.shape, SHAPES)
+        return _short(f"Is this a picture of {_a(sh)}?", yn)
     if kind == "style":
         return _mc(rng, "In which style is this image made?", s.style, STYLES)
     if kind == "box":
@@ -1112,7 +1118,7 @@ def instruct_line(s: LineSpec, rng) -> Instruct:
 
 def instruct_icons(s: IconSpec, rng) -> Instruct:
     present = {k: n for k, n in s.counts}
-    kind = _pick(rng, ["count", "present", "empty", "mc_count"])
+    kind = _pick(rng, ["count", "present", "empty", "mc_count", "cell"])
     icon = _pick(rng, ICON_NAMES)
     if kind == "count":
         return _short(f"How many {icon}s are in the grid?", present.get(icon, 0))
@@ -1120,12 +1126,16 @@ def instruct_icons(s: IconSpec, rng) -> Instruct:
         return _short(f"Is there a {icon} in the grid?", "Yes" if icon in present else "No")
     if kind == "empty":
         return _short("How many cells of the grid are empty?", sum(c is None for c in s.cells))
+    if kind == "cell":
+        filled = [j for j, c in enumerate(s.cells) if c is not None]
+        j = _pick(rng, filled)
+        return _short(f"Which icon is in the {GRID_POS[j // 3][j % 3]} cell of the grid?", s.cells[j])
     return _mc(rng, "How many icons are in the grid in total?", str(sum(present.values())),
                [str(v) for v in range(1, 10)])
 
 
 def instruct_scene(s: SceneSpec, rng) -> Instruct:
-    kind = _pick(rng, ["count", "count_color", "present", "box", "mc_count"])
+    kind = _pick(rng, ["count", "count_color", "present", "box", "at", "mc_count"])
     o = _pick(rng, list(s.objs))
     if kind == "count":
         return _short("How many objects are in the scene?", len(s.objs))
@@ -1138,13 +1148,17 @@ def instruct_scene(s: SceneSpec, rng) -> Instruct:
             c, sh = o.color, o.shape
         yes = any(x.color == c and x.shape == sh for x in s.objs)
         return _short(f"Is there a {c} {sh} in the scene?", "Yes" if yes else "No")
+    if kind == "at":  # position -> attribute: the object is named by where it is, not by what it is
+        what = _pick(rng, ["color", "shape"])
+        return _short(f"What {what} is the object at the {GRID_POS[o.cell // 3][o.cell % 3]}?",
+                      o.color if what == "color" else o.shape)
     if kind == "box" and sum(x.color == o.color and x.shape == o.shape for x in s.objs) == 1:
         return GROUNDING_PROMPT.format(f"the {o.color} {o.shape}"), _box(o.cx, o.cy + 0.02, 0.13, 0.14)
     return _mc(rng, "How many objects are in the scene?", str(len(s.objs)), [str(v) for v in range(1, 7)])
 
 
 def instruct_book(s: BookSpec, rng) -> Instruct:
-    kind = _pick(rng, ["cover", "is_cover", "mc_cover", "caption"])
+    kind = _pick(rng, ["cover", "is_cover", "mc_cover", "letter", "length", "caption"])
     covers = list(COVER_COLORS)
     if kind == "cover":
         return _short("What color is the cover of this book?", s.cover)
@@ -1153,12 +1167,22 @@ def instruct_book(s: BookSpec, rng) -> Instruct:
         return _short(f"Is the cover of this book {c}?", yn)
     if kind == "mc_cover":
         return _mc(rng, "Which color is the book cover?", s.cover, covers)
+    if kind == "letter":  # the title has to be read, though never written out
+        first, yn = _yes_no(rng, s.title[0], sorted({t[0] for t in TITLES}))
+        return _short(f"Does the title on this cover begin with the letter {first}?", yn)
+    if kind == "length":
+        return _short("How many letters does the title on this cover have?", len(s.title))
     return CAPTION_PROMPT, f"A {s.cover} book cover with a short title."
 
 
 def instruct_landscape(s: LandscapeSpec, rng) -> Instruct:
-    kind = _pick(rng, ["present", "count", "mc_sky", "sky_present"])
+    kind = _pick(rng, ["present", "count", "mc_sky", "sky_present", "is_color"])
     kinds = {t.kind for t in s.things}
+    colored = [t for t in s.ground if t.color]
+    if kind == "is_color" and colored:
+        t = _pick(rng, colored)
+        c, yn = _yes_no(rng, t.color, THING_COLORS)
+        return _short(f"Is the {t.kind} {c}?", yn)
     if kind == "present":
         k = _pick(rng, GROUND_THINGS)
         return _short(f"Is there a {k} in the picture?", "Yes" if k in kinds else "No")
@@ -1172,11 +1196,16 @@ def instruct_landscape(s: LandscapeSpec, rng) -> Instruct:
 
 
 def instruct_bars(s: BarSpec, rng) -> Instruct:
-    kind = _pick(rng, ["count", "leftmost", "present", "mc_rightmost", "caption"])
+    kind = _pick(rng, ["count", "position", "is_position", "present", "mc_rightmost", "caption"])
+    where = ["leftmost", "middle", "rightmost"]
+    j = int(rng.integers(len(s.colors)))
     if kind == "count":
         return _short("How many bars are in the chart?", len(s.values))
-    if kind == "leftmost":
-        return _short("What color is the leftmost bar?", s.colors[0])
+    if kind == "position":
+        return _short(f"What color is the {where[j]} bar?", s.colors[j])
+    if kind == "is_position":
+        c, yn = _yes_no(rng, s.colors[j], COLOR_NAMES)
+        return _short(f"Is the {where[j]} bar {c}?", yn)
     if kind == "present":
         c = _pick(rng, COLOR_NAMES)
         return _short(f"Is there a {c} bar in the chart?", "Yes" if c in s.colors else "No")
@@ -1186,7 +1215,7 @@ def instruct_bars(s: BarSpec, rng) -> Instruct:
 
 
 def instruct_table(s: TableSpec, rng) -> Instruct:
-    kind = _pick(rng, ["rows", "first", "present", "mc_last", "caption"])
+    kind = _pick(rng, ["rows", "first", "present", "is_first", "mc_last", "caption"])
     if kind == "rows":
         return _short("How many rows does the table have?", len(s.items))
     if kind == "first":
@@ -1194,6 +1223,9 @@ def instruct_table(s: TableSpec, rng) -> Instruct:
     if kind == "present":
         item, yn = _yes_no(rng, _pick(rng, list(s.items)), TABLE_ITEMS)
         return _short(f"Does the table have a row for {item}?", "Yes" if item in s.items else "No")
+    if kind == "is_first":
+        item, yn = _yes_no(rng, s.items[0], TABLE_ITEMS)
+        return _short(f"Is {item} written in the first row of the table?", yn)
     if kind == "mc_last":
         return _mc(rng, "What is written in the last row of the table?", s.items[-1], TABLE_ITEMS)
     return CAPTION_PROMPT, f"A table with {NUM_WORDS[len(s.items)]} rows."
@@ -1430,6 +1462,22 @@ def build(cfg: SynthConfig, cache_dir: Optional[Path] = None, progress: bool = T
     return _build_atomic(synth_root(cfg, cache_dir), "manifest.json", "", write)
 
 
+def _conversation(rid: str, rel: str, question: str, answer: str) -> dict[str, Any]:
+    return {"id": rid, "image": rel, "conversations": [
+        {"from": "human", "value": f"<image>\n{question}"}, {"from": "gpt", "value": answer}]}  # fmt: skip
+
+
+def mixture_sha256(cfg: SynthConfig) -> dict[str, str]:
+    """The fingerprints ``build_pretrain`` would write for both mixtures (file bytes; no image is rendered), to check
+    which mixture a base was trained on (``fcit_pretrain.json``)."""
+    desc = [_conversation(f"pretrain-{i:06d}", f"images/pretrain/pretrain-{i:06d}.png",
+                          *make_pretrain_sample(cfg, i, render=False)[:2]) for i in range(cfg.n_pretrain)]
+    ins = [_conversation(f"instruct-{i:06d}", f"images/pretrain/instruct-{i:06d}.png",
+                         *make_instruct_sample(cfg, i, render=False)[:2]) for i in range(cfg.n_instruct)]
+    return {"pretrain/train.json": hashlib.sha256(_json_bytes(desc)).hexdigest(),
+            "pretrain/instruct.json": hashlib.sha256(_json_bytes(ins)).hexdigest()}
+
+
 def build_pretrain(cfg: SynthConfig, cache_dir: Optional[Path] = None, progress: bool = True) -> Path:
     """Write both pre-training mixtures under the benchmark root: the descriptions (``pretrain/train.json``) and the
     generic instructions (``pretrain/instruct.json``); returns that root."""
@@ -1442,16 +1490,14 @@ def build_pretrain(cfg: SynthConfig, cache_dir: Optional[Path] = None, progress:
             rid = f"pretrain-{i:06d}"
             rel = f"images/pretrain/{rid}.png"
             _save_png(img, tmp / rel)
-            records.append({"id": rid, "image": rel, "conversations": [
-                {"from": "human", "value": f"<image>\n{prompt}"}, {"from": "gpt", "value": desc}]})  # fmt: skip
+            records.append(_conversation(rid, rel, prompt, desc))
         instruct = []
         for i in _progress(range(cfg.n_instruct), progress, "FCIT-Synth instruct", cfg.n_instruct):
             q, ans, img = make_instruct_sample(cfg, i)
             rid = f"instruct-{i:06d}"
             rel = f"images/pretrain/{rid}.png"
             _save_png(img, tmp / rel)
-            instruct.append({"id": rid, "image": rel, "conversations": [
-                {"from": "human", "value": f"<image>\n{q}"}, {"from": "gpt", "value": ans}]})  # fmt: skip
+            instruct.append(_conversation(rid, rel, q, ans))
         hashes = {"pretrain/train.json": _write_json(tmp / "pretrain" / "train.json", records),
                   "pretrain/instruct.json": _write_json(tmp / "pretrain" / "instruct.json", instruct)}
         _write_json(tmp / "pretrain" / "manifest.json", _manifest(cfg, hashes))

@@ -219,7 +219,7 @@ def matrix_grid(matrices: Sequence[tuple[str, AccuracyMatrix]], path: Path, ncol
         for t, row in enumerate(m.rows):
             for j, d in enumerate(m.datasets):
                 if d in row:
-                    values[t, j] = min(row[d], 100.0)  # the matrix's own cap for captions' CIDEr
+                    values[t, j] = min(row[d], 100.0)  # one colour scale for all: CIDEr above 100 shows as 100
         ax = fig.add_subplot(rows, cols, i + 1)
         image = ax.imshow(np.ma.masked_invalid(values), cmap=cmap, vmin=0, vmax=100, aspect="auto",
                           interpolation="nearest")
