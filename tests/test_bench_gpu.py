@@ -1,11 +1,12 @@
 """scripts/bench_gpu.py cannot run here (no GPU): its --tiny mode runs the same code path so the script cannot rot,
 with the packages the GPU machines lack made unimportable."""
 
-import importlib.util
 import json
 import subprocess
 import sys
 from pathlib import Path
+
+from script_loader import load_script
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "scripts" / "bench_gpu.py"
@@ -45,8 +46,6 @@ def test_tiny_bench_runs_without_the_packages_the_gpu_machine_lacks():
 def test_bench_constants_match_the_config():
     from fcit.config import LLAVA_SYSTEM, LoraConfig
 
-    spec = importlib.util.spec_from_file_location("bench_gpu", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = load_script("bench_gpu")
     assert mod.FFN_TARGET == LoraConfig().target and mod.LLAVA_SYSTEM == LLAVA_SYSTEM
     assert (mod.FULL["hidden"], mod.FULL["layers"], mod.FULL["inter"], mod.FULL["vocab"]) == (4096, 32, 11008, 32064)

@@ -2,7 +2,6 @@
 hand-made results folder."""
 
 import csv
-import importlib.util
 import json
 import subprocess
 import sys
@@ -13,6 +12,7 @@ import pytest
 import fcit.matrix as matrix_mod
 from fcit.cli import main
 from fcit.launch import run
+from script_loader import load_script
 from test_experiment import cache_dir, small_base, smoke_cfg  # noqa: F401 (fixtures)
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -134,14 +134,6 @@ def test_matrix_bad_input_is_one_line_before_any_work(args, needle, tmp_path, ca
 
 
 # -- scripts/findings.py on hand-made results ---------------------------------------------------------------------------
-def _findings_module():
-    spec = importlib.util.spec_from_file_location("findings", ROOT / "scripts" / "findings.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["findings"] = mod  # dataclasses look their module up while the class is built
-    spec.loader.exec_module(mod)
-    return mod
-
-
 def _cell(method, scenario, last, avg=None, beta=1.0, seed=0, setting="task", **extra):
     params = extra.pop("params", {})
     name = f"{method}-{setting}-{scenario}-b{beta:g}-s{seed}" + "".join(f"-{v}" for v in params.values())
@@ -175,7 +167,7 @@ def _hand_made(tmp_path):
 
 
 def test_findings_verdicts_on_hand_made_results(tmp_path):
-    f = _findings_module()
+    f = load_script("findings")
     got = {x.number: x for x in f.findings(f.load([_hand_made(tmp_path)]))}
     assert {n: x.verdict for n, x in got.items()} == {1: "yes", 2: "yes", 3: "yes", 4: "yes", 5: "not measured",
                                                       6: "no", 7: "no", 8: "yes", 9: "not measured"}
@@ -188,7 +180,7 @@ def test_findings_verdicts_on_hand_made_results(tmp_path):
 
 
 def test_findings_never_guesses_from_missing_cells(tmp_path):
-    f = _findings_module()
+    f = load_script("findings")
     # Hom only, no MTL, no β=0.5: only (2) can be judged, and DISCO loses there.
     cells = [_cell("finetune", "hom", 20.0, 30.0), _cell("disco", "hom", 15.0, 40.0)]
     got = {x.number: x.verdict for x in f.findings(f.load([_write(tmp_path / "r", cells)]))}

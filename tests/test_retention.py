@@ -2,9 +2,7 @@
 answer format, the before/after scores of a run, the matrix cell and finding (9)."""
 
 import hashlib
-import importlib.util
 import json
-import sys
 from collections import Counter
 from pathlib import Path
 
@@ -18,9 +16,9 @@ from fcit.data.records import Sample
 from fcit.errors import FcitError
 from fcit.eval.general import ACCURACY_FORMATS, score_general
 from fcit.methods import REGISTRY
+from script_loader import load_script
 from test_experiment import cache_dir, small_base, smoke_cfg  # noqa: F401 (fixtures)
 
-ROOT = Path(__file__).resolve().parents[1]
 SMALL = SynthConfig(seed=0, n_train=20, n_test=6, n_pretrain=30, n_instruct=45)
 
 
@@ -222,14 +220,6 @@ def test_a_resumed_run_keeps_the_base_score_of_its_checkpoint(small_base, cache_
 
 
 # -- finding (9) ----------------------------------------------------------------------------------------------------
-def _findings_module():
-    spec = importlib.util.spec_from_file_location("findings", ROOT / "scripts" / "findings.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["findings"] = mod  # dataclasses look their module up while the class is built
-    spec.loader.exec_module(mod)
-    return mod
-
-
 def _disco(scenario, before, after, **params):
     p = {"tau": 0.9, "variant": "softmax", "identity": "text", **params}
     return {"method": "disco", "setting": "task", "scenario": scenario, "beta": 1.0, "seed": 0, "last": 50.0,
@@ -240,7 +230,7 @@ def _disco(scenario, before, after, **params):
 
 @pytest.mark.parametrize("after_het, verdict", [(57.0, "yes"), (50.0, "no")])
 def test_finding_9_reads_the_cells_retention(tmp_path, after_het, verdict):
-    f = _findings_module()
+    f = load_script("findings")
     # An ablation cell's retention does not count: its drop of 40 would make the verdict "no" every time.
     cells = [_disco("hom", 60.0, 58.0), _disco("het", 60.0, after_het), _disco("hom", 60.0, 20.0, variant="argmax")]
     (tmp_path / "matrix.json").write_text(json.dumps({"cells": cells}))
