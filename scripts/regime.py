@@ -13,10 +13,10 @@ within 5 points of FedAvg; the `optimizers` part of `scripts/benchmark.sh` write
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 from collections import Counter, defaultdict
 from pathlib import Path
+from statistics import fmean as mean
 
 from fcit.eval.scorers import score_dataset
 from fcit.results import RunResult
@@ -50,10 +50,6 @@ def constant_scores(run_dir: Path, datasets: list[str]) -> dict[str, float]:
             answer = Counter(s.answer for s in test).most_common(1)[0][0]
         out[d] = float(score_dataset(d, [answer] * len(test), test, cfg.eval.scoring)["score"])
     return out
-
-
-def mean(xs: list[float]) -> float:
-    return statistics.fmean(xs)
 
 
 def report(folder: Path) -> list[tuple[str, str, str, str]]:

@@ -1467,15 +1467,28 @@ def _conversation(rid: str, rel: str, question: str, answer: str) -> dict[str, A
         {"from": "human", "value": f"<image>\n{question}"}, {"from": "gpt", "value": answer}]}  # fmt: skip
 
 
+# The two pre-training mixtures: file -> (record id prefix, size field of SynthConfig, sample maker).
+_MIXTURES = {
+    "pretrain/train.json": ("pretrain", "n_pretrain", make_pretrain_sample),
+    "pretrain/instruct.json": ("instruct", "n_instruct", make_instruct_sample),
+}
+
+
+def _mixture(cfg: SynthConfig, file: str, render: bool) -> Iterator[tuple[dict[str, Any], str, Any]]:
+    """(record, image path relative to the root, image or None) of every sample of one mixture."""
+    prefix, size, make = _MIXTURES[file]
+    for i in range(getattr(cfg, size)):
+        question, answer, img = make(cfg, i, render)
+        rid = f"{prefix}-{i:06d}"
+        rel = f"images/pretrain/{rid}.png"
+        yield _conversation(rid, rel, question, answer), rel, img
+
+
 def mixture_sha256(cfg: SynthConfig) -> dict[str, str]:
     """The fingerprints ``build_pretrain`` would write for both mixtures (file bytes; no image is rendered), to check
     which mixture a base was trained on (``fcit_pretrain.json``)."""
-    desc = [_conversation(f"pretrain-{i:06d}", f"images/pretrain/pretrain-{i:06d}.png",
-                          *make_pretrain_sample(cfg, i, render=False)[:2]) for i in range(cfg.n_pretrain)]
-    ins = [_conversation(f"instruct-{i:06d}", f"images/pretrain/instruct-{i:06d}.png",
-                         *make_instruct_sample(cfg, i, render=False)[:2]) for i in range(cfg.n_instruct)]
-    return {"pretrain/train.json": hashlib.sha256(_json_bytes(desc)).hexdigest(),
-            "pretrain/instruct.json": hashlib.sha256(_json_bytes(ins)).hexdigest()}
+    return {f: hashlib.sha256(_json_bytes([r for r, _, _ in _mixture(cfg, f, render=False)])).hexdigest()
+            for f in _MIXTURES}
 
 
 def build_pretrain(cfg: SynthConfig, cache_dir: Optional[Path] = None, progress: bool = True) -> Path:
@@ -1484,22 +1497,14 @@ def build_pretrain(cfg: SynthConfig, cache_dir: Optional[Path] = None, progress:
 
     def write(tmp: Path) -> list[str]:
         (tmp / "images" / "pretrain").mkdir(parents=True, exist_ok=True)
-        records = []
-        for i in _progress(range(cfg.n_pretrain), progress, "FCIT-Synth pretrain", cfg.n_pretrain):
-            prompt, desc, img = make_pretrain_sample(cfg, i)
-            rid = f"pretrain-{i:06d}"
-            rel = f"images/pretrain/{rid}.png"
-            _save_png(img, tmp / rel)
-            records.append(_conversation(rid, rel, prompt, desc))
-        instruct = []
-        for i in _progress(range(cfg.n_instruct), progress, "FCIT-Synth instruct", cfg.n_instruct):
-            q, ans, img = make_instruct_sample(cfg, i)
-            rid = f"instruct-{i:06d}"
-            rel = f"images/pretrain/{rid}.png"
-            _save_png(img, tmp / rel)
-            instruct.append(_conversation(rid, rel, q, ans))
-        hashes = {"pretrain/train.json": _write_json(tmp / "pretrain" / "train.json", records),
-                  "pretrain/instruct.json": _write_json(tmp / "pretrain" / "instruct.json", instruct)}
+        hashes = {}
+        for f, (prefix, size, _) in _MIXTURES.items():
+            records = []
+            n = getattr(cfg, size)
+            for rec, rel, img in _progress(_mixture(cfg, f, render=True), progress, f"FCIT-Synth {prefix}", n):
+                _save_png(img, tmp / rel)
+                records.append(rec)
+            hashes[f] = _write_json(tmp / f, records)
         _write_json(tmp / "pretrain" / "manifest.json", _manifest(cfg, hashes))
         return ["images/pretrain", "pretrain"]  # "pretrain" holds both files and the manifest: one atomic move
 
