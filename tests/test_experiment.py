@@ -120,11 +120,12 @@ def test_every_registered_method_completes_a_smoke_run(small_base, cache_dir, tm
         assert m["rounds"] == []
 
 
-def test_federated_mtl_is_one_stage_over_the_union_with_the_whole_round_budget(small_base, cache_dir, tmp_path):
+def test_federated_mtl_is_one_stage_over_the_union_with_one_stages_rounds(small_base, cache_dir, tmp_path):
     run_dir, m = run(smoke_cfg(small_base, cache_dir, tmp_path, **{"method.name": "mtl-fed"}), tmp_path / "mf",
                      progress=False)
-    # smoke: 2 stages x 2 rounds of 2 clients, all in one stage, every client on the union task
-    assert [(r["stage"], r["round"]) for r in m["rounds"]] == [(0, r) for r in range(4)]
+    # smoke: 2 stages x 2 rounds of 2 clients; the union stage has one stage's 2 rounds, every client on the union
+    # task, each holding both tasks' shares (the continual run's sample budget)
+    assert [(r["stage"], r["round"]) for r in m["rounds"]] == [(0, r) for r in range(2)]
     assert all(len(r["clients"]) == 2 and r["tasks"] == [0, 0] for r in m["rounds"])
     assert m["scenario"] == "task-hom-union" and m["matrix"]["datasets"] == ["ImageNet-R", "ArxivQA"]
     assert len(m["matrix"]["rows"]) == 1 and m["summary"]["avg"] is None and m["summary"]["forgetting"] is None

@@ -172,9 +172,9 @@ def test_released_partitions_in_scenario(bench, tmp_path):
             [[(s.dataset, s.id) for s in c] for c in drawn.shares(k)]
 
 
-def test_union_is_one_stage_over_every_task_with_the_whole_round_budget(bench):
+def test_union_is_one_stage_over_every_task_with_the_continual_sample_budget(bench):
     sc = Scenario(ScenarioConfig(num_clients=6, clients_per_round=5, rounds=3), 0, bench, union=True)
-    assert sc.name == "task-hom-union" and sc.num_stages == 1 and sc.rounds == 8 * 3
+    assert sc.name == "task-hom-union" and sc.num_stages == 1 and sc.rounds == 3
     assert sc.tasks == [registry.TASK_ORDER] and sc.stage_tasks(0) == [0]
     assert sc.seen_datasets(0) == registry.TASK_ORDER
     data = sc.task_train(0)
@@ -187,13 +187,13 @@ def test_union_is_one_stage_over_every_task_with_the_whole_round_budget(bench):
     assert all(a.task == 0 for r in range(sc.rounds) for a in sc.assignments(0, r))
     # the stages the continual run would train: a truncated run, Het (its tables' tasks), Capability
     two = Scenario(ScenarioConfig(num_clients=6, clients_per_round=5, rounds=3, stages=2), 0, bench, union=True)
-    assert two.tasks == [registry.TASK_ORDER[:2]] and two.rounds == 6
+    assert two.tasks == [registry.TASK_ORDER[:2]] and two.rounds == 3
     het = Scenario(ScenarioConfig(num_clients=6, clients_per_round=5, rounds=3, mode="het", stages=1), 0, bench,
                    union=True)
     assert het.tasks == [[registry.TASK_ORDER[k] for k in sorted(set(SEQ_DYN_LIST[0]))]] and het.table is None
     cap = Scenario(ScenarioConfig(num_clients=6, clients_per_round=5, rounds=3, setting="capability"), 0, bench,
                    union=True)
-    assert cap.tasks == [[d for g in registry.CAPABILITY_ORDER for d in g]] and cap.rounds == 4 * 3
+    assert cap.tasks == [[d for g in registry.CAPABILITY_ORDER for d in g]] and cap.rounds == 3
 
 
 def test_union_with_released_partitions_gives_each_client_its_shares_of_every_task(bench, tmp_path):

@@ -8,8 +8,10 @@ The clients of a round are m of K drawn without replacement from a generator see
 and paired with the positions in that order (reference 4 [rec]).
 
 ``union=True`` turns the scenario into the federated multi-task one (``mtl-fed``): one stage whose one task is the
-union of every task the continual run would train, partitioned over the K clients like any task, for as many rounds
-as the continual run has in all (stages x rounds), so the two runs have the same federated budget.
+union of every task the continual run would train, partitioned over the K clients like any task, for one stage's
+rounds. A union client holds every task's share, so those rounds see as many samples as the continual run's
+stages x rounds do (and as the centralized ``mtl`` sees): the same sample budget, as the reference's one-stage
+multi-task run has. Running stages x rounds rounds over the union would train on 8x the samples.
 """
 
 from __future__ import annotations
@@ -129,7 +131,6 @@ class Scenario:
         if union:
             members = sorted({k for t in range(self.num_stages) for k in self.stage_tasks(t)})
             self.union_of = {k: self.tasks[k] for k in members}
-            self.rounds = cfg.rounds * self.num_stages
             self.tasks = [[d for t in self.union_of.values() for d in t]]
             self.task_names = ["union"]
             self.num_tasks, self.num_stages, self.table = 1, 1, None

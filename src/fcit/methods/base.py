@@ -107,7 +107,7 @@ class Method:
     # False for a reference point that is not a continual learner (zero-shot, the multi-task upper bounds): its one
     # final model is evaluated once, so it reports Last only; Avg and forgetting are not applicable (None).
     continual: ClassVar[bool] = True
-    # True: train one stage over the union of all stages' data for stages x rounds rounds (``Scenario(union=True)``).
+    # True: train one stage over the union of all stages' data, one stage's rounds (``Scenario(union=True)``).
     union_stages: ClassVar[bool] = False
 
     def __init__(self, cfg: Config):

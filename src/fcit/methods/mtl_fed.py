@@ -1,8 +1,8 @@
 """Federated multi-task learning: the federated upper bound of the benchmark.
 
 Finetune's one LoRA and FedAvg (or the configured server optimizer), trained in one stage on the union of all the
-continual run's tasks, partitioned over the same clients like any stage, for the continual run's whole round budget
-(stages x rounds; ``Scenario(union=True)`` builds that stage). Since the scenario, not a hook, supplies the union,
+continual run's tasks, partitioned over the same clients like any stage, for one stage's rounds: each client holds
+every task's share, so that is the continual run's sample budget (``Scenario(union=True)`` builds that stage). Since the scenario, not a hook, supplies the union,
 the round loop runs it unchanged on every engine. It is the reference's MTL row as most likely run (a federated run
 over the union), beside ``mtl``, the centralized one.
 """
@@ -14,7 +14,7 @@ class MultiTaskFed(Method):
     name = "mtl-fed"
     summary = (
         "Federated upper bound: one LoRA, FedAvg, one stage over the union of all stages' data partitioned over the "
-        "clients, stages x rounds rounds; Last only."
+        "clients, one stage's rounds (the continual run's sample budget); Last only."
     )
     union_stages = True
     continual = False
