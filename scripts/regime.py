@@ -6,7 +6,11 @@ The folder holds `<method>-s<seed>/` run directories (what `scripts/benchmark.sh
 over the seeds found for that method; a bar whose runs are missing is "not measured", never guessed. Per dataset,
 MTL's final score is set against a constant answer's score on the same test set: the most frequent test answer
 (for captions, the most frequent training caption) scored by the run's own scorer, which is the chance level a
-model reaches without looking at the image. Not computed here: the server-optimizer bar (DISCO under each optimizer
+model reaches without looking at the image. The ratio bars are given against both upper bounds: the centralized MTL
+(``mtl``) and the federated one (``mtl-fed``, one stage over the union with the continual run's sample budget). The
+issue's targets come from the paper's ratios to its MTL row, which the reference code most likely produced with the
+federated run (reference section 6), so ``mtl-fed`` is the like-for-like denominator; both are printed, neither is
+dropped. Not computed here: the server-optimizer bar (DISCO under each optimizer
 within 5 points of FedAvg; the `optimizers` part of `scripts/benchmark.sh` writes those runs elsewhere).
 """
 
@@ -16,6 +20,7 @@ import argparse
 import sys
 from collections import Counter, defaultdict
 from pathlib import Path
+from typing import Optional
 from statistics import fmean as mean
 
 from fcit.eval.scorers import score_dataset
@@ -24,7 +29,8 @@ from fcit.rundir import read_config
 
 BASELINES = ["ewc", "lwf", "olora", "mlora", "moelora"]
 NAMES = {"zeroshot": "Zero-shot", "finetune": "Finetune", "ewc": "EWC", "lwf": "LwF", "olora": "O-LoRA",
-         "mlora": "M-LoRA", "moelora": "MoELoRA", "disco": "DISCO", "mtl": "MTL"}
+         "mlora": "M-LoRA", "moelora": "MoELoRA", "disco": "DISCO", "mtl": "MTL", "mtl-fed": "MTL-fed"}
+UPPER = {"mtl": "centralized MTL", "mtl-fed": "federated MTL"}
 
 
 def load_runs(folder: Path) -> dict[str, list[tuple[Path, RunResult]]]:
@@ -62,16 +68,19 @@ def report(folder: Path) -> list[tuple[str, str, str, str]]:
     def verdict(ok: bool) -> str:
         return "met" if ok else "not met"
 
-    def ratio_row(method: str, lo: float, hi: float):
-        if method in last and "mtl" in last:
-            r = last[method] / last["mtl"]
-            rows.append((f"{NAMES[method]} Last / MTL Last", f"{lo:.2f}-{hi:.2f}",
-                         f"{last[method]:.1f} / {last['mtl']:.1f} = {r:.2f}", verdict(lo <= r <= hi)))
+    def ratio_row(method: str, lo: float, hi: Optional[float], ref: str):
+        target = f"{lo:.2f}-{hi:.2f}" if hi is not None else f">= {lo:.2f}"
+        bar = f"{NAMES[method]} Last / {UPPER[ref]} Last"
+        if method in last and ref in last:
+            r = last[method] / last[ref]
+            rows.append((bar, target, f"{last[method]:.1f} / {last[ref]:.1f} = {r:.2f}",
+                         verdict(lo <= r and (hi is None or r <= hi))))
         else:
-            rows.append((f"{NAMES[method]} Last / MTL Last", f"{lo:.2f}-{hi:.2f}", "-", "not measured"))
+            rows.append((bar, target, "-", "not measured"))
 
-    ratio_row("zeroshot", 0.25, 0.55)
-    ratio_row("finetune", 0.55, 0.80)
+    for ref in UPPER:
+        ratio_row("zeroshot", 0.25, 0.55, ref)
+        ratio_row("finetune", 0.55, 0.80, ref)
     have = [b for b in BASELINES if b in last]
     if "finetune" in last and len(have) == len(BASELINES):
         above = [NAMES[b] for b in have if last[b] > last["finetune"]]
@@ -80,10 +89,8 @@ def report(folder: Path) -> list[tuple[str, str, str, str]]:
     else:
         rows.append(("continual baselines above Finetune on Last", ">= 3 of 5", f"{len(have)} of 5 run",
                      "not measured"))
-    if "disco" in last and "mtl" in last:
-        r = last["disco"] / last["mtl"]
-        rows.append(("DISCO Last / MTL Last", ">= 0.85", f"{last['disco']:.1f} / {last['mtl']:.1f} = {r:.2f}",
-                     verdict(r >= 0.85)))
+    for ref in UPPER:
+        ratio_row("disco", 0.85, None, ref)
     if "disco" in last and have:
         best = max(have, key=lambda b: last[b])
         gap = last["disco"] - last[best]

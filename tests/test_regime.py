@@ -1,0 +1,55 @@
+"""scripts/regime.py on hand-made run folders: issue 16's bars, against both upper bounds, never guessed."""
+
+from fcit.eval.metrics import AccuracyMatrix
+from fcit.jsonio import write_json
+from fcit.results import RunResult, Summary
+from script_loader import load_script
+
+regime = load_script("regime")
+DATASETS = ["A", "B"]
+
+
+def _run(folder, method, seed, last, artifacts=None):
+    rows = [{"A": last, "B": last}]
+    res = RunResult(method=method, scenario="task-hom", seed=seed, matrix=AccuracyMatrix(DATASETS, rows),
+                    summary=Summary(last=last, avg=None, forgetting=None), per_dataset=[], rounds=[], timing={},
+                    method_artifacts=artifacts or {})
+    d = folder / f"{method}-s{seed}"
+    d.mkdir(parents=True)
+    write_json(d / "metrics.json", res.to_dict())
+
+
+def _rows(folder, monkeypatch):
+    monkeypatch.setattr(regime, "constant_scores", lambda run_dir, datasets: {d: 10.0 for d in datasets})
+    return {bar: (measured, verdict) for bar, _, measured, verdict in regime.report(folder)}
+
+
+def test_ratios_against_both_upper_bounds_and_means_over_seeds(tmp_path, monkeypatch):
+    disco = {"max_cross_cosine": 0.8, "subspaces_formed": 1, "routing_accuracy": 0.95}
+    for seed in range(3):
+        _run(tmp_path, "zeroshot", seed, 20.0)
+        _run(tmp_path, "finetune", seed, 30.0 + 2 * seed)  # mean 32
+        _run(tmp_path, "disco", seed, 45.0, disco)
+        _run(tmp_path, "mtl", seed, 80.0)
+        _run(tmp_path, "mtl-fed", seed, 50.0)
+    rows = _rows(tmp_path, monkeypatch)
+    assert rows["Finetune Last / centralized MTL Last"] == ("32.0 / 80.0 = 0.40", "not met")
+    assert rows["Finetune Last / federated MTL Last"] == ("32.0 / 50.0 = 0.64", "met")
+    assert rows["Zero-shot Last / federated MTL Last"] == ("20.0 / 50.0 = 0.40", "met")
+    assert rows["DISCO Last / centralized MTL Last"][1] == "not met"
+    assert rows["DISCO Last / federated MTL Last"] == ("45.0 / 50.0 = 0.90", "met")
+    assert rows["highest cross-task cosine of DISCO's identity tokens"] == ("0.80 / 0.80 / 0.80", "met")
+    assert rows["learnable: MTL A - constant answer"] == ("80.0 - 10.0 = +70.0", "met")
+    # the baselines were never run: their bars are not measured, not passed
+    assert rows["continual baselines above Finetune on Last"][1] == "not measured"
+    assert rows["seeds per method"][1] == "met"
+
+
+def test_a_missing_upper_bound_is_not_measured(tmp_path, monkeypatch):
+    _run(tmp_path, "finetune", 0, 30.0)
+    _run(tmp_path, "mtl", 0, 60.0)
+    rows = _rows(tmp_path, monkeypatch)
+    assert rows["Finetune Last / centralized MTL Last"] == ("30.0 / 60.0 = 0.50", "not met")
+    assert rows["Finetune Last / federated MTL Last"] == ("-", "not measured")
+    assert rows["DISCO Last / federated MTL Last"] == ("-", "not measured")
+    assert rows["seeds per method"][1] == "not met"
