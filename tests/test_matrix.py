@@ -18,9 +18,9 @@ from test_experiment import cache_dir, small_base, smoke_cfg  # noqa: F401 (fixt
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _matrix(cfg, out, methods=("finetune",), betas=(1.0,), seeds=(0,), jobs=1):
+def _matrix(cfg, out, methods=("finetune",), betas=(1.0,), seeds=(0,), jobs=1, ray=None):
     return matrix_mod.matrix(cfg, list(methods), ["task"], ["hom"], list(betas), list(seeds), out=out, jobs=jobs,
-                             progress=False)
+                             progress=False, ray_address=ray)
 
 
 def _metrics_mtimes(out):
@@ -114,6 +114,25 @@ def test_matrix_jobs_run_in_parallel_processes_at_one_thread(small_base, cache_d
     assert _matrix(cfg, out, seeds=(0, 1)).executed == []
 
 
+@pytest.mark.slow
+def test_matrix_on_a_local_ray_cluster_runs_each_cell_as_a_task(small_base, cache_dir, tmp_path, monkeypatch):
+    cfg = smoke_cfg(small_base, cache_dir, tmp_path, **{"scenario.stages": 1})
+    out = tmp_path / "mx"
+    res = _matrix(cfg, out, seeds=(0, 1), jobs=2, ray="local")
+    assert sorted(res.executed) == ["finetune-task-hom-b1-s0", "finetune-task-hom-b1-s1"]
+    for name in res.executed:
+        c = json.loads((out / name / "config.json").read_text())
+        assert c["threads"] == 1 and c["federation"]["workers"] == 1
+        assert json.loads((out / name / "status.json").read_text())["status"] == "finished"
+    assert len(res.cells) == 2 and all(c.last is not None for c in res.cells)
+    import ray
+
+    assert not ray.is_initialized()  # the cluster fcit started is shut down again
+    # the same runs as any other mode's: an in-process call reuses them
+    monkeypatch.setattr(matrix_mod, "run", lambda *a, **k: pytest.fail("rerun"))
+    assert _matrix(cfg, out, seeds=(0, 1)).executed == []
+
+
 @pytest.mark.parametrize("args, needle", [
     (["--methods", "finetune,nope"], "--methods: unknown nope"),
     (["--betas", "1,0"], "--betas: Dirichlet beta must be a finite number > 0, got 0"),
@@ -121,6 +140,7 @@ def test_matrix_jobs_run_in_parallel_processes_at_one_thread(small_base, cache_d
     (["--settings", "tasks"], "--settings: unknown tasks"),
     (["--scenarios", "hom,mixed"], "--scenarios: unknown mixed"),
     (["--jobs", "0"], "--jobs"),
+    (["--ray", " "], "--ray: expected an address"),
     (["--methods", "disco", "--set", "method.params.tau=2"], "disco-task-hom-b1-s0"),
     # the smoke preset's 2-client rounds do not fit the default Het table: said before the first run
     (["--preset", "smoke", "--scenarios", "het", "--methods", "finetune"], "scenario.het_table"),

@@ -146,7 +146,8 @@ def cmd_matrix(args: argparse.Namespace) -> None:
     if args.jobs < 1:
         raise FcitError(f"--jobs: expected a number >= 1, got {args.jobs}")
     cfg = _load(args)
-    res = matrix(cfg, **axes, out=Path(args.out) if args.out else None, jobs=args.jobs, progress=not args.quiet)
+    res = matrix(cfg, **axes, out=Path(args.out) if args.out else None, jobs=args.jobs, progress=not args.quiet,
+                 ray_address=args.ray)
     print(res.markdown)
     print(f"\nmatrix written to {res.out} ({len(res.cells)} cells, {len(res.executed)} runs trained now)")
 
@@ -233,6 +234,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--betas", default="0.5,1,5", help="comma-separated Dirichlet betas")
     p.add_argument("--seeds", default="0", help="comma-separated seeds")
     p.add_argument("--jobs", type=int, default=1, help="independent runs at once, each in its own process (1 thread)")
+    p.add_argument("--ray", metavar="ADDRESS",
+                   help="run on a Ray cluster instead: local (started here with --jobs CPUs), auto, ray://host:port; "
+                        "one CPU (and one GPU where runs use GPUs) per run; the --out folder must be shared by all nodes")
     p.add_argument("--out", help="matrix folder (default runs/matrix-...); finished runs in it are reused")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_matrix)

@@ -12,6 +12,10 @@ trains on the union of the clients' shares in client order, which beta changes.
 
 ``--jobs N`` runs independent runs in N spawned processes, each at one torch thread and one client worker so they
 do not oversubscribe the cores; the run identity excludes both, so such runs and in-process ones reuse each other.
+``--ray ADDRESS`` hands the same runs to a Ray cluster instead (``local``: one started on this machine with
+``--jobs`` CPUs), one task per run holding one CPU, and one GPU when the runs use GPUs. Every node writes its run
+directory itself, so on a multi-host cluster the matrix folder must be on a filesystem all nodes share (and fcit
+installed on each, as for a Flower simulation); a run whose directory the driver cannot see is reported as failed.
 
 Output: ``matrix.json`` / ``matrix.csv`` (one record per cell), ``matrix.md`` (per setting x scenario: Last and Avg
 per beta, mean +- std over seeds), ``last_vs_beta.png``, ``avg_curves.png``, ``matrices.png``.
@@ -141,12 +145,12 @@ def parse_axes(methods: str, settings: str, scenarios: str, betas: str, seeds: s
     return axes
 
 
-def _cell_config(base: Config, cell: Cell, jobs: int) -> Config:
+def _cell_config(base: Config, cell: Cell, one_thread: bool) -> Config:
     d = base.model_dump()
     d["seed"] = cell.seed
     d["scenario"] = {**d["scenario"], "setting": cell.setting, "mode": cell.scenario, "beta": cell.beta}
     d["method"] = {**d["method"], "name": cell.method}
-    if jobs > 1:
+    if one_thread:
         # N runs at once on the cores: one thread each, clients in the run's own process (no nested pools).
         d["threads"] = 1
         d["federation"] = {**d["federation"], "workers": 1}
@@ -157,7 +161,7 @@ def _cell_config(base: Config, cell: Cell, jobs: int) -> Config:
 
 
 def plan(base: Config, methods: list[str], settings: list[str], scenarios: list[str], betas: list[float],
-         seeds: list[int], out: Path, jobs: int = 1) -> list[PlannedRun]:
+         seeds: list[int], out: Path, one_thread: bool = False) -> list[PlannedRun]:
     """Every run the grid needs, each config validated (method params, the Het table of each setting) now."""
     from fcit.data.scenario import Scenario
     from fcit.methods import REGISTRY
@@ -178,7 +182,7 @@ def plan(base: Config, methods: list[str], settings: list[str], scenarios: list[
                         else:
                             name, source = cell.name, cell
                         if name not in runs:
-                            c = _cell_config(base, source, jobs)
+                            c = _cell_config(base, source, one_thread)
                             try:
                                 REGISTRY[m](c)
                                 Scenario(c.scenario, c.seed, None)  # the Het table against this setting
@@ -201,7 +205,77 @@ def _resume(run_dir: Path) -> bool:
     return (run_dir / "config.json").exists()
 
 
-def _execute(todo: list[PlannedRun], base: Config, jobs: int, progress: bool) -> None:
+def _prepare_data(base: Config, progress: bool) -> None:
+    if base.data.kind == "synth":
+        # Generate (or verify) the benchmark cache once here: N children generating it at once would race.
+        from fcit.data.loader import open_benchmark
+
+        open_benchmark(base, progress=progress)
+
+
+def _failed(failures: list[str], total: int) -> FcitError:
+    return FcitError(f"matrix: {len(failures)} of {total} runs failed ({'; '.join(failures)}); "
+                     f"the finished ones are kept and the same command continues the rest")
+
+
+def _wants_gpu(base: Config, cluster_gpus: float) -> bool:
+    return base.device.startswith("cuda") or (base.device == "auto" and cluster_gpus > 0)
+
+
+def _execute_ray(todo: list[PlannedRun], base: Config, address: str, jobs: int, progress: bool) -> None:
+    import ray
+
+    own = not ray.is_initialized()
+    if own:
+        try:
+            if address == "local":
+                ray.init(num_cpus=jobs, include_dashboard=False, log_to_driver=False)
+            else:
+                ray.init(address=address, include_dashboard=False, log_to_driver=False)
+        except (ConnectionError, RuntimeError, ValueError) as err:
+            raise FcitError(f"--ray {address}: cannot reach a Ray cluster ({str(err).splitlines()[0]})") from None
+    failures: list[str] = []
+    pending: dict = {}
+    try:
+        _prepare_data(base, progress)  # the driver's node; other nodes build their own (atomically)
+        gpus = 1 if _wants_gpu(base, ray.cluster_resources().get("GPU", 0)) else 0
+        task = ray.remote(_run_in_child).options(num_cpus=1, num_gpus=gpus, max_retries=0)
+        for p in todo:
+            pending[task.remote(p.cfg.model_dump(mode="json"), str(p.run_dir.resolve()), _resume(p.run_dir))] = p
+        done = 0
+        while pending:
+            ready, _ = ray.wait(list(pending), num_returns=1)
+            p = pending.pop(ready[0])
+            done += 1
+            try:
+                what = f"finished in {ray.get(ready[0]):.0f}s"
+                if not (p.run_dir / "metrics.json").is_file():
+                    what = "failed"
+                    failures.append(f"{p.run_dir.name}: finished on a Ray node, but its run directory is not visible "
+                                    f"here (put the matrix folder on a filesystem every node shares)")
+            except ray.exceptions.RayError as err:
+                what = "failed"
+                cause = getattr(err, "cause", None) or err
+                failures.append(f"{p.run_dir.name}: {cause}".splitlines()[0])
+            if progress:
+                print(f"[{done}/{len(todo)}] {p.run_dir.name} {what}", flush=True)
+    except KeyboardInterrupt:
+        for ref in pending:
+            ray.cancel(ref, force=True)
+        raise
+    finally:
+        if own:
+            ray.shutdown()
+    if failures:
+        raise _failed(failures, len(todo))
+
+
+def _execute(todo: list[PlannedRun], base: Config, jobs: int, progress: bool, ray_address: Optional[str] = None
+             ) -> None:
+    if not todo:
+        return
+    if ray_address is not None:
+        return _execute_ray(todo, base, ray_address, jobs, progress)
     if jobs == 1:
         rt = None  # built on the first run to train, shared by all (as compare does)
         for i, p in enumerate(todo):
@@ -211,11 +285,7 @@ def _execute(todo: list[PlannedRun], base: Config, jobs: int, progress: bool) ->
             rt = rt or Runtime.build(base, progress=progress)
             run(p.cfg, p.run_dir, runtime=rt, progress=progress, resume=_resume(p.run_dir))
         return
-    if base.data.kind == "synth":
-        # Generate (or verify) the benchmark cache once here: N children generating it at once would race.
-        from fcit.data.loader import open_benchmark
-
-        open_benchmark(base, progress=progress)
+    _prepare_data(base, progress)
     failures: list[str] = []
     done = 0
     # spawn, not fork: a forked child would inherit this process's torch thread pools and any open model.
@@ -242,8 +312,7 @@ def _execute(todo: list[PlannedRun], base: Config, jobs: int, progress: bool) ->
                 fut.cancel()
             raise
     if failures:
-        raise FcitError(f"matrix: {len(failures)} of {len(todo)} runs failed ({'; '.join(failures)}); "
-                        f"the finished ones are kept and the same command continues the rest")
+        raise _failed(failures, len(todo))
 
 
 def _tasks_trained(cfg: Config) -> int:
@@ -270,11 +339,15 @@ def _cell_result(cell: Cell, p: PlannedRun, r: RunResult, out: Path) -> CellResu
 
 
 def matrix(base: Config, methods: list[str], settings: list[str], scenarios: list[str], betas: list[float],
-           seeds: list[int], out: Path | None = None, jobs: int = 1, progress: bool = True) -> MatrixResult:
+           seeds: list[int], out: Path | None = None, jobs: int = 1, progress: bool = True,
+           ray_address: Optional[str] = None) -> MatrixResult:
     if jobs < 1:
         raise FcitError(f"--jobs: expected a number >= 1, got {jobs}")
+    if ray_address is not None and not ray_address.strip():
+        raise FcitError("--ray: expected an address (local, auto, ray://host:port), got an empty one")
     out = Path(out) if out else Path(base.out_dir) / f"matrix-{datetime.now(timezone.utc):%Y%m%d-%H%M%S}"
-    runs = plan(base, methods, settings, scenarios, betas, seeds, out, jobs)
+    # On Ray as with --jobs > 1: one thread and one client worker per run, whatever the cluster's size.
+    runs = plan(base, methods, settings, scenarios, betas, seeds, out, one_thread=jobs > 1 or ray_address is not None)
     # Damaged or foreign finished runs are reported now, not after hours of the runs before them.
     finished = {p.run_dir.name: finished_result(p.run_dir, p.cfg) for p in runs}
     todo = [p for p in runs if finished[p.run_dir.name] is None]
@@ -283,7 +356,7 @@ def matrix(base: Config, methods: list[str], settings: list[str], scenarios: lis
         print(f"matrix: {len(runs)} runs for {sum(len(p.cells) for p in runs)} cells, "
               f"{len(runs) - len(todo)} already finished, {len(todo)} to run", flush=True)
     t0 = time.perf_counter()
-    _execute(todo, base, min(jobs, max(1, len(todo))), progress)
+    _execute(todo, base, min(jobs, max(1, len(todo))), progress, ray_address)
     cells: list[CellResult] = []
     envs: dict[str, dict | None] = {}
     for p in runs:
