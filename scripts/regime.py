@@ -1,6 +1,6 @@
 """Is the embedded benchmark in the paper's regime? Issue 16's bars, read off a `fcit compare` folder.
 
-    python scripts/regime.py runs/bench-hom [--markdown]
+    python scripts/regime.py runs/bench-hom [--markdown] [--per-dataset]
 
 The folder holds `<method>-s<seed>/` run directories (what `scripts/benchmark.sh` writes). Every figure is a mean
 over the seeds found for that method; a bar whose runs are missing is "not measured", never guessed. Per dataset,
@@ -125,10 +125,33 @@ def report(folder: Path) -> list[tuple[str, str, str, str]]:
     return rows
 
 
+def per_dataset(folder: Path) -> str:
+    """Markdown: each method's final score per dataset (mean over its seeds), under the constant answer's."""
+    runs = load_runs(folder)
+    if not runs:
+        return ""
+    order = [m for m in NAMES if m in runs] + sorted(m for m in runs if m not in NAMES)
+    datasets = list(runs[order[0]][0][1].matrix.rows[-1])
+    for m in order:
+        for _, r in runs[m]:
+            datasets += [d for d in r.matrix.rows[-1] if d not in datasets]
+    chance = constant_scores(runs[order[0]][0][0], datasets)
+    lines = ["| | seeds | " + " | ".join(datasets) + " |", "|---|---:|" + "---:|" * len(datasets),
+             "| constant answer (the most frequent test answer) | | "
+             + " | ".join(f"{chance[d]:.1f}" for d in datasets) + " |"]
+    for m in order:
+        finals = [r.matrix.rows[-1] for _, r in runs[m]]
+        cells = [f"{mean([f[d] for f in finals]):.1f}" if all(d in f for f in finals) else "-" for d in datasets]
+        lines.append(f"| {NAMES.get(m, m)} | {len(finals)} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("folder", type=Path)
     ap.add_argument("--markdown", action="store_true", help="a markdown table instead of aligned text")
+    ap.add_argument("--per-dataset", action="store_true",
+                    help="also print each method's final score per dataset (mean over seeds), markdown")
     args = ap.parse_args(argv)
     if not args.folder.is_dir():
         print(f"regime: {args.folder}: no such folder", file=sys.stderr)
@@ -142,6 +165,8 @@ def main(argv: list[str] | None = None) -> int:
         w = max(len(r[0]) for r in rows)
         for r in rows:
             print(f"{r[0]:<{w}}  {r[1]:>10}  {r[2]:<40}  {r[3]}")
+    if args.per_dataset:
+        print("\n" + per_dataset(args.folder), end="")
     return 0
 
 

@@ -53,3 +53,14 @@ def test_a_missing_upper_bound_is_not_measured(tmp_path, monkeypatch):
     assert rows["Finetune Last / federated MTL Last"] == ("-", "not measured")
     assert rows["DISCO Last / federated MTL Last"] == ("-", "not measured")
     assert rows["seeds per method"][1] == "not met"
+
+
+def test_per_dataset_table_is_the_mean_over_seeds_under_the_constant_answer(tmp_path, monkeypatch):
+    _run(tmp_path, "finetune", 0, 30.0)
+    _run(tmp_path, "finetune", 1, 40.0)
+    _run(tmp_path, "mtl", 0, 80.0)
+    monkeypatch.setattr(regime, "constant_scores", lambda run_dir, datasets: {d: 10.0 for d in datasets})
+    lines = regime.per_dataset(tmp_path).splitlines()
+    assert lines[0] == "| | seeds | A | B |"
+    assert lines[2].endswith("| | 10.0 | 10.0 |")
+    assert lines[3] == "| Finetune | 2 | 35.0 | 35.0 |" and lines[4] == "| MTL | 1 | 80.0 | 80.0 |"
