@@ -131,10 +131,10 @@ def per_dataset(folder: Path) -> str:
     if not runs:
         return ""
     order = [m for m in NAMES if m in runs] + sorted(m for m in runs if m not in NAMES)
-    datasets = list(runs[order[0]][0][1].matrix.rows[-1])
+    datasets: list[str] = []  # in stage order
     for m in order:
         for _, r in runs[m]:
-            datasets += [d for d in r.matrix.rows[-1] if d not in datasets]
+            datasets += [d for d in r.matrix.datasets if d in r.matrix.rows[-1] and d not in datasets]
     chance = constant_scores(runs[order[0]][0][0], datasets)
     lines = ["| | seeds | " + " | ".join(datasets) + " |", "|---|---:|" + "---:|" * len(datasets),
              "| constant answer (the most frequent test answer) | | "
