@@ -141,6 +141,7 @@ def test_matrix_on_a_local_ray_cluster_runs_each_cell_as_a_task(small_base, cach
     (["--scenarios", "hom,mixed"], "--scenarios: unknown mixed"),
     (["--jobs", "0"], "--jobs"),
     (["--ray", " "], "--ray: expected an address"),
+    (["--ray", "local", "--set", "device=cuda:1"], "--ray: device cuda:1"),
     (["--methods", "disco", "--set", "method.params.tau=2"], "disco-task-hom-b1-s0"),
     # the smoke preset's 2-client rounds do not fit the default Het table: said before the first run
     (["--preset", "smoke", "--scenarios", "het", "--methods", "finetune"], "scenario.het_table"),

@@ -14,8 +14,9 @@ trains on the union of the clients' shares in client order, which beta changes.
 do not oversubscribe the cores; the run identity excludes both, so such runs and in-process ones reuse each other.
 ``--ray ADDRESS`` hands the same runs to a Ray cluster instead (``local``: one started on this machine with
 ``--jobs`` CPUs), one task per run holding one CPU, and one GPU when the runs use GPUs. Every node writes its run
-directory itself, so on a multi-host cluster the matrix folder must be on a filesystem all nodes share (and fcit
-installed on each, as for a Flower simulation); a run whose directory the driver cannot see is reported as failed.
+directory itself, so on a multi-host cluster the matrix folder (and relative data and model paths, which start at the
+driver's folder) must be on a filesystem all nodes mount at the same path, with fcit installed on each, as for a
+Flower simulation; a run whose directory the driver cannot see is reported as failed.
 
 Output: ``matrix.json`` / ``matrix.csv`` (one record per cell), ``matrix.md`` (per setting x scenario: Last and Avg
 per beta, mean +- std over seeds), ``last_vs_beta.png``, ``avg_curves.png``, ``matrices.png``.
@@ -25,6 +26,7 @@ from __future__ import annotations
 
 import csv
 import io
+import os
 import sys
 import time
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
@@ -193,8 +195,14 @@ def plan(base: Config, methods: list[str], settings: list[str], scenarios: list[
     return list(runs.values())
 
 
-def _run_in_child(cfg_json: dict, run_dir: str, resume: bool) -> float:
-    """One run in a spawned worker process; returns its wall time (the parent reads the results from disk)."""
+def _run_in_child(cfg_json: dict, run_dir: str, resume: bool, cwd: Optional[str] = None) -> float:
+    """One run in a spawned worker process; returns its wall time (the parent reads the results from disk).
+
+    ``cwd``: the driver's folder, where the config's relative paths (data root, model path) start; a Ray worker
+    starts in the folder its node was started from.
+    """
+    if cwd is not None:
+        os.chdir(cwd)
     t0 = time.perf_counter()
     run(Config.model_validate(cfg_json), Path(run_dir), progress=False, resume=resume)
     return time.perf_counter() - t0
@@ -222,14 +230,24 @@ def _wants_gpu(base: Config, cluster_gpus: float) -> bool:
     return base.device.startswith("cuda") or (base.device == "auto" and cluster_gpus > 0)
 
 
+def _appears(path: Path, seconds: float = 10.0) -> bool:
+    # A network filesystem may answer from a cached "missing" for a few seconds after another node wrote the file.
+    deadline = time.monotonic() + seconds
+    while not path.is_file():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.5)
+    return True
+
+
 def _execute_ray(todo: list[PlannedRun], base: Config, address: str, jobs: int, progress: bool) -> None:
     import ray
 
     own = not ray.is_initialized()
     if own:
         try:
-            if address == "local":
-                ray.init(num_cpus=jobs, include_dashboard=False, log_to_driver=False)
+            if address == "local":  # a new cluster here, even where RAY_ADDRESS or a `ray start` names another
+                ray.init(address="local", num_cpus=jobs, include_dashboard=False, log_to_driver=False)
             else:
                 ray.init(address=address, include_dashboard=False, log_to_driver=False)
         except (ConnectionError, RuntimeError, ValueError) as err:
@@ -238,10 +256,14 @@ def _execute_ray(todo: list[PlannedRun], base: Config, address: str, jobs: int, 
     pending: dict = {}
     try:
         _prepare_data(base, progress)  # the driver's node; other nodes build their own (atomically)
-        gpus = 1 if _wants_gpu(base, ray.cluster_resources().get("GPU", 0)) else 0
+        cluster_gpus = ray.cluster_resources().get("GPU", 0)
+        gpus = 1 if _wants_gpu(base, cluster_gpus) else 0
+        if gpus and not cluster_gpus:  # Ray would wait forever for a GPU that no node has
+            raise FcitError(f"--ray {address}: device {base.device} asks for a GPU per run, but the cluster has none")
         task = ray.remote(_run_in_child).options(num_cpus=1, num_gpus=gpus, max_retries=0)
         for p in todo:
-            pending[task.remote(p.cfg.model_dump(mode="json"), str(p.run_dir.resolve()), _resume(p.run_dir))] = p
+            pending[task.remote(p.cfg.model_dump(mode="json"), str(p.run_dir.resolve()), _resume(p.run_dir),
+                                os.getcwd())] = p
         done = 0
         while pending:
             ready, _ = ray.wait(list(pending), num_returns=1)
@@ -249,7 +271,7 @@ def _execute_ray(todo: list[PlannedRun], base: Config, address: str, jobs: int, 
             done += 1
             try:
                 what = f"finished in {ray.get(ready[0]):.0f}s"
-                if not (p.run_dir / "metrics.json").is_file():
+                if not _appears(p.run_dir / "metrics.json"):
                     what = "failed"
                     failures.append(f"{p.run_dir.name}: finished on a Ray node, but its run directory is not visible "
                                     f"here (put the matrix folder on a filesystem every node shares)")
@@ -345,6 +367,9 @@ def matrix(base: Config, methods: list[str], settings: list[str], scenarios: lis
         raise FcitError(f"--jobs: expected a number >= 1, got {jobs}")
     if ray_address is not None and not ray_address.strip():
         raise FcitError("--ray: expected an address (local, auto, ray://host:port), got an empty one")
+    if ray_address is not None and base.device.startswith("cuda:") and base.device != "cuda:0":
+        # Ray gives each GPU task one device, renumbered cuda:0 inside the task.
+        raise FcitError(f"--ray: device {base.device}: Ray assigns each run its GPU; use device=cuda or auto")
     out = Path(out) if out else Path(base.out_dir) / f"matrix-{datetime.now(timezone.utc):%Y%m%d-%H%M%S}"
     # On Ray as with --jobs > 1: one thread and one client worker per run, whatever the cluster's size.
     runs = plan(base, methods, settings, scenarios, betas, seeds, out, one_thread=jobs > 1 or ray_address is not None)
