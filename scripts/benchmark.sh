@@ -30,9 +30,9 @@ if [[ $part == all || $part == sweeps ]]; then     # LwF and O-LoRA at a 10x str
   cmp --methods lwf --seeds 0 --set method.params.alpha=10 --out runs/bench-lwf-alpha-10
   cmp --methods olora --seeds 0 --set method.params.lambda=5 --out runs/bench-olora-lambda-5
 fi
-if [[ $part == all || $part == optimizers ]]; then # DISCO under each server optimizer, on a grid of server rates
+if [[ $part == all || $part == optimizers ]]; then # DISCO under each server optimizer, on a grid of server rates (FedAvgM 0.1: at beta1 0.9 its steady step is FedAvg's)
   cmp --methods disco --aggregators fedavg --seeds "${OPT_SEEDS:-$SEEDS}" --out runs/bench-optimizers
-  for lr in ${AVGM_RATES:-0.5 1.0}; do
+  for lr in ${AVGM_RATES:-0.1 0.5 1.0}; do
     cmp --methods disco --aggregators fedavgm --set federation.server_lr=$lr --seeds "${OPT_SEEDS:-$SEEDS}" \
       --out runs/bench-optimizers-lr$lr
   done
