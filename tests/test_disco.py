@@ -26,6 +26,7 @@ from fcit.methods.disco import (
     route,
     update_centres,
 )
+from fcit.methods.disco import routing
 from fcit.models.identity import (
     CLIPTextEncoder,
     ImageTokenEncoder,
@@ -532,3 +533,59 @@ def test_disco_later_round_client_below_tau_opens_a_free_slot_and_one_above_join
     info = dataclasses.replace(info, round=2)
     plan = disco.plan_round(info, [{"count": 8, "text": far}], {})
     assert [p["subspace"] for p in plan.clients] == [1] and disco.routing_log[-1]["kind"] == "nearest"
+
+
+def _task_samples(direction: torch.Tensor, n: int, spread: float, gen: torch.Generator) -> torch.Tensor:
+    """n unit "instruction embeddings" scattered around a task's direction."""
+    x = direction + spread * torch.randn(n, direction.shape[0], generator=gen)
+    return torch.nn.functional.normalize(x, dim=1)
+
+
+def test_same_task_cosine_is_what_sampling_gives():
+    gen = torch.Generator().manual_seed(0)
+    d = torch.nn.functional.normalize(torch.randn(64, generator=gen), dim=0)
+    pop = _task_samples(d, 20000, 0.15, gen)
+    rho = float(pop.mean(0).pow(2).sum())
+    for n in (1, 3, 30):
+        cos = [float(torch.nn.functional.cosine_similarity(pop[torch.randperm(20000, generator=gen)[:n]].mean(0),
+                                                          pop.mean(0), dim=0)) for _ in range(200)]
+        assert abs(sum(cos) / len(cos) - routing.same_task_cosine(n, rho)) < 0.02
+    assert routing.same_task_cosine(1e9, rho) == pytest.approx(1.0)
+    assert routing.same_task_cosine(1, 0.0) == pytest.approx(0.5)  # never below RHO_MIN's
+
+
+def test_a_three_sample_client_of_the_rounds_task_joins_its_subspace_with_the_sampling_correction():
+    # Seeds 1 and 2 of the v4 comparison: a 3-sample FigureQA client's token sat below tau to the round's other
+    # FigureQA clients, opened a subspace of its own (7.3% of the round, so above min_share) and left super-CLEVR,
+    # the last task, none. Tokens here: means of unit vectors around two task directions at cosine 0.3, each
+    # sample at cosine ~0.77 to its direction (rho ~0.6).
+    gen = torch.Generator().manual_seed(3)
+    a = torch.nn.functional.normalize(torch.randn(64, generator=gen), dim=0)
+    u = torch.randn(64, generator=gen)
+    u = torch.nn.functional.normalize(u - (u @ a) * a, dim=0)
+    b = 0.3 * a + math.sqrt(1 - 0.09) * u
+    counts = torch.tensor([19.0, 8.0, 8.0, 3.0, 3.0])
+    tokens = torch.stack([_task_samples(a, int(n), 0.1, gen).mean(0) for n in counts[:4]]
+                         + [_task_samples(b, 3, 0.1, gen).mean(0)])
+    C = torch.zeros(3, 64)
+    C[0] = _task_samples(b, 500, 0.1, gen).mean(0)  # task b had a subspace in an earlier stage
+    used = torch.tensor([True, False, False])
+    pair, sim_c = routing.cosine_matrix(tokens, tokens), routing.cosine_matrix(tokens, C)
+    assert float(pair[0, 3]) < 0.9  # the raw similarity: client 3 is "another task"
+    raw, _ = assign_slots(sim_c, pair, used, 0.9, counts=counts, min_share=0.05)
+    assert raw[:3] == [1, 1, 1] and raw[3] == 2
+    corr_c, corr_pair = routing.sampling_corrected(sim_c, pair, tokens, counts, C)
+    slots, kinds = assign_slots(corr_c, corr_pair, used, 0.9, counts=counts, min_share=0.05)
+    assert slots[:4] == [1, 1, 1, 1] and kinds[:4] == ["new"] * 4
+    # task b's 3-sample client stays far from task a's clients and goes back to its own task's subspace
+    assert float(corr_pair[0, 4]) < 0.5 and (slots[4], kinds[4]) == (0, "matched")
+    # DISCO's server applies it to the MiniLM identity (means of unit vectors); sampling_correction=false does not
+    for correct, want in ((True, [1, 1, 1, 1, 0]), (False, raw)):
+        cfg = Config.model_validate({"method": {"name": "disco", "params": {"num_subspaces": 3,
+                                                                            "sampling_correction": correct}}})
+        disco = Disco(cfg)
+        disco.C["text"] = C.clone()
+        disco.used[0], disco.N[0] = True, 500.0
+        ids = [{"count": int(n), "text": t} for n, t in zip(counts, tokens)]
+        info = StageInfo(stage=1, num_stages=2, tasks=[1], round=0, assigned=[["A"]] * 4 + [["B"]])
+        assert [p["subspace"] for p in disco.plan_round(info, ids, {}).clients] == want

@@ -64,6 +64,7 @@ def _quiet_hf() -> None:
 class _CachedTextEncoder:
     batch_size: int = 64
     dim: int
+    unit_norm: bool = False  # every feature has norm 1, so a mean token's norm says how alike its texts are
 
     def __init__(self) -> None:
         self._cache: dict[str, torch.Tensor] = {}
@@ -85,6 +86,8 @@ class _CachedTextEncoder:
 
 class MiniLMEncoder(_CachedTextEncoder):
     """all-MiniLM-L6-v2 (384-d), as sentence-transformers computes it: masked mean of token states, L2-normalised."""
+
+    unit_norm = True
 
     def __init__(self, path: Optional[str] = None, batch_size: int = 64, max_length: int = 256):
         super().__init__()

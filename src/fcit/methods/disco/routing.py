@@ -179,6 +179,54 @@ def _nearest_slot(members: list[int], sim_c: torch.Tensor, sim_pair: torch.Tenso
     return max(cand.items(), key=lambda kv: kv[1])[0]
 
 
+# A task whose instructions share almost no direction would make every small token look "expectedly" far; the
+# correction never assumes less common direction than this.
+RHO_MIN = 0.25
+
+
+def same_task_cosine(n: float, rho: float) -> float:
+    """The expected cosine between the mean of ``n`` unit vectors drawn from one task and that task's mean direction.
+
+    ``rho`` is the squared norm of the task's mean unit vector (1: every instruction embeds the same; near 0: no
+    common direction). The mean of n samples has squared norm about rho + (1 - rho) / n, so its cosine to the
+    task's direction is sqrt(rho / (rho + (1 - rho) / n)).
+    """
+    rho = min(1.0, max(RHO_MIN, rho))
+    return math.sqrt(rho / (rho + (1.0 - rho) / max(1.0, n)))
+
+
+def sampling_corrected(sim_c: torch.Tensor, sim_pair: torch.Tensor, tokens: torch.Tensor, counts: torch.Tensor,
+                       C: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``sim_c`` (clients x slots) and ``sim_pair`` (clients x clients) divided by the cosine that two tokens of one
+    task would have at their sample counts, for tokens that are means of unit vectors (the MiniLM identity).
+
+    A client's token averages its few instructions, so it sits off its task's direction by sampling noise alone
+    (FCIT-Synth v4 with MiniLM: cosine 0.80-0.92 to its own task for 1-3 samples, against tau 0.9; 0.97-0.99 for
+    20-50). Held against tau as it is, such a client opened a subspace of its own and left the last task none
+    (seeds 1 and 2 of the v4 comparison). Divided by ``same_task_cosine``, a similarity reads as if both tokens were
+    exact: a small client of the round's task then reaches tau, one of another task stays far below it. A task's
+    rho is estimated where it can be: a slot's global token averages hundreds of instructions (rho ~ |C|^2); a
+    client's from its own token (|m|^2 = rho + (1 - rho) / n, so rho = (n |m|^2 - 1) / (n - 1), n >= 2); a pair of
+    clients uses the larger one's, and a pair of one-sample clients is left as it is.
+    """
+    tokens, counts = tokens.float(), torch.as_tensor(counts, dtype=torch.float32)
+    n = counts.clamp_min(1.0)
+    sq = tokens.pow(2).sum(1)
+    rho_client = torch.where(n >= 2, (n * sq - 1.0) / (n - 1.0).clamp_min(1.0), torch.full_like(n, float("nan")))
+    rho_slot = C.float().pow(2).sum(1)
+    a_c = torch.tensor([[same_task_cosine(float(n[i]), float(rho_slot[j])) for j in range(C.shape[0])]
+                        for i in range(len(n))]).reshape(sim_c.shape)
+    k = len(n)
+    a_p = torch.ones(k, k)
+    for i in range(k):
+        for q in range(k):
+            big = i if n[i] >= n[q] else q
+            if i != q and not math.isnan(float(rho_client[big])):
+                rho = float(rho_client[big])
+                a_p[i, q] = same_task_cosine(float(n[i]), rho) * same_task_cosine(float(n[q]), rho)
+    return sim_c.float() / a_c, sim_pair.float() / a_p
+
+
 def update_centres(C: torch.Tensor, N: torch.Tensor, slot: int, tokens: torch.Tensor,
                    counts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Running mean of slot's global token: C <- (N C + sum n mu) / (N + sum n); N <- N + sum n. Returns new tensors.
