@@ -9,8 +9,8 @@ regime = load_script("regime")
 DATASETS = ["A", "B"]
 
 
-def _run(folder, method, seed, last, artifacts=None):
-    rows = [{"A": last, "B": last}]
+def _run(folder, method, seed, last, artifacts=None, stages=1):
+    rows = [{"A": last, "B": last}] * stages
     res = RunResult(method=method, scenario="task-hom", seed=seed, matrix=AccuracyMatrix(DATASETS, rows),
                     summary=Summary(last=last, avg=None, forgetting=None), per_dataset=[], rounds=[], timing={},
                     method_artifacts=artifacts or {})
@@ -25,7 +25,7 @@ def _rows(folder, monkeypatch):
 
 
 def test_ratios_against_both_upper_bounds_and_means_over_seeds(tmp_path, monkeypatch):
-    disco = {"max_cross_cosine": 0.8, "subspaces_formed": 1, "routing_accuracy": 0.95}
+    disco = {"max_cross_cosine": 0.8, "subspaces_formed": 1, "routing_accuracy": 0.95, "slot_of_dataset": {"A": 0}}
     for seed in range(3):
         _run(tmp_path, "zeroshot", seed, 20.0)
         _run(tmp_path, "finetune", seed, 30.0 + 2 * seed)  # mean 32
@@ -40,6 +40,8 @@ def test_ratios_against_both_upper_bounds_and_means_over_seeds(tmp_path, monkeyp
     assert rows["DISCO Last / federated MTL Last"] == ("45.0 / 50.0 = 0.90", "met")
     assert rows["highest cross-task cosine of DISCO's identity tokens"] == ("0.80 / 0.80 / 0.80", "met")
     assert rows["learnable: MTL A - constant answer"] == ("80.0 - 10.0 = +70.0", "met")
+    one_per_task = "DISCO subspaces, one per task (formed; tasks on a subspace of their own)"
+    assert rows[one_per_task] == ("1; 1 / 1; 1 / 1; 1", "met")
     # the baselines were never run: their bars are not measured, not passed
     assert rows["continual baselines above Finetune on Last"][1] == "not measured"
     assert rows["seeds per method"][1] == "met"
@@ -64,3 +66,11 @@ def test_per_dataset_table_is_the_mean_over_seeds_under_the_constant_answer(tmp_
     assert lines[0] == "| | seeds | A | B |"
     assert lines[2].endswith("| | 10.0 | 10.0 |")
     assert lines[3] == "| Finetune | 2 | 35.0 | 35.0 |" and lines[4] == "| MTL | 1 | 80.0 | 80.0 |"
+
+
+def test_two_tasks_on_one_subspace_fail_the_one_per_task_bar(tmp_path, monkeypatch):
+    # v4 seed 1 before the sampling correction: 8 subspaces formed, but one task split over two and two tasks on one
+    shared = {"subspaces_formed": 2, "routing_accuracy": 1.0, "slot_of_dataset": {"A": 0, "B": 0}}
+    _run(tmp_path, "disco", 0, 40.0, shared, stages=2)
+    rows = _rows(tmp_path, monkeypatch)
+    assert rows["DISCO subspaces, one per task (formed; tasks on a subspace of their own)"] == ("2; 1", "not met")
