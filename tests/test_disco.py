@@ -549,9 +549,9 @@ def test_same_task_cosine_is_what_sampling_gives():
     for n in (1, 3, 30):
         cos = [float(torch.nn.functional.cosine_similarity(pop[torch.randperm(20000, generator=gen)[:n]].mean(0),
                                                           pop.mean(0), dim=0)) for _ in range(200)]
-        assert abs(sum(cos) / len(cos) - routing.same_task_cosine(n, rho)) < 0.02
-    assert routing.same_task_cosine(1e9, rho) == pytest.approx(1.0)
-    assert routing.same_task_cosine(1, 0.0) == pytest.approx(0.5)  # never below RHO_MIN's
+        assert abs(sum(cos) / len(cos) - float(routing.same_task_cosine(n, rho))) < 0.02
+    assert float(routing.same_task_cosine(1e9, rho)) == pytest.approx(1.0)
+    assert float(routing.same_task_cosine(1, 0.0)) == pytest.approx(0.5)  # never below RHO_MIN's
 
 
 def test_a_three_sample_client_of_the_rounds_task_joins_its_subspace_with_the_sampling_correction():

@@ -184,15 +184,17 @@ def _nearest_slot(members: list[int], sim_c: torch.Tensor, sim_pair: torch.Tenso
 RHO_MIN = 0.25
 
 
-def same_task_cosine(n: float, rho: float) -> float:
-    """The expected cosine between the mean of ``n`` unit vectors drawn from one task and that task's mean direction.
+def same_task_cosine(n, rho) -> torch.Tensor:
+    """The expected cosine between the mean of ``n`` unit vectors drawn from one task and that task's mean direction
+    (elementwise over tensors or numbers).
 
     ``rho`` is the squared norm of the task's mean unit vector (1: every instruction embeds the same; near 0: no
     common direction). The mean of n samples has squared norm about rho + (1 - rho) / n, so its cosine to the
     task's direction is sqrt(rho / (rho + (1 - rho) / n)).
     """
-    rho = min(1.0, max(RHO_MIN, rho))
-    return math.sqrt(rho / (rho + (1.0 - rho) / max(1.0, n)))
+    rho = torch.as_tensor(rho, dtype=torch.float32).clamp(RHO_MIN, 1.0)
+    n = torch.as_tensor(n, dtype=torch.float32).clamp_min(1.0)
+    return (rho / (rho + (1.0 - rho) / n)).sqrt()
 
 
 def sampling_corrected(sim_c: torch.Tensor, sim_pair: torch.Tensor, tokens: torch.Tensor, counts: torch.Tensor,
@@ -209,21 +211,14 @@ def sampling_corrected(sim_c: torch.Tensor, sim_pair: torch.Tensor, tokens: torc
     client's from its own token (|m|^2 = rho + (1 - rho) / n, so rho = (n |m|^2 - 1) / (n - 1), n >= 2); a pair of
     clients uses the larger one's, and a pair of one-sample clients is left as it is.
     """
-    tokens, counts = tokens.float(), torch.as_tensor(counts, dtype=torch.float32)
-    n = counts.clamp_min(1.0)
-    sq = tokens.pow(2).sum(1)
+    n = torch.as_tensor(counts, dtype=torch.float32).clamp_min(1.0)
+    sq = tokens.float().pow(2).sum(1)
     rho_client = torch.where(n >= 2, (n * sq - 1.0) / (n - 1.0).clamp_min(1.0), torch.full_like(n, float("nan")))
-    rho_slot = C.float().pow(2).sum(1)
-    a_c = torch.tensor([[same_task_cosine(float(n[i]), float(rho_slot[j])) for j in range(C.shape[0])]
-                        for i in range(len(n))]).reshape(sim_c.shape)
-    k = len(n)
-    a_p = torch.ones(k, k)
-    for i in range(k):
-        for q in range(k):
-            big = i if n[i] >= n[q] else q
-            if i != q and not math.isnan(float(rho_client[big])):
-                rho = float(rho_client[big])
-                a_p[i, q] = same_task_cosine(float(n[i]), rho) * same_task_cosine(float(n[q]), rho)
+    a_c = same_task_cosine(n[:, None], C.float().pow(2).sum(1)[None, :])
+    # A pair takes the rho of its larger client (the row's on ties); no estimate there, or the diagonal: no correction.
+    rho_pair = torch.where(n[:, None] >= n[None, :], rho_client[:, None], rho_client[None, :])
+    a_p = same_task_cosine(n[:, None], rho_pair) * same_task_cosine(n[None, :], rho_pair)
+    a_p = torch.where(rho_pair.isnan() | torch.eye(len(n), dtype=torch.bool), torch.ones_like(a_p), a_p)
     return sim_c.float() / a_c, sim_pair.float() / a_p
 
 
