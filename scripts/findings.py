@@ -73,10 +73,24 @@ def _runs(cells: Cells) -> Cells:
     return list({(c.get("source"), c["run_dir"]): c for c in cells}.values())
 
 
+def _cell_key(c: dict) -> tuple:
+    return (c["method"], c["setting"], c["scenario"], float(c["beta"]), c["seed"],
+            json.dumps(c.get("params") or {}, sort_keys=True))
+
+
+def _distinct(cells: Cells) -> Cells:
+    """One record per cell: the same cell measured in two pooled folders (a transfer matrix repeating a main cell
+    with ``eval.unseen``) counts once in a mean, the first folder's record kept."""
+    out: dict[tuple, dict] = {}
+    for c in _runs(cells):
+        out.setdefault(_cell_key(c), c)
+    return list(out.values())
+
+
 def means(cells: Cells, key: str = "last") -> dict[Group, dict[str, float]]:
     """Main cells: group -> method -> mean over seeds of ``key`` (methods where it is null are left out)."""
     acc: dict[Group, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
-    for c in _runs([c for c in cells if _is_main(c)]):
+    for c in _distinct([c for c in cells if _is_main(c)]):
         if c.get(key) is not None:
             acc[(c["setting"], c["scenario"], float(c["beta"]))][c["method"]].append(float(c[key]))
     return {g: {m: mean(v) for m, v in ms.items()} for g, ms in acc.items()}
@@ -198,7 +212,7 @@ def f6_gate(cells: Cells) -> Finding:
 
 def f7_tau(cells: Cells) -> Finding:
     claim = "tau 0.9 forms one subspace per task"
-    runs = [c for c in _runs(cells) if c["method"] == "disco" and _is_main(c)
+    runs = [c for c in _distinct(cells) if c["method"] == "disco" and _is_main(c)
             and (c.get("artifacts") or {}).get("subspaces_formed") is not None and c.get("tasks")]
     if not runs:
         return Finding(7, claim, NOT_MEASURED, "no DISCO run at tau 0.9 with its subspace count")
@@ -210,10 +224,8 @@ def f7_tau(cells: Cells) -> Finding:
 
 def _paired(cells: Cells, a: str, b: str, value: Callable[[dict], Optional[float]]) -> list[tuple[float, float]]:
     by: dict[tuple, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
-    for c in _runs([c for c in cells if _is_main(c)]):
-        v = value(c)
-        if v is not None and c["method"] in (a, b):
-            by[(c["setting"], c["scenario"], float(c["beta"]))][c["method"]].append(v)
+    for c in _distinct([c for c in cells if _is_main(c) and c["method"] in (a, b) and value(c) is not None]):
+        by[(c["setting"], c["scenario"], float(c["beta"]))][c["method"]].append(value(c))
     return [(mean(ms[a]), mean(ms[b])) for ms in by.values() if ms.get(a) and ms.get(b)]
 
 
@@ -223,13 +235,16 @@ def f8_unseen(cells: Cells) -> Finding:
     if not pairs:
         return Finding(8, claim, NOT_MEASURED, "no disco and olora cells with unseen-task scores")
     d, o = mean(p[0] for p in pairs), mean(p[1] for p in pairs)
-    return Finding(8, claim, "yes" if d > o else "no", f"disco {d:.1f} vs olora {o:.1f} over {len(pairs)} groups")
+    base = [mean(c["unseen"].values()) for c in _distinct(cells) if c["method"] == "zeroshot" and c.get("unseen")]
+    beside = f" (the base, zero-shot: {mean(base):.1f})" if base else ""
+    return Finding(8, claim, "yes" if d > o else "no",
+                   f"disco {d:.1f} vs olora {o:.1f} over {len(pairs)} groups{beside}")
 
 
 def f9_retention(cells: Cells) -> Finding:
     claim = (f"DISCO keeps the general ability within {RETENTION_POINTS:g} points of the base "
              f"(paper: MME 1436.6 vs 1476.9, POPE 83.9 vs 86.4)")
-    runs = [c for c in _runs(cells) if c["method"] == "disco" and _is_main(c) and c.get("retention")]
+    runs = [c for c in _distinct([c for c in cells if c.get("retention")]) if c["method"] == "disco" and _is_main(c)]
     if not runs:
         return Finding(9, claim, NOT_MEASURED, "no DISCO cell with a retention score")
     drops = [c["retention"]["before"] - c["retention"]["after"] for c in runs]

@@ -224,6 +224,40 @@ def test_findings_pools_folders_and_prints_markdown(tmp_path):
     assert bad.returncode != 0 and "not an fcit matrix output" in bad.stderr
 
 
+def test_findings_counts_a_cell_repeated_in_two_folders_once(tmp_path):
+    f = load_script("findings")
+    disco = {"params": {"tau": 0.9, "variant": "softmax", "identity": "text"}, "artifacts": {"subspaces_formed": 8},
+             "tasks": 8}
+    main_dir = _write(tmp_path / "main", [_cell("finetune", "hom", 10.0, 30.0, seed=0),
+                                          _cell("finetune", "hom", 20.0, 30.0, seed=1), _cell("mtl", "hom", 70.0),
+                                          _cell("disco", "hom", 50.0, 55.0, **disco), _cell("olora", "hom", 30.0, 40.0)])
+    # the transfer matrix repeats three seed-0 cells with eval.unseen: their Last must not be counted twice
+    transfer = _write(tmp_path / "transfer", [
+        _cell("finetune", "hom", 10.0, 30.0, seed=0), _cell("zeroshot", "hom", 5.0, unseen={"AOKVQA": 25.0}),
+        _cell("disco", "hom", 50.0, 55.0, unseen={"AOKVQA": 40.0}, **disco),
+        _cell("olora", "hom", 30.0, 40.0, unseen={"AOKVQA": 30.0})])
+    got = {x.number: x for x in f.findings(f.load([main_dir, transfer]))}
+    assert "task-hom β=1: 15.0 vs 70.0" in got[1].evidence  # seeds 0 and 1 once each, not (10 + 20 + 10) / 3
+    assert got[7].evidence == "1 of 1 runs"
+    assert got[8].verdict == "yes" and got[8].evidence == "disco 40.0 vs olora 30.0 over 1 groups (the base, zero-shot: 25.0)"
+
+
+def test_activation_ablation_re_evaluates_every_gate_and_feeds_finding_6(small_base, cache_dir, tmp_path, capsys):
+    cfg = smoke_cfg(small_base, cache_dir, tmp_path, **{"scenario.stages": 2})
+    res = _matrix(cfg, tmp_path / "mx", methods=("disco",))
+    (cell,) = res.cells
+    last = load_script("disco_activation_ablation").main([str(tmp_path / "mx" / cell.run_dir),
+                                                          "--matrix-out", str(tmp_path / "gates")])
+    assert last["softmax"] == [pytest.approx(cell.last)]  # the re-evaluation reproduces the run's own gate
+    gates = json.loads((tmp_path / "gates" / "matrix.json").read_text())["cells"]
+    assert sorted(c["params"]["variant"] for c in gates) == ["argmax", "concat", "cosine"]
+    assert all(c["last"] == pytest.approx(last[c["params"]["variant"]][0]) for c in gates)
+    f = load_script("findings")
+    (f6,) = [x for x in f.findings(f.load([tmp_path / "mx", tmp_path / "gates"])) if x.number == 6]
+    assert f6.verdict in ("yes", "no") and f6.evidence.endswith("over 1 cells")
+    assert f"softmax {cell.last:.1f}" in f6.evidence
+
+
 # -- eval.unseen: zero-shot transfer to the datasets the setting never trains ------------------------------------------
 def test_unseen_datasets_are_scored_after_the_last_stage_and_reach_the_matrix(small_base, cache_dir, tmp_path):
     cfg = smoke_cfg(small_base, cache_dir, tmp_path, **{"scenario.stages": 1, "eval.unseen": True})
