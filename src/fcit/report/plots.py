@@ -168,7 +168,12 @@ def line_panels(panels: Sequence[tuple[str, Sequence[Series]]], path: Path, titl
     from matplotlib.figure import Figure
 
     rows, cols = _grid(max(1, len(panels)), ncols)
-    fig = Figure(figsize=(5.0 * cols, 3.6 * rows + 0.8), dpi=110)
+    labels = list(dict.fromkeys(s.label for _, series in panels for s in series))
+    # three entries fit across a 5-inch panel: a longer legend wraps onto rows the figure reserves above the panels
+    legend_cols = max(1, min(len(labels), 3 * cols))
+    top = 0.22 * -(-len(labels) // legend_cols) + 0.05
+    height = 3.6 * rows + 0.4 + top
+    fig = Figure(figsize=(5.0 * cols, height), dpi=110)
     FigureCanvasAgg(fig)
     colours: dict[str, Any] = {}
     handles: dict[str, Any] = {}
@@ -193,10 +198,10 @@ def line_panels(panels: Sequence[tuple[str, Sequence[Series]]], path: Path, titl
         ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3)
     if handles:
-        fig.legend(list(handles.values()), list(handles), loc="upper center", ncol=min(6, len(handles)),
+        fig.legend(list(handles.values()), list(handles), loc="upper center", ncol=legend_cols,
                    bbox_to_anchor=(0.5, 1.0), frameon=False)
     fig.suptitle(title, y=0.005, va="bottom", fontsize=10)
-    fig.tight_layout(rect=(0, 0.03, 1, 1 - 0.5 / (3.6 * rows + 0.8)))
+    fig.tight_layout(rect=(0, 0.3 / height, 1, 1 - top / height))
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, format="png")
