@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 import fcit.matrix as matrix_mod
 from fcit.cli import main
@@ -276,6 +277,32 @@ def test_unseen_datasets_are_scored_after_the_last_stage_and_reach_the_matrix(sm
     plain = smoke_cfg(small_base, cache_dir, tmp_path)
     assert "eval" not in canonical(plain) or "unseen" not in canonical(plain)["eval"]
     assert canonical(cfg)["eval"]["unseen"] is True
+
+
+def test_transfer_eval_afterwards_equals_the_evaluations_during_the_run(small_base, cache_dir, tmp_path):
+    plain = smoke_cfg(small_base, cache_dir, tmp_path, **{"scenario.stages": 2})
+    during = smoke_cfg(small_base, cache_dir, tmp_path, **{"scenario.stages": 2, "eval.unseen": True,
+                                                           "eval.retention": True})
+    ran = {c.method: c for c in _matrix(during, tmp_path / "during", methods=("zeroshot", "finetune")).cells}
+    runs = {c.method: tmp_path / "plain" / c.run_dir
+            for c in _matrix(plain, tmp_path / "plain", methods=("zeroshot", "finetune")).cells}
+    cells = load_script("transfer_eval").main([str(runs["zeroshot"]), str(runs["finetune"]),
+                                               "--matrix-out", str(tmp_path / "transfer")])
+    got = {c["method"]: c for c in json.loads((tmp_path / "transfer" / "matrix.json").read_text())["cells"]}
+    assert got == {c["method"]: c for c in cells} and set(got) == {"zeroshot", "finetune"}
+    for m, c in got.items():  # greedy decoding of the same weights: equal, not close
+        assert (c["unseen"], c["retention"], c["last"]) == (ran[m].unseen, ran[m].retention, ran[m].last)
+    assert got["finetune"]["last_recomputed"] == ran["finetune"].last
+    # the final state is what was scored, not the base again (the smoke model scores 0 either way)
+    from fcit.models.lora import get_state
+    from fcit.rundir import load_checkpoint
+
+    exp, _, _ = load_script("transfer_eval").final_experiment(runs["finetune"])
+    saved = load_checkpoint(runs["finetune"], exp.cfg, exp.scenario.num_stages)[0]
+    now = get_state(exp.model, list(saved))
+    assert all(torch.equal(now[k], saved[k]) for k in saved) and any(k.endswith("lora_B.default.weight") and
+                                                                     saved[k].abs().sum() > 0 for k in saved)
+    assert json.loads((runs["finetune"] / "transfer.json").read_text()) == got["finetune"]
 
 
 def test_capability_setting_has_no_unseen_dataset():

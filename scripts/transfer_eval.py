@@ -1,0 +1,101 @@
+"""Zero-shot transfer and general-ability retention of finished runs, without retraining.
+
+    .venv/bin/python scripts/transfer_eval.py RUN_DIR [RUN_DIR ...] --matrix-out DIR
+
+What ``eval.unseen`` and ``eval.retention`` compute during a run, computed afterwards from a run's final global
+state (checkpoint/): the datasets its setting never trains, scored after the last stage, and the general set
+(``fcit.eval.general``) scored on the base and on the final model. Neither changes training, so a run finished
+without them gets the same numbers as a run with them (``tests/test_matrix.py`` holds the two equal). A run with no
+checkpoint (Zero-shot, whose final model is the base; the centralized MTL, which keeps none) is scored on the base,
+and the MTL is skipped with a note.
+
+DIR/matrix.json holds one cell per run in ``fcit matrix``'s format (method, setting, scenario, beta, seed, params,
+Last from the run's own metrics, which the final state must reproduce, ``unseen``, ``retention``), so that ``scripts/findings.py MAIN DIR`` judges
+findings (8) and (9) on them; each cell also goes into the run's ``transfer.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+
+def final_experiment(run_dir: Path):
+    """The run's Experiment with its final global state loaded, the general set's score on the base taken first
+    (every adapter is still zero then), and the run's metrics. None for a run that keeps no final state."""
+    from fcit.config import Config
+    from fcit.data.loader import open_general
+    from fcit.experiment import Experiment
+    from fcit.methods.base import Kind
+    from fcit.models.lora import set_state
+
+    cfg = Config.model_validate(json.loads((run_dir / "config.json").read_text()))
+    metrics = json.loads((run_dir / "metrics.json").read_text())  # a finished run only
+    exp = Experiment(cfg, run_dir, progress=False)
+    if exp.method.kind == Kind.CENTRALIZED:
+        print(f"{run_dir.name}: skipped (the centralized MTL keeps no final state)", file=sys.stderr)
+        return None
+    exp._general = open_general(cfg.model_copy(update={"eval": cfg.eval.model_copy(update={"retention": True})}),
+                                progress=False)
+    before = exp.score_general(None)
+    if exp.method.kind == Kind.FEDERATED:
+        ck = exp.load_checkpoint()
+        if ck is None or ck[1].get("next_stage") != exp.scenario.num_stages:
+            sys.exit(f"{run_dir}: its checkpoint is not after the last stage")
+        set_state(exp.model, ck[0])
+    return exp, metrics, before
+
+
+def transfer(run_dir: Path) -> dict | None:
+    from fcit.methods import REGISTRY
+    from fcit.methods.base import Kind
+    from fcit.results import Retention
+
+    loaded = final_experiment(run_dir)
+    if loaded is None:
+        return None
+    exp, metrics, before = loaded
+    cfg, last = exp.cfg, exp.scenario.num_stages - 1
+    # Zero-shot's final model is the base
+    after = exp.score_general(last) if exp.method.kind == Kind.FEDERATED else before
+    # The final state must reproduce the run's own Last, or the numbers below are not that run's.
+    seen = exp.evaluate(exp.scenario.seen_datasets(last), last)
+    recomputed = sum(r["score"] for r in seen.values()) / len(seen)
+    if abs(recomputed - metrics["summary"]["last"]) > 1e-6:
+        sys.exit(f"{run_dir}: its final state scores Last {recomputed:.4f}, the run recorded "
+                 f"{metrics['summary']['last']:.4f}; not that run's final model")
+    unseen = {d: r["score"] for d, r in exp.evaluate(exp.scenario.unseen, last).items()}
+    params = REGISTRY[cfg.method.name].Params.model_validate(cfg.method.params).model_dump(mode="json")
+    cell = {"method": cfg.method.name, "setting": cfg.scenario.setting, "scenario": cfg.scenario.mode,
+            "beta": cfg.scenario.beta, "seed": cfg.seed, "last": metrics["summary"]["last"],
+            "avg": metrics["summary"]["avg"], "forgetting": metrics["summary"]["forgetting"],
+            "run_dir": str(run_dir.resolve()), "shared": False, "params": params, "unseen": unseen,
+            "retention": Retention(before=before, after=after).to_dict(), "last_recomputed": recomputed}
+    (run_dir / "transfer.json").write_text(json.dumps(cell, indent=2))
+    return cell
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    from fcit.jsonio import write_json
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("runs", nargs="+", type=Path, help="finished run directories (fcit run / compare / matrix)")
+    ap.add_argument("--matrix-out", type=Path, required=True, help="write the cells as DIR/matrix.json")
+    args = ap.parse_args(argv)
+    cells = []
+    for d in args.runs:
+        if (c := transfer(d)) is not None:
+            cells.append(c)
+            r = c["retention"]
+            print(f"{d.name}: unseen {sum(c['unseen'].values()) / max(1, len(c['unseen'])):.1f} "
+                  f"({', '.join(f'{k} {v:.1f}' for k, v in c['unseen'].items())}); general set "
+                  f"{r['before']:.1f} -> {r['after']:.1f}", flush=True)
+    args.matrix_out.mkdir(parents=True, exist_ok=True)
+    write_json(args.matrix_out / "matrix.json", {"cells": cells, "source": "transfer_eval.py"})
+    return cells
+
+
+if __name__ == "__main__":
+    main()
