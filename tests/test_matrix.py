@@ -69,6 +69,17 @@ def test_matrix_writes_every_cell_and_reuses_finished_runs(small_base, cache_dir
     again = _matrix(cfg, out, methods=("zeroshot", "finetune"), betas=(1.0, 5.0))
     assert again.executed == [] and _metrics_mtimes(out) == before
     assert [c.to_dict() for c in again.cells] == [c.to_dict() for c in res.cells]
+    # --report on a larger grid: the finished cells are tabled, the rest listed, still nothing trains.
+    part = matrix_mod.matrix(cfg, ["zeroshot", "finetune"], ["task"], ["hom"], [0.5, 1.0, 5.0], [0, 1], out=out,
+                             progress=False, report_only=True)
+    assert part.executed == [] and _metrics_mtimes(out) == before
+    assert sorted((c.method, c.beta, c.seed) for c in part.cells if c.method == "finetune") == [
+        ("finetune", 1.0, 0), ("finetune", 5.0, 0)]
+    data = json.loads((out / "matrix.json").read_text())
+    assert data["missing"] == ["finetune-task-hom-b0.5-s0", "finetune-task-hom-b0.5-s1", "finetune-task-hom-b1-s1",
+                               "finetune-task-hom-b5-s1"]
+    assert "Not run yet (4 runs): finetune-task-hom-b0.5-s0" in part.markdown
+    assert "### Task-related, Hom (seeds 0)" in part.markdown  # the seeds the numbers come from, not the grid's
     # Another config in the same folder is refused before anything runs.
     other = smoke_cfg(small_base, cache_dir, tmp_path, **{"train.lr": 1e-3})
     with pytest.raises(Exception, match="different config"):

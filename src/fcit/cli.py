@@ -147,7 +147,7 @@ def cmd_matrix(args: argparse.Namespace) -> None:
         raise FcitError(f"--jobs: expected a number >= 1, got {args.jobs}")
     cfg = _load(args)
     res = matrix(cfg, **axes, out=Path(args.out) if args.out else None, jobs=args.jobs, progress=not args.quiet,
-                 ray_address=args.ray)
+                 ray_address=args.ray, report_only=args.report)
     print(res.markdown)
     print(f"\nmatrix written to {res.out} ({len(res.cells)} cells, {len(res.executed)} runs trained now)")
 
@@ -238,6 +238,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="run on a Ray cluster instead: local (started here with --jobs CPUs), auto, ray://host:port; "
                         "one CPU (and one GPU where runs use GPUs) per run; the --out folder must be shared by all nodes")
     p.add_argument("--out", help="matrix folder (default runs/matrix-...); finished runs in it are reused")
+    p.add_argument("--report", action="store_true",
+                   help="train nothing: tables and plots of the runs already finished in --out, the rest listed")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_matrix)
 

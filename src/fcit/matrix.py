@@ -362,7 +362,9 @@ def _cell_result(cell: Cell, p: PlannedRun, r: RunResult, out: Path) -> CellResu
 
 def matrix(base: Config, methods: list[str], settings: list[str], scenarios: list[str], betas: list[float],
            seeds: list[int], out: Path | None = None, jobs: int = 1, progress: bool = True,
-           ray_address: Optional[str] = None) -> MatrixResult:
+           ray_address: Optional[str] = None, report_only: bool = False) -> MatrixResult:
+    """Every cell of the grid run (or reused) and reported. ``report_only``: nothing trains; the tables and plots
+    cover the cells whose runs have finished, and the others are listed as missing (a long matrix's state so far)."""
     if jobs < 1:
         raise FcitError(f"--jobs: expected a number >= 1, got {jobs}")
     if ray_address is not None and not ray_address.strip():
@@ -376,6 +378,9 @@ def matrix(base: Config, methods: list[str], settings: list[str], scenarios: lis
     # Damaged or foreign finished runs are reported now, not after hours of the runs before them.
     finished = {p.run_dir.name: finished_result(p.run_dir, p.cfg) for p in runs}
     todo = [p for p in runs if finished[p.run_dir.name] is None]
+    missing = [p.run_dir.name for p in todo] if report_only else []
+    if report_only:
+        runs, todo = [p for p in runs if finished[p.run_dir.name] is not None], []
     out.mkdir(parents=True, exist_ok=True)
     if progress:
         print(f"matrix: {len(runs)} runs for {sum(len(p.cells) for p in runs)} cells, "
@@ -389,7 +394,9 @@ def matrix(base: Config, methods: list[str], settings: list[str], scenarios: lis
         envs[p.run_dir.name] = r.environment or environment.of_run_dir(p.run_dir)
         cells += [_cell_result(c, p, r, out) for c in p.cells]
     note = environment.combined_note(envs)
-    md = markdown(cells, seeds)
+    md = markdown(cells)
+    if missing:
+        md = md.rstrip("\n") + f"\n\nNot run yet ({len(missing)} runs): {', '.join(missing)}\n"
     if note:
         print(f"warning: matrix: {note[0]} (see {out / 'matrix.md'})", file=sys.stderr)
         md = md.rstrip("\n") + "\n\n" + "\n".join(f"Note: {ln}" if i == 0 else ln for i, ln in enumerate(note)) + "\n"
@@ -398,7 +405,7 @@ def matrix(base: Config, methods: list[str], settings: list[str], scenarios: lis
     write_json(out / "matrix.json", {
         "axes": {"methods": methods, "settings": settings, "scenarios": scenarios, "betas": betas, "seeds": seeds},
         "cells": [c.to_dict() for c in cells], "environments": envs, "environment_note": note,
-        "executed": [p.run_dir.name for p in todo], "seconds": time.perf_counter() - t0})
+        "executed": [p.run_dir.name for p in todo], "missing": missing, "seconds": time.perf_counter() - t0})
     plots(cells, out)
     return MatrixResult(out, cells, [p.run_dir.name for p in todo], md, note)
 
@@ -421,7 +428,17 @@ def _groups(cells: list[CellResult]) -> dict[tuple[str, str], list[CellResult]]:
     return out
 
 
-def markdown(cells: list[CellResult], seeds: list[int]) -> str:
+def _seeds_title(group: list[CellResult]) -> str:
+    """The seeds a table's numbers come from, per beta where the betas differ (a matrix reported before it is whole)."""
+    by_beta = {b: sorted({c.seed for c in group if c.beta == b and not c.shared})
+               for b in dict.fromkeys(c.beta for c in group)}
+    seeds = [s for s in by_beta.values() if s] or [sorted({c.seed for c in group})]  # a shared run has every seed
+    if all(s == seeds[0] for s in seeds):
+        return f"seeds {','.join(map(str, seeds[0]))}"
+    return "seeds " + "; ".join(f"β={b:g}: {','.join(map(str, s))}" for b, s in by_beta.items() if s)
+
+
+def markdown(cells: list[CellResult]) -> str:
     """One paper-style table per setting x scenario: a row per method, Last and Avg per beta (mean +- std over
     seeds; a run shared by every seed counts once, so it shows no spread it does not have)."""
     from fcit.report.tables import results_markdown, seed_cell
@@ -440,8 +457,7 @@ def markdown(cells: list[CellResult], seeds: list[int]) -> str:
                     vals = [getattr(c, key) for c in runs if getattr(c, key) is not None]
                     row[col] = seed_cell(vals) if vals else None
             rows.append(row)
-        title = (f"### {SETTING_TITLES[setting]}, {SCENARIO_TITLES[scenario]} "
-                 f"(seeds {','.join(map(str, seeds))})\n\n")
+        title = f"### {SETTING_TITLES[setting]}, {SCENARIO_TITLES[scenario]} ({_seeds_title(group)})\n\n"
         parts.append(title + results_markdown(rows, columns))
     return "\n".join(parts)
 
