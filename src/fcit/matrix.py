@@ -396,7 +396,8 @@ def matrix(base: Config, methods: list[str], settings: list[str], scenarios: lis
     note = environment.combined_note(envs)
     md = markdown(cells)
     if missing:
-        md = md.rstrip("\n") + f"\n\nNot run yet ({len(missing)} runs): {', '.join(missing)}\n"
+        names = ", ".join(missing) if len(missing) <= 12 else "listed under \"missing\" in matrix.json"
+        md = md.rstrip("\n") + f"\n\nNot run yet ({len(missing)} runs): {names}\n"
     if note:
         print(f"warning: matrix: {note[0]} (see {out / 'matrix.md'})", file=sys.stderr)
         md = md.rstrip("\n") + "\n\n" + "\n".join(f"Note: {ln}" if i == 0 else ln for i, ln in enumerate(note)) + "\n"
