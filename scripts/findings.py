@@ -139,21 +139,33 @@ def f2_disco_best(cells: Cells) -> Finding:
     return Finding(2, claim, _verdict(checks), head + ("; ".join(ev) or "no cell with disco and a baseline"))
 
 
-def f3_margin_het(cells: Cells) -> Finding:
-    claim = "DISCO's margin over the best baseline (Last) is larger in Het than in Hom"
+def _margins(cells: Cells, key: str) -> dict[Group, tuple[float, str]]:
     baselines = _continual(cells) - {"disco"}
-    margins = {}
-    for g, ms in means(cells).items():
+    out = {}
+    for g, ms in means(cells, key).items():
         b = _best_baseline(ms, baselines)
         if "disco" in ms and b is not None:
-            margins[g] = (ms["disco"] - b[1], b[0])
+            out[g] = (ms["disco"] - b[1], b[0])
+    return out
+
+
+def f3_margin_het(cells: Cells) -> Finding:
+    # The paper's own table meets this on Avg (Het +6.79 vs Hom +1.45) but not on Last (+3.51 vs +6.35); the verdict
+    # is on Last, as the claim says, and Avg is shown beside it.
+    claim = ("DISCO's margin over the best baseline (Last) is larger in Het than in Hom "
+             "(paper: Last +3.51 vs +6.35, Avg +6.79 vs +1.45)")
+    last, avg = _margins(cells, "last"), _margins(cells, "avg")
     ev, checks = [], []
-    for (setting, scenario, beta), (hom, hb) in sorted(margins.items()):
-        het = margins.get((setting, "het", beta))
+    for (setting, scenario, beta), (hom, hb) in sorted(last.items()):
+        het = last.get((setting, "het", beta))
         if scenario != "hom" or het is None:
             continue
         checks.append(het[0] > hom)
-        ev.append(f"{setting} β={beta:g}: Het {het[0]:+.1f} (vs {het[1]}) vs Hom {hom:+.1f} (vs {hb})")
+        line = f"{setting} β={beta:g}: Het {het[0]:+.1f} (vs {het[1]}) vs Hom {hom:+.1f} (vs {hb})"
+        a_hom, a_het = avg.get((setting, "hom", beta)), avg.get((setting, "het", beta))
+        if a_hom is not None and a_het is not None:
+            line += f", Avg Het {a_het[0]:+.1f} vs Hom {a_hom[0]:+.1f}"
+        ev.append(line)
     return Finding(3, claim, _verdict(checks), "; ".join(ev) or "no setting with disco and a baseline in both Hom and Het")
 
 
