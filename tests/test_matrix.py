@@ -242,7 +242,8 @@ def test_findings_counts_a_cell_repeated_in_two_folders_once(tmp_path):
              "tasks": 8}
     main_dir = _write(tmp_path / "main", [_cell("finetune", "hom", 10.0, 30.0, seed=0),
                                           _cell("finetune", "hom", 20.0, 30.0, seed=1), _cell("mtl", "hom", 70.0),
-                                          _cell("disco", "hom", 50.0, 55.0, **disco), _cell("olora", "hom", 30.0, 40.0)])
+                                          _cell("disco", "hom", 50.0, 55.0, **disco),
+                                          _cell("olora", "hom", 30.0, 40.0)])
     # the transfer matrix repeats three seed-0 cells with eval.unseen: their Last must not be counted twice
     transfer = _write(tmp_path / "transfer", [
         _cell("finetune", "hom", 10.0, 30.0, seed=0), _cell("zeroshot", "hom", 5.0, unseen={"AOKVQA": 25.0}),
@@ -251,7 +252,19 @@ def test_findings_counts_a_cell_repeated_in_two_folders_once(tmp_path):
     got = {x.number: x for x in f.findings(f.load([main_dir, transfer]))}
     assert "task-hom β=1: 15.0 vs 70.0" in got[1].evidence  # seeds 0 and 1 once each, not (10 + 20 + 10) / 3
     assert got[7].evidence == "1 of 1 runs"
-    assert got[8].verdict == "yes" and got[8].evidence == "disco 40.0 vs olora 30.0 over 1 groups (the base, zero-shot: 25.0)"
+    assert got[8].verdict == "yes"
+    assert got[8].evidence == "disco 40.0 vs olora 30.0 over 1 groups (the base, zero-shot: 25.0)"
+
+
+def test_findings_call_ties_ties(tmp_path):
+    f = load_script("findings")
+    disco = lambda v, last, **k: _cell("disco", "hom", last, 50.0, params={"tau": 0.9, "variant": v,  # noqa: E731
+                                                                        "identity": "text"}, **k)
+    cells = [disco("softmax", 50.0, unseen={"AOKVQA": 7.0}), disco("argmax", 50.0), disco("cosine", 49.0),
+             disco("concat", 30.0), _cell("olora", "hom", 30.0, 40.0, unseen={"AOKVQA": 6.6})]
+    got = {x.number: x for x in f.findings(f.load([_write(tmp_path / "r", cells)]))}
+    assert got[6].verdict == "no" and got[6].evidence.startswith("softmax 50.0 = argmax 50.0 > cosine 49.0 > concat")
+    assert got[8].verdict == "no" and got[8].evidence.endswith("within 1 point, a tie")
 
 
 def test_activation_ablation_re_evaluates_every_gate_and_feeds_finding_6(small_base, cache_dir, tmp_path, capsys):
