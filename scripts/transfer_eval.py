@@ -11,8 +11,8 @@ and the MTL is skipped with a note.
 
 DIR/matrix.json holds one cell per run in ``fcit matrix``'s format (method, setting, scenario, beta, seed, params,
 Last from the run's own metrics, which the final state must reproduce, ``unseen``, ``retention``), so that
-``scripts/findings.py MAIN DIR`` judges
-findings (8) and (9) on them; each cell also goes into the run's ``transfer.json``.
+``scripts/findings.py MAIN DIR`` judges findings (8) and (9) on them; each cell also goes into the run's
+``transfer.json``.
 """
 
 from __future__ import annotations
