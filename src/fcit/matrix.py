@@ -504,7 +504,8 @@ def plots(cells: list[CellResult], out: Path) -> list[Path]:
                 else:
                     stats = [_mean_std([cv[t] for cv in curves]) for t in range(n)]
                     series.append(Series(m, list(range(1, n + 1)), [s[0] for s in stats], [s[1] for s in stats]))
-            curve_panels.append((f"{title}, β={b:g}", series))
+            if any(not s.level for s in series):  # reference levels alone (zero-shot at every beta) are no curve
+                curve_panels.append((f"{title}, β={b:g}", series))
     paths = [
         line_panels(beta_panels, out / "last_vs_beta.png", "Last vs beta (mean ± std over seeds)", "beta", "Last",
                     log_x=True),
