@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -54,7 +55,8 @@ def main(argv: list[str] | None = None) -> dict[str, list[float]]:
             if v != params["variant"]:
                 cells.append({"method": "disco", "setting": cfg.scenario.setting, "scenario": cfg.scenario.mode,
                               "beta": cfg.scenario.beta, "seed": cfg.seed, "last": last[v][-1], "avg": None,
-                              "forgetting": None, "run_dir": str(d.resolve()), "shared": False,
+                              "forgetting": None, "shared": False,
+                              "run_dir": os.path.relpath(d.resolve(), (args.matrix_out or d).resolve()),
                               "params": {**params, "variant": v}, "scores": {k: r["score"] for k, r in res.items()}})
     rows = [{"method": f"DISCO, {v} activation", "last": mean_std(x) if len(x) > 1 else x[0]} for v, x in last.items()]
     table = results_markdown(rows, ["last"])

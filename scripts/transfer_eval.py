@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -94,6 +95,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
                   f"({', '.join(f'{k} {v:.1f}' for k, v in c['unseen'].items())}); general set "
                   f"{r['before']:.1f} -> {r['after']:.1f}", flush=True)
     args.matrix_out.mkdir(parents=True, exist_ok=True)
+    for c in cells:  # relative, as fcit matrix writes them: the folders move together (results/, another host)
+        c["run_dir"] = os.path.relpath(c["run_dir"], args.matrix_out.resolve())
     write_json(args.matrix_out / "matrix.json", {"cells": cells, "source": "transfer_eval.py"})
     return cells
 
