@@ -75,7 +75,7 @@ def transfer(run_dir: Path) -> dict | None:
             "avg": metrics["summary"]["avg"], "forgetting": metrics["summary"]["forgetting"],
             "run_dir": str(run_dir.resolve()), "shared": False, "params": params, "unseen": unseen,
             "retention": Retention(before=before, after=after).to_dict(), "last_recomputed": recomputed}
-    (run_dir / "transfer.json").write_text(json.dumps(cell, indent=2))
+    (run_dir / "transfer.json").write_text(json.dumps({k: v for k, v in cell.items() if k != "run_dir"}, indent=2))
     return cell
 
 
