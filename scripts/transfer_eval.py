@@ -33,8 +33,11 @@ def final_experiment(run_dir: Path):
     from fcit.methods.base import Kind
     from fcit.models.lora import set_state
 
+    if not (run_dir / "metrics.json").is_file():  # started, not finished: nothing final to score yet
+        print(f"{run_dir.name}: skipped (not finished)", file=sys.stderr)
+        return None
     cfg = Config.model_validate(json.loads((run_dir / "config.json").read_text()))
-    metrics = json.loads((run_dir / "metrics.json").read_text())  # a finished run only
+    metrics = json.loads((run_dir / "metrics.json").read_text())
     exp = Experiment(cfg, run_dir, progress=False)
     if exp.method.kind == Kind.CENTRALIZED:
         print(f"{run_dir.name}: skipped (the centralized MTL keeps no final state)", file=sys.stderr)
