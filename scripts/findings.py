@@ -252,7 +252,8 @@ def f8_unseen(cells: Cells) -> Finding:
     if not pairs:
         return Finding(8, claim, NOT_MEASURED, "no disco and olora cells with unseen-task scores")
     d, o = mean(p[0] for p in pairs), mean(p[1] for p in pairs)
-    base = [mean(c["unseen"].values()) for c in _distinct(cells) if c["method"] == "zeroshot" and c.get("unseen")]
+    base = [mean(c["unseen"].values()) for c in _distinct([c for c in cells if c["method"] == "zeroshot"
+                                                            and c.get("unseen")])]
     beside = f" (the base, zero-shot: {mean(base):.1f})" if base else ""
     tie = f"; within {TIE_POINTS:g} point, a tie" if abs(d - o) <= TIE_POINTS else ""
     return Finding(8, claim, "yes" if d > o + TIE_POINTS else "no",
