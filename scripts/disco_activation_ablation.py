@@ -27,7 +27,6 @@ def main(argv: list[str] | None = None) -> dict[str, list[float]]:
     from fcit.eval.metrics import mean_std
     from fcit.experiment import Experiment
     from fcit.jsonio import write_json
-    from fcit.models.lora import set_state
     from fcit.report.tables import results_markdown
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -41,10 +40,7 @@ def main(argv: list[str] | None = None) -> dict[str, list[float]]:
         if cfg.method.name != "disco":
             sys.exit(f"{d}: not a DISCO run")
         exp = Experiment(cfg, d, progress=False)
-        ck = exp.load_checkpoint()
-        if ck is None or ck[1].get("next_stage") != exp.scenario.num_stages:
-            sys.exit(f"{d}: not a finished run (its checkpoint is not after the last stage)")
-        set_state(exp.model, ck[0])
+        exp.load_final()
         datasets = exp.scenario.seen_datasets(exp.scenario.num_stages - 1)
         params = exp.method.params.model_dump(mode="json")
         for v in VARIANTS:
@@ -69,4 +65,9 @@ def main(argv: list[str] | None = None) -> dict[str, list[float]]:
 
 
 if __name__ == "__main__":
-    main()
+    from fcit.errors import FcitError
+
+    try:
+        main()
+    except FcitError as err:  # one line, as the CLI prints it
+        sys.exit(f"{Path(__file__).name}: error: {err}")

@@ -26,18 +26,18 @@ from pathlib import Path
 
 def final_experiment(run_dir: Path):
     """The run's Experiment with its final global state loaded, the general set's score on the base taken first
-    (every adapter is still zero then), and the run's metrics. None for a run that keeps no final state."""
+    (every adapter is still zero then), and the run's summary (Last, Avg, forgetting). None for a run that keeps no final state."""
     from fcit.config import Config
     from fcit.data.loader import open_general
     from fcit.experiment import Experiment
     from fcit.methods.base import Kind
-    from fcit.models.lora import set_state
+    from fcit.results import RunResult
 
     if not (run_dir / "metrics.json").is_file():  # started, not finished: nothing final to score yet
         print(f"{run_dir.name}: skipped (not finished)", file=sys.stderr)
         return None
     cfg = Config.model_validate(json.loads((run_dir / "config.json").read_text()))
-    metrics = json.loads((run_dir / "metrics.json").read_text())
+    summary = RunResult.load(run_dir).summary
     exp = Experiment(cfg, run_dir, progress=False)
     if exp.method.kind == Kind.CENTRALIZED:
         print(f"{run_dir.name}: skipped (the centralized MTL keeps no final state)", file=sys.stderr)
@@ -46,37 +46,32 @@ def final_experiment(run_dir: Path):
                                 progress=False)
     before = exp.score_general(None)
     if exp.method.kind == Kind.FEDERATED:
-        ck = exp.load_checkpoint()
-        if ck is None or ck[1].get("next_stage") != exp.scenario.num_stages:
-            sys.exit(f"{run_dir}: its checkpoint is not after the last stage")
-        set_state(exp.model, ck[0])
-    return exp, metrics, before
+        exp.load_final()
+    return exp, summary, before
 
 
 def transfer(run_dir: Path) -> dict | None:
-    from fcit.methods import REGISTRY
     from fcit.methods.base import Kind
     from fcit.results import Retention
 
     loaded = final_experiment(run_dir)
     if loaded is None:
         return None
-    exp, metrics, before = loaded
+    exp, summary, before = loaded
     cfg, last = exp.cfg, exp.scenario.num_stages - 1
     # Zero-shot's final model is the base
     after = exp.score_general(last) if exp.method.kind == Kind.FEDERATED else before
     # The final state must reproduce the run's own Last, or the numbers below are not that run's.
     seen = exp.evaluate(exp.scenario.seen_datasets(last), last)
     recomputed = sum(r["score"] for r in seen.values()) / len(seen)
-    if abs(recomputed - metrics["summary"]["last"]) > 1e-6:
+    if abs(recomputed - summary.last) > 1e-6:
         sys.exit(f"{run_dir}: its final state scores Last {recomputed:.4f}, the run recorded "
-                 f"{metrics['summary']['last']:.4f}; not that run's final model")
+                 f"{summary.last:.4f}; not that run's final model")
     unseen = {d: r["score"] for d, r in exp.evaluate(exp.scenario.unseen, last).items()}
-    params = REGISTRY[cfg.method.name].Params.model_validate(cfg.method.params).model_dump(mode="json")
     cell = {"method": cfg.method.name, "setting": cfg.scenario.setting, "scenario": cfg.scenario.mode,
-            "beta": cfg.scenario.beta, "seed": cfg.seed, "last": metrics["summary"]["last"],
-            "avg": metrics["summary"]["avg"], "forgetting": metrics["summary"]["forgetting"],
-            "run_dir": str(run_dir.resolve()), "shared": False, "params": params, "unseen": unseen,
+            "beta": cfg.scenario.beta, "seed": cfg.seed, "last": summary.last, "avg": summary.avg,
+            "forgetting": summary.forgetting, "run_dir": str(run_dir.resolve()), "shared": False,
+            "params": exp.method.params.model_dump(mode="json"), "unseen": unseen,
             "retention": Retention(before=before, after=after).to_dict(), "last_recomputed": recomputed}
     (run_dir / "transfer.json").write_text(json.dumps({k: v for k, v in cell.items() if k != "run_dir"}, indent=2))
     return cell
@@ -105,4 +100,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
 
 if __name__ == "__main__":
-    main()
+    from fcit.errors import FcitError
+
+    try:
+        main()
+    except FcitError as err:  # one line, as the CLI prints it
+        sys.exit(f"{Path(__file__).name}: error: {err}")

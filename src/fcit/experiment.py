@@ -165,6 +165,14 @@ class Experiment:
         self.method.load_state_dict(method_state)
         return state, progress
 
+    def load_final(self) -> None:
+        """A finished run's final global state into the model (and the method's state into the method), for
+        evaluating it again afterwards (scripts/transfer_eval.py, scripts/disco_activation_ablation.py)."""
+        ck = self.load_checkpoint()
+        if ck is None or ck[1].get("next_stage") != self.scenario.num_stages:
+            raise FcitError(f"{self.run_dir}: not a finished run (its checkpoint is not after the last stage)")
+        set_state(self.model, ck[0])
+
     # -- the run ----------------------------------------------------------------------------------------------
     def run(self, resume: bool = False) -> RunResult:
         from fcit.eval.metrics import AccuracyMatrix
