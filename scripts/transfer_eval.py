@@ -12,7 +12,7 @@ and the MTL is skipped with a note.
 DIR/matrix.json holds one cell per run in ``fcit matrix``'s format (method, setting, scenario, beta, seed, params,
 Last from the run's own metrics, which the final state must reproduce, ``unseen``, ``retention``), so that
 ``scripts/findings.py MAIN DIR`` judges findings (8) and (9) on them; each cell also goes into the run's
-``transfer.json``.
+``transfer.json``, which a later call reuses while the run's metrics are unchanged (``--force`` scores again).
 """
 
 from __future__ import annotations
@@ -50,10 +50,27 @@ def final_experiment(run_dir: Path):
     return exp, summary, before
 
 
-def transfer(run_dir: Path) -> dict | None:
+def reused(run_dir: Path) -> dict | None:
+    """The run's earlier transfer.json, when it was written for the run as it now stands (same Last, written after
+    the run's metrics): scoring a run again gives the same numbers, since decoding is greedy."""
+    from fcit.results import RunResult
+
+    out, metrics = run_dir / "transfer.json", run_dir / "metrics.json"
+    if not (out.is_file() and metrics.is_file()) or out.stat().st_mtime < metrics.stat().st_mtime:
+        return None
+    cell = json.loads(out.read_text())
+    if cell.get("last") != RunResult.load(run_dir).summary.last:
+        return None
+    print(f"{run_dir.name}: {out.name} reused", file=sys.stderr)
+    return {**cell, "run_dir": str(run_dir.resolve())}
+
+
+def transfer(run_dir: Path, force: bool = False) -> dict | None:
     from fcit.methods.base import Kind
     from fcit.results import Retention
 
+    if not force and (cell := reused(run_dir)) is not None:
+        return cell
     loaded = final_experiment(run_dir)
     if loaded is None:
         return None
@@ -83,10 +100,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("runs", nargs="+", type=Path, help="finished run directories (fcit run / compare / matrix)")
     ap.add_argument("--matrix-out", type=Path, required=True, help="write the cells as DIR/matrix.json")
+    ap.add_argument("--force", action="store_true", help="score every run again, even one with a current transfer.json")
     args = ap.parse_args(argv)
     cells = []
     for d in args.runs:
-        if (c := transfer(d)) is not None:
+        if (c := transfer(d, args.force)) is not None:
             cells.append(c)
             r = c["retention"]
             print(f"{d.name}: unseen {sum(c['unseen'].values()) / max(1, len(c['unseen'])):.1f} "

@@ -3,6 +3,7 @@ hand-made results folder."""
 
 import csv
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -329,6 +330,19 @@ def test_transfer_eval_afterwards_equals_the_evaluations_during_the_run(small_ba
     assert json.loads((runs["finetune"] / "transfer.json").read_text()) == {k: v for k, v in got["finetune"].items()
                                                                            if k != "run_dir"}
     assert (tmp_path / "transfer" / got["finetune"]["run_dir"]).resolve() == runs["finetune"].resolve()
+    # a second call reuses each run's transfer.json (scoring again is minutes per run on the real matrix) ...
+    out = runs["finetune"] / "transfer.json"
+    out.write_text(out.read_text().replace('"unseen": {', '"unseen": {"marker": 1.0, ', 1))
+    again = load_script("transfer_eval").main([str(runs["finetune"]), "--matrix-out", str(tmp_path / "again")])
+    assert again[0]["unseen"] == {"marker": 1.0, **got["finetune"]["unseen"]}
+    # ... until the run's metrics change (a resumed run finishes again), or --force asks
+    os.utime(runs["finetune"] / "metrics.json", (out.stat().st_mtime + 5,) * 2)
+    assert load_script("transfer_eval").main([str(runs["finetune"]), "--matrix-out", str(tmp_path / "again")]
+                                             )[0]["unseen"] == got["finetune"]["unseen"]
+    out.write_text(out.read_text().replace('"unseen": {', '"unseen": {"marker": 1.0, ', 1))
+    os.utime(runs["finetune"] / "metrics.json", (out.stat().st_mtime - 5,) * 2)
+    assert load_script("transfer_eval").main([str(runs["finetune"]), "--force", "--matrix-out",
+                                              str(tmp_path / "again")])[0]["unseen"] == got["finetune"]["unseen"]
 
 
 def test_capability_setting_has_no_unseen_dataset():
