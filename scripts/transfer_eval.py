@@ -18,6 +18,7 @@ Last from the run's own metrics, which the final state must reproduce, ``unseen`
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import sys
@@ -28,7 +29,6 @@ def final_experiment(run_dir: Path):
     """The run's Experiment with its final global state loaded, the general set's score on the base taken first
     (every adapter is still zero then), and the run's summary (Last, Avg, forgetting). None for a run that keeps no final state."""
     from fcit.config import Config
-    from fcit.data.loader import open_general
     from fcit.experiment import Experiment
     from fcit.methods.base import Kind
     from fcit.results import RunResult
@@ -42,24 +42,46 @@ def final_experiment(run_dir: Path):
     if exp.method.kind == Kind.CENTRALIZED:
         print(f"{run_dir.name}: skipped (the centralized MTL keeps no final state)", file=sys.stderr)
         return None
-    exp._general = open_general(cfg.model_copy(update={"eval": cfg.eval.model_copy(update={"retention": True})}),
-                                progress=False)
+    exp._general = _general(cfg)
     before = exp.score_general(None)
     if exp.method.kind == Kind.FEDERATED:
         exp.load_final()
     return exp, summary, before
 
 
+class Mismatch(Exception):
+    """A run's final state does not reproduce its recorded Last: its numbers would not be that run's."""
+
+
+def scored_on(cfg, general) -> dict:
+    """What a cell is scored on: the setting's unseen datasets and the general set's samples (a fingerprint). A
+    transfer.json is reused only while both are what the code gives now."""
+    from fcit.data.scenario import Scenario
+
+    blob = json.dumps([(s.id, s.prompt, s.answer, list(s.refs)) for s in general])
+    return {"unseen": Scenario(cfg.scenario, cfg.seed, None).unseen,
+            "general": hashlib.sha256(blob.encode()).hexdigest()[:16]}
+
+
+def _general(cfg):
+    from fcit.data.loader import open_general
+
+    return open_general(cfg.model_copy(update={"eval": cfg.eval.model_copy(update={"retention": True})}),
+                        progress=False)
+
+
 def reused(run_dir: Path) -> dict | None:
     """The run's earlier transfer.json, when it was written for the run as it now stands (same Last, written after
-    the run's metrics): scoring a run again gives the same numbers, since decoding is greedy."""
+    the run's metrics) and on the same datasets: scoring again would give the same numbers, decoding is greedy."""
+    from fcit.config import Config
     from fcit.results import RunResult
 
     out, metrics = run_dir / "transfer.json", run_dir / "metrics.json"
     if not (out.is_file() and metrics.is_file()) or out.stat().st_mtime < metrics.stat().st_mtime:
         return None
     cell = json.loads(out.read_text())
-    if cell.get("last") != RunResult.load(run_dir).summary.last:
+    cfg = Config.model_validate(json.loads((run_dir / "config.json").read_text()))
+    if cell.get("last") != RunResult.load(run_dir).summary.last or cell.get("scored") != scored_on(cfg, _general(cfg)):
         return None
     print(f"{run_dir.name}: {out.name} reused", file=sys.stderr)
     return {**cell, "run_dir": str(run_dir.resolve())}
@@ -82,14 +104,15 @@ def transfer(run_dir: Path, force: bool = False) -> dict | None:
     seen = exp.evaluate(exp.scenario.seen_datasets(last), last)
     recomputed = sum(r["score"] for r in seen.values()) / len(seen)
     if abs(recomputed - summary.last) > 1e-6:
-        sys.exit(f"{run_dir}: its final state scores Last {recomputed:.4f}, the run recorded "
-                 f"{summary.last:.4f}; not that run's final model")
+        raise Mismatch(f"{run_dir}: its final state scores Last {recomputed:.4f}, the run recorded "
+                       f"{summary.last:.4f}; not that run's final model")
     unseen = {d: r["score"] for d, r in exp.evaluate(exp.scenario.unseen, last).items()}
     cell = {"method": cfg.method.name, "setting": cfg.scenario.setting, "scenario": cfg.scenario.mode,
             "beta": cfg.scenario.beta, "seed": cfg.seed, "last": summary.last, "avg": summary.avg,
             "forgetting": summary.forgetting, "run_dir": str(run_dir.resolve()), "shared": False,
             "params": exp.method.params.model_dump(mode="json"), "unseen": unseen,
-            "retention": Retention(before=before, after=after).to_dict(), "last_recomputed": recomputed}
+            "retention": Retention(before=before, after=after).to_dict(), "last_recomputed": recomputed,
+            "scored": scored_on(cfg, exp._general)}
     (run_dir / "transfer.json").write_text(json.dumps({k: v for k, v in cell.items() if k != "run_dir"}, indent=2))
     return cell
 
@@ -102,9 +125,15 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ap.add_argument("--matrix-out", type=Path, required=True, help="write the cells as DIR/matrix.json")
     ap.add_argument("--force", action="store_true", help="score every run again, even one with a current transfer.json")
     args = ap.parse_args(argv)
-    cells = []
+    cells, failed = [], []
     for d in args.runs:
-        if (c := transfer(d, args.force)) is not None:
+        try:
+            c = transfer(d, args.force)
+        except Mismatch as err:  # the other runs' cells are still written
+            print(err, file=sys.stderr)
+            failed.append(d.name)
+            continue
+        if c is not None:
             cells.append(c)
             r = c["retention"]
             print(f"{d.name}: unseen {sum(c['unseen'].values()) / max(1, len(c['unseen'])):.1f} "
@@ -114,6 +143,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     for c in cells:  # relative, as fcit matrix writes them: the folders move together (results/, another host)
         c["run_dir"] = os.path.relpath(c["run_dir"], args.matrix_out.resolve())
     write_json(args.matrix_out / "matrix.json", {"cells": cells, "source": "transfer_eval.py"})
+    if failed:
+        sys.exit(f"transfer_eval.py: error: {len(failed)} run(s) left out, their final state does not reproduce "
+                 f"their Last: {', '.join(failed)}")
     return cells
 
 

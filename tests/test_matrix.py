@@ -182,7 +182,7 @@ def _write(folder, cells):
 
 
 def _hand_made(tmp_path):
-    """Numbers chosen so that every verdict is known: (1) yes, (2) yes, (3) yes, (4) yes, (5) not measured,
+    """Numbers chosen so that every verdict is known: (1) yes, (2) not measured (2 of 4 settings), (3) yes, (4) yes, (5) not measured,
     (6) no, (7) no, (8) yes, (9) not measured."""
     cells = []
     for sc, ft, ol, dl in (("hom", (10.0, 12.0), 20.0, 50.0), ("het", (11.0, 13.0), 22.0, 60.0)):
@@ -191,7 +191,7 @@ def _hand_made(tmp_path):
                   _cell("disco", sc, dl, 55.0, params={"tau": 0.9, "variant": "softmax", "identity": "text"},
                         artifacts={"subspaces_formed": 8 if sc == "hom" else 7}, tasks=8,
                         unseen={"AOKVQA": 40.0, "DVQA": 20.0}),
-                  _cell("mtl", sc, 70.0), _cell("zeroshot", sc, 1.0)]
+                  _cell("mtl", sc, 70.0), _cell("mtl", sc, 70.0, seed=1), _cell("zeroshot", sc, 1.0)]
     cells += [_cell("finetune", "hom", 8.0, 25.0, beta=0.5), _cell("finetune", "hom", 14.0, 33.0, beta=5.0)]
     # the gate ablation: argmax beats softmax, so the paper's order does not hold
     for v, last in (("argmax", 52.0), ("cosine", 40.0), ("concat", 30.0)):
@@ -203,10 +203,11 @@ def _hand_made(tmp_path):
 def test_findings_verdicts_on_hand_made_results(tmp_path):
     f = load_script("findings")
     got = {x.number: x for x in f.findings(f.load([_hand_made(tmp_path)]))}
-    assert {n: x.verdict for n, x in got.items()} == {1: "yes", 2: "yes", 3: "yes", 4: "yes", 5: "not measured",
+    assert {n: x.verdict for n, x in got.items()} == {1: "yes", 2: "not measured", 3: "yes", 4: "yes", 5: "not measured",
                                                       6: "no", 7: "no", 8: "yes", 9: "not measured"}
     assert "task-hom β=1: 11.0 vs 70.0 (0.16)" in got[1].evidence  # the mean over seeds 10 and 12
-    assert "2 of 4 settings measured" in got[2].evidence
+    assert "2 of 4 settings measured" in got[2].evidence  # best where measured, not yet in all four
+    assert "task-hom β=1: Last 50.0 vs olora 20.0" in got[2].evidence  # at seed 0, the one olora and disco have
     assert "Het +38.0 (vs olora) vs Hom +30.0 (vs olora)" in got[3].evidence  # ablation cells do not count
     assert "argmax 52.0 > softmax 50.0" in got[6].evidence
     assert "1 of 2 runs" in got[7].evidence and "7 for 8 tasks" in got[7].evidence
@@ -243,6 +244,7 @@ def test_findings_counts_a_cell_repeated_in_two_folders_once(tmp_path):
              "tasks": 8}
     main_dir = _write(tmp_path / "main", [_cell("finetune", "hom", 10.0, 30.0, seed=0),
                                           _cell("finetune", "hom", 20.0, 30.0, seed=1), _cell("mtl", "hom", 70.0),
+                                          _cell("mtl", "hom", 70.0, seed=1),
                                           _cell("disco", "hom", 50.0, 55.0, **disco),
                                           _cell("olora", "hom", 30.0, 40.0)])
     # the transfer matrix repeats three seed-0 cells with eval.unseen: their Last must not be counted twice
@@ -255,6 +257,23 @@ def test_findings_counts_a_cell_repeated_in_two_folders_once(tmp_path):
     assert got[7].evidence == "1 of 1 runs"
     assert got[8].verdict == "yes"
     assert got[8].evidence == "disco 40.0 vs olora 30.0 over 1 groups (the base, zero-shot: 25.0)"
+
+
+def test_findings_compare_on_common_seeds_and_every_baseline(tmp_path):
+    f = load_script("findings")
+    # Finetune ran three seeds, DISCO and O-LoRA one: DISCO is compared with seed 0's Finetune (10), not with the
+    # mean of three draws (20). At beta 5 O-LoRA never ran: that group is left out, not judged on Finetune alone.
+    cells = [_cell("finetune", "hom", v, 30.0, seed=s) for s, v in enumerate((10.0, 10.0, 40.0))]
+    cells += [_cell("olora", "hom", 5.0, 30.0), _cell("disco", "hom", 15.0, 35.0),
+              _cell("finetune", "hom", 50.0, 30.0, beta=5.0), _cell("disco", "hom", 1.0, 35.0, beta=5.0),
+              _cell("finetune", "hom", 30.0, 30.0, beta=0.5), _cell("finetune", "hom", 90.0, 30.0, beta=0.5, seed=1)]
+    got = {x.number: x for x in f.findings(f.load([_write(tmp_path / "r", cells)]))}
+    assert got[2].verdict == "not measured"  # DISCO best in the one setting measured, of four
+    assert "task-hom β=1: Last 15.0 vs finetune 10.0" in got[2].evidence
+    assert got[2].evidence.endswith("left out, a baseline missing: task-hom β=5 (no olora)")
+    # beta: Finetune's seed 0 at both betas (30 - 50), not seed 1's 90 against a beta-5 seed that never ran
+    assert got[4].verdict == "yes" and "finetune task-hom: -20.0" in got[4].evidence
+    assert "disco task-hom" not in got[4].evidence  # no beta-0.5 DISCO cell
 
 
 def test_findings_call_ties_ties(tmp_path):
@@ -343,6 +362,12 @@ def test_transfer_eval_afterwards_equals_the_evaluations_during_the_run(small_ba
     os.utime(runs["finetune"] / "metrics.json", (out.stat().st_mtime - 5,) * 2)
     assert load_script("transfer_eval").main([str(runs["finetune"]), "--force", "--matrix-out",
                                               str(tmp_path / "again")])[0]["unseen"] == got["finetune"]["unseen"]
+    # ... or the general set it was scored on is not today's
+    stale = json.loads(out.read_text())
+    assert stale["scored"]["unseen"] == ["AOKVQA", "Grounding", "DVQA", "TabMWP"]
+    out.write_text(json.dumps({**stale, "unseen": {"marker": 1.0}, "scored": {**stale["scored"], "general": "0"}}))
+    assert load_script("transfer_eval").main([str(runs["finetune"]), "--matrix-out", str(tmp_path / "again")]
+                                             )[0]["unseen"] == got["finetune"]["unseen"]
 
 
 def test_capability_setting_has_no_unseen_dataset():
