@@ -150,6 +150,7 @@ def test_matrix_on_a_local_ray_cluster_runs_each_cell_as_a_task(small_base, cach
     (["--methods", "finetune,nope"], "--methods: unknown nope"),
     (["--betas", "1,0"], "--betas: Dirichlet beta must be a finite number > 0, got 0"),
     (["--betas", "1,x"], "--betas: expected comma-separated floats"),
+    (["--betas", "1,1.0000001"], "would share the run folders '-b1-'"),
     (["--settings", "tasks"], "--settings: unknown tasks"),
     (["--scenarios", "hom,mixed"], "--scenarios: unknown mixed"),
     (["--jobs", "0"], "--jobs"),

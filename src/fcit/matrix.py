@@ -144,6 +144,11 @@ def parse_axes(methods: str, settings: str, scenarios: str, betas: str, seeds: s
     bad_b = [b for b in axes["betas"] if not b > 0 or b != b or b == float("inf")]
     if bad_b:
         raise FcitError(f"--betas: Dirichlet beta must be a finite number > 0, got {bad_b[0]:g}")
+    named: dict[str, float] = {}
+    for b in axes["betas"]:  # run folders name beta with 6 significant digits: two betas must not share one
+        if named.setdefault(f"{b:g}", b) != b:
+            raise FcitError(f"--betas: {named[f'{b:g}']!r} and {b!r} would share the run folders '-b{b:g}-'; "
+                            f"give betas that differ within 6 significant digits")
     return axes
 
 
