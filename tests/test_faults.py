@@ -237,6 +237,28 @@ def test_interrupt_names_the_real_run_directory(capsys, small, tmp_path, monkeyp
     assert st["status"] == "failed" and "interrupted" in st["reason"]
 
 
+def test_sigterm_stops_a_run_as_ctrl_c_does(capsys, small, tmp_path, monkeypatch):
+    # A scheduler's time limit sends SIGTERM: the run must say it was stopped and what to resume, not die "running".
+    import os
+    import signal
+    import time
+
+    import fcit.experiment as experiment
+
+    def killed(self, resume=False):
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(5)  # the handler raises here, at the next bytecode
+        raise AssertionError("SIGTERM did not stop the run")
+
+    before = signal.getsignal(signal.SIGTERM)
+    monkeypatch.setattr(experiment.Experiment, "run", killed)
+    rc, err = fcit(capsys, "run", *small, "--out", tmp_path, "--name", "term", "--quiet")
+    assert rc == 143 and "terminated (SIGTERM)" in err and f"fcit run --resume {tmp_path / 'term'}`" in err, err
+    st = strict_json(tmp_path / "term" / "status.json")
+    assert st["status"] == "failed" and st["reason"] == "interrupted (SIGTERM)"
+    assert signal.getsignal(signal.SIGTERM) is before  # the caller's handler is back
+
+
 def test_zero_client_weights_name_stage_round_and_clients(capsys, small, tmp_path, monkeypatch):
     import dataclasses
 

@@ -286,8 +286,21 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
+def _terminate(signum, frame):
+    from fcit.rundir import Terminated
+
+    raise Terminated
+
+
 def main(argv: list[str] | None = None) -> int:
+    import signal
+    import threading
+
     args = build_parser().parse_args(argv)
+    # SIGTERM stops a command as Ctrl-C does (status, message, exit code 128 + 15); the previous handler comes back
+    # afterwards, since tests and embedding programs call main() in their own process.
+    previous = signal.signal(signal.SIGTERM, _terminate) if threading.current_thread() is threading.main_thread() \
+        else None
     try:
         args.func(args)
     except FcitError as err:
@@ -296,8 +309,13 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt as err:
         where = getattr(err, "run_dir", None)
         tail = f": continue with `fcit run --resume {where}`" if where is not None else ""
-        print(f"fcit: interrupted; finished stages are checkpointed{tail}", file=sys.stderr)
-        return 130
+        term = getattr(err, "signal", None) == "SIGTERM"
+        print(f"fcit: {'terminated (SIGTERM)' if term else 'interrupted'}; finished stages are checkpointed{tail}",
+              file=sys.stderr)
+        return 143 if term else 130
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
     return 0
 
 

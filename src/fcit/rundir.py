@@ -44,12 +44,20 @@ MANIFEST_VERSION = 1
 RESUMABLE_CHANGES = {"federation": ("engine",), "flower": None, "scenario": ("stages",)}
 
 
-class RunInterrupted(KeyboardInterrupt):
-    """Ctrl-C during a run, carrying the run directory so the message can say what to resume."""
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (``kill``, a batch scheduler's time limit) during a command: it stops like Ctrl-C, so that a run
+    records how it ended and says what to resume instead of dying with ``running`` in its status."""
 
-    def __init__(self, run_dir: Path):
+    signal = "SIGTERM"
+
+
+class RunInterrupted(KeyboardInterrupt):
+    """Ctrl-C or SIGTERM during a run, carrying the run directory so the message can say what to resume."""
+
+    def __init__(self, run_dir: Path, signal: str = "SIGINT"):
         super().__init__(str(run_dir))
         self.run_dir = Path(run_dir)
+        self.signal = signal
 
 
 # -- config identity ---------------------------------------------------------------------------------------------------
@@ -191,9 +199,10 @@ def open_run(run_dir: Path, cfg: "Config", resume: bool) -> Iterator[None]:
         write_status(run_dir, "running")
         try:
             yield
-        except KeyboardInterrupt:
-            _best_effort_status(run_dir, "interrupted (SIGINT)")
-            raise RunInterrupted(run_dir) from None
+        except KeyboardInterrupt as err:
+            sig = getattr(err, "signal", "SIGINT")
+            _best_effort_status(run_dir, f"interrupted ({sig})")
+            raise RunInterrupted(run_dir, sig) from None
         except BaseException as err:
             _best_effort_status(run_dir, _reason(err))
             raise
