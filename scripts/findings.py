@@ -94,12 +94,14 @@ def _distinct(cells: Cells) -> Cells:
     return out
 
 
-def by_seed(cells: Cells, key: str = "last") -> dict[Group, dict[str, dict[int, float]]]:
-    """Main cells: group -> method -> seed -> ``key`` (cells where it is null are left out)."""
+def by_seed(cells: Cells, value: str | Callable[[dict], Optional[float]] = "last"
+            ) -> dict[Group, dict[str, dict[int, float]]]:
+    """Main cells: group -> method -> seed -> ``value`` (a key, or a function of the cell). Cells where it is null
+    are left out before duplicates are dropped, so a repeated cell's record that carries it is the one kept."""
+    get = (lambda c: c.get(value)) if isinstance(value, str) else value
     acc: dict[Group, dict[str, dict[int, float]]] = defaultdict(lambda: defaultdict(dict))
-    for c in _distinct([c for c in cells if _is_main(c)]):
-        if c.get(key) is not None:
-            acc[(c["setting"], c["scenario"], float(c["beta"]))][c["method"]][c["seed"]] = float(c[key])
+    for c in _distinct([c for c in cells if _is_main(c) and get(c) is not None]):
+        acc[(c["setting"], c["scenario"], float(c["beta"]))][c["method"]][c["seed"]] = float(get(c))
     return acc
 
 
@@ -269,10 +271,8 @@ def f7_tau(cells: Cells) -> Finding:
 
 def _paired(cells: Cells, a: str, b: str, value: Callable[[dict], Optional[float]]) -> list[tuple[float, float]]:
     """Per group, a's and b's means of ``value`` over the seeds both have."""
-    by: dict[tuple, dict[str, dict[int, float]]] = defaultdict(lambda: defaultdict(dict))
-    for c in _distinct([c for c in cells if _is_main(c) and c["method"] in (a, b) and value(c) is not None]):
-        by[(c["setting"], c["scenario"], float(c["beta"]))][c["method"]][c["seed"]] = value(c)
-    return [(m[a], m[b]) for ms in by.values() if (m := _common(ms, {a, b})) is not None]
+    groups = by_seed([c for c in cells if c["method"] in (a, b)], value).values()
+    return [(m[a], m[b]) for ms in groups if (m := _common(ms, {a, b})) is not None]
 
 
 def f8_unseen(cells: Cells) -> Finding:

@@ -25,7 +25,7 @@ import sys
 from pathlib import Path
 
 
-def final_experiment(run_dir: Path):
+def final_experiment(run_dir: Path, general=None):
     """The run's Experiment with its final global state loaded, the general set's score on the base taken first
     (every adapter is still zero then), and the run's summary (Last, Avg, forgetting). None for a run that keeps no final state."""
     from fcit.config import Config
@@ -42,7 +42,7 @@ def final_experiment(run_dir: Path):
     if exp.method.kind == Kind.CENTRALIZED:
         print(f"{run_dir.name}: skipped (the centralized MTL keeps no final state)", file=sys.stderr)
         return None
-    exp._general = _general(cfg)
+    exp._general = general if general is not None else _general(cfg)
     before = exp.score_general(None)
     if exp.method.kind == Kind.FEDERATED:
         exp.load_final()
@@ -70,18 +70,16 @@ def _general(cfg):
                         progress=False)
 
 
-def reused(run_dir: Path) -> dict | None:
+def reused(run_dir: Path, cfg, general) -> dict | None:
     """The run's earlier transfer.json, when it was written for the run as it now stands (same Last, written after
     the run's metrics) and on the same datasets: scoring again would give the same numbers, decoding is greedy."""
-    from fcit.config import Config
     from fcit.results import RunResult
 
     out, metrics = run_dir / "transfer.json", run_dir / "metrics.json"
     if not (out.is_file() and metrics.is_file()) or out.stat().st_mtime < metrics.stat().st_mtime:
         return None
     cell = json.loads(out.read_text())
-    cfg = Config.model_validate(json.loads((run_dir / "config.json").read_text()))
-    if cell.get("last") != RunResult.load(run_dir).summary.last or cell.get("scored") != scored_on(cfg, _general(cfg)):
+    if cell.get("last") != RunResult.load(run_dir).summary.last or cell.get("scored") != scored_on(cfg, general):
         return None
     print(f"{run_dir.name}: {out.name} reused", file=sys.stderr)
     return {**cell, "run_dir": str(run_dir.resolve())}
@@ -91,9 +89,15 @@ def transfer(run_dir: Path, force: bool = False) -> dict | None:
     from fcit.methods.base import Kind
     from fcit.results import Retention
 
-    if not force and (cell := reused(run_dir)) is not None:
-        return cell
-    loaded = final_experiment(run_dir)
+    from fcit.config import Config
+
+    general = None
+    if not force and (run_dir / "transfer.json").is_file():
+        cfg = Config.model_validate(json.loads((run_dir / "config.json").read_text()))
+        general = _general(cfg)  # loaded once: the reuse check's fingerprint and, if stale, the scoring
+        if (cell := reused(run_dir, cfg, general)) is not None:
+            return cell
+    loaded = final_experiment(run_dir, general)
     if loaded is None:
         return None
     exp, summary, before = loaded
