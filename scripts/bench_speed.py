@@ -1,21 +1,23 @@
-"""The embedded engine's speed: one run with a FLOP count, the machine's matmul peaks and a step-time breakdown.
+"""The embedded engine's speed: the default run, its FLOPs against the machine's matmul peaks, a step breakdown.
 
     .venv/bin/python scripts/bench_speed.py [--preset default] [--set KEY=VALUE ...] [--out bench_speed.json]
     .venv/bin/python scripts/bench_speed.py --scaling [--quick]      # wall time vs clients, samples, rounds
 
-One run (default: the default `fcit run` with its clients in this process, `federation.workers=1`, so that the
-probes see every step; the default run's pool of worker processes is timed by `fcit run` itself) reports, in one
-JSON and a table:
-  * wall time, and the run's own timing (setup, train, eval, aggregation);
-  * training FLOPs: FlopCounterMode over forward + backward of a sample of real training batches after the run (the
-    model as it trains, vision cache warm), per padded token, times the padded tokens the run trained on;
-  * achieved FLOP/s over the training time, the machine's fp32 and bf16 matmul peaks measured in the same process at
-    the model's shapes (tokens of a mean batch x hidden x intermediate), and the ratio;
-  * a step-time breakdown: collation, forward (with the loss hooks), backward, optimizer (clip + AdamW), the rest of
-    local training, and evaluation split into prefill (the first forward of each generate batch) and decode.
-The instrumentation wraps functions from this script only; the library runs unchanged.
+The default mode runs the experiment twice with the same config and seed, so both train the same steps:
+  * **the run as `fcit run` runs it** (the worker pool, the compiled bf16 path where the machine has it): wall
+    time, the run's own timing (setup, train, eval), Last; its achieved training FLOP/s;
+  * **a probed run** with its clients in this process at one thread (``federation.workers=1``, ``threads=1``: what
+    one pool worker does), whose probes see every step: the padded tokens, collation, forward (with the loss
+    hooks), backward, optimizer (clip + AdamW), the rest of local training, and evaluation split into prefill (the
+    first forward of each generate batch) and decode. The instrumentation wraps functions from this script only;
+    the library runs unchanged.
+Training FLOPs: FlopCounterMode over forward + backward of a sample of real training batches after the probed run
+(the model as it trains), per padded token, times the padded tokens the run trained on. Matmul peaks are measured in
+the same process at the model's shapes (tokens of a mean batch x hidden x intermediate), fp32 and bf16, at one
+thread and at all threads; the machine's peak is the larger of (all threads) and (workers x one thread), which is
+what the pool can use. ``bound_s`` is the training time at 60% of the fp32 peak (issue 13's bar: train faster).
 ``--scaling`` runs the default config at K = 50, 200, 1000 clients, data.synth.n_train 1000, 4000 and rounds 10, 20
-(one factor at a time); ``--quick`` adds scenario.stages=2 to every scaling run (the table says so).
+(one factor at a time, as `fcit run` runs them); ``--quick`` adds scenario.stages=2 to every scaling run.
 """
 
 from __future__ import annotations
@@ -149,63 +151,113 @@ def flops_per_token(exp, n_batches: int = 12) -> tuple[float, dict]:
                                                                  statistics.mean(s[1] for s in shapes)]}
 
 
-def one_run(preset: str, overrides: list[str], flops: bool = True) -> dict:
-    from fcit.config import load_config
+def _run(cfg) -> tuple[float, object, object]:
     from fcit.experiment import Experiment
 
-    probe = PROBE
-    probe.__init__()
-    install(probe)
-    # The probes wrap this process's functions: the clients must train here, not in the worker pool.
-    cfg = load_config(None, preset, ["federation.workers=1", *overrides])
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         exp = Experiment(cfg, Path(tmp) / "run", progress=False)
         res = exp.run()
-        wall = time.perf_counter() - t0
-        out: dict = {"preset": preset, "overrides": overrides, "wall_s": round(wall, 2),
-                     "timing": {k: round(v, 2) for k, v in res.timing.items()},
-                     "last": res.summary.last, "avg": res.summary.avg,
-                     "round_losses": [round(r.loss, 6) for r in res.rounds],
-                     "steps": probe.n["clip"], "local_runs": probe.n["local_train"],
-                     "padded_tokens": probe.tokens,
-                     "breakdown_s": {k: round(v, 2) for k, v in sorted(probe.sec.items())}}
-        bd = out["breakdown_s"]
-        bd["optimizer"] = round(bd.get("optimizer", 0.0) + bd.pop("clip", 0.0), 2)
-        counted = sum(bd.get(k, 0.0) for k in ("collate", "forward", "backward", "optimizer"))
-        bd["train_other"] = round(bd.get("local_train", 0.0) - counted, 2)
-        if out["steps"]:
-            out["per_step_ms"] = {k: round(1000 * bd.get(k, 0.0) / out["steps"], 2)
-                                  for k in ("collate", "forward", "backward", "optimizer", "train_other")}
-        if flops:
-            fpt, info = flops_per_token(exp)
-            text = exp.model.config.get_text_config()
-            m = int(info["mean_batch"][0] * info["mean_batch"][1])
-            h, inter = text.hidden_size, text.intermediate_size
-            p32 = max(matmul_peak(m, h, inter, torch.float32), matmul_peak(m, inter, h, torch.float32))
-            p16 = max(matmul_peak(m, h, inter, torch.bfloat16), matmul_peak(m, inter, h, torch.bfloat16))
-            train_flops = fpt * out["padded_tokens"]
-            achieved = train_flops / max(1e-9, res.timing.get("train", bd.get("local_train", 1.0))) / 1e9
-            out["flops"] = {"train_flops": float(f"{train_flops:.4g}"), "flops_per_padded_token": round(fpt),
-                            "sample": info, "achieved_gflops": round(achieved, 1),
-                            "peak_fp32_gflops": round(p32, 1), "peak_bf16_gflops": round(p16, 1),
-                            "shape_mkn": [m, h, inter], "fraction_of_fp32_peak": round(achieved / p32, 3),
-                            "threads": torch.get_num_threads()}
+    return time.perf_counter() - t0, res, exp
+
+
+def _summary(wall: float, res) -> dict:
+    return {"wall_s": round(wall, 2), "timing": {k: round(v, 2) for k, v in res.timing.items()},
+            "last": res.summary.last, "avg": res.summary.avg, "round_losses": [round(r.loss, 6) for r in res.rounds]}
+
+
+def probed_run(preset: str, overrides: list[str], flops: bool = True) -> tuple[dict, object]:
+    """The run with its clients in this process at one thread, every step probed; (report, experiment)."""
+    from fcit.config import load_config
+
+    probe = PROBE
+    probe.__init__()
+    install(probe)
+    cfg = load_config(None, preset, [*overrides, "federation.workers=1", "threads=1"])
+    wall, res, exp = _run(cfg)
+    out = _summary(wall, res)
+    out.update({"steps": probe.n["clip"], "local_runs": probe.n["local_train"], "padded_tokens": probe.tokens,
+                "breakdown_s": {k: round(v, 2) for k, v in sorted(probe.sec.items())}})
+    bd = out["breakdown_s"]
+    bd["optimizer"] = round(bd.get("optimizer", 0.0) + bd.pop("clip", 0.0), 2)
+    counted = sum(bd.get(k, 0.0) for k in ("collate", "forward", "backward", "optimizer"))
+    bd["train_other"] = round(bd.get("local_train", 0.0) - counted, 2)
+    if out["steps"]:
+        out["per_step_ms"] = {k: round(1000 * bd.get(k, 0.0) / out["steps"], 2)
+                              for k in ("collate", "forward", "backward", "optimizer", "train_other")}
+    return out, exp
+
+
+def peaks(exp, mean_batch: list[float], workers: int) -> dict:
+    """fp32 and bf16 matmul peaks at the model's shapes: one thread, all threads, and what the pool can use."""
+    text = exp.model.config.get_text_config()
+    m = int(mean_batch[0] * mean_batch[1])
+    h, inter = text.hidden_size, text.intermediate_size
+    threads = torch.get_num_threads()
+    out = {"shape_mkn": [m, h, inter], "threads": threads, "workers": workers}
+    for name, dt in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+        for n in sorted({1, threads}):
+            torch.set_num_threads(n)
+            out[f"{name}_{n}t_gflops"] = round(max(matmul_peak(m, h, inter, dt), matmul_peak(m, inter, h, dt)), 1)
+        torch.set_num_threads(threads)
+        out[f"peak_{name}_gflops"] = max(out[f"{name}_{threads}t_gflops"], workers * out[f"{name}_1t_gflops"])
+    return out
+
+
+def one_run(preset: str, overrides: list[str], flops: bool = True) -> dict:
+    from fcit.config import load_config
+    from fcit.engines.pool import worker_plan
+    from fcit.experiment import Experiment  # noqa: F401  (imported before the timed run)
+    from fcit.models.compiled import resolve_compile
+    from fcit.models.device import resolve_device
+
+    cfg = load_config(None, preset, overrides)
+    device = resolve_device(cfg.device)
+    workers, _ = worker_plan(cfg.federation.workers, cfg.threads, device, cfg.scenario.clients_per_round)
+    wall, res, _ = _run(cfg)
+    out = {"preset": preset, "overrides": overrides, "run": _summary(wall, res),
+           "compute": {"compute_dtype": cfg.model.compute_dtype or cfg.model.dtype,
+                       "compiled": resolve_compile(cfg.train.compile, device), "workers": workers}}
+    probe, exp = probed_run(preset, overrides, flops)
+    out["probed"] = probe
+    if flops:
+        torch.set_num_threads(cfg.threads or max(1, __import__("os").cpu_count() or 1))
+        fpt, info = flops_per_token(exp)
+        pk = peaks(exp, info["mean_batch"], workers)
+        train_flops = fpt * probe["padded_tokens"]
+        train_s = res.timing["train"]
+        achieved = train_flops / train_s / 1e9
+        bound = train_flops / (0.6 * pk["peak_fp32_gflops"] * 1e9)
+        out["flops"] = {"train_flops": float(f"{train_flops:.4g}"), "flops_per_padded_token": round(fpt),
+                        "sample": info, "achieved_gflops": round(achieved, 1), **pk,
+                        "fraction_of_fp32_peak": round(achieved / pk["peak_fp32_gflops"], 3),
+                        "bound_s": round(bound, 1), "train_s": round(train_s, 1),
+                        "faster_than_bound": train_s < bound}
     return out
 
 
 def table(r: dict) -> str:
-    lines = [f"wall {r['wall_s']} s  Last {r['last']:.2f}  Avg {r['avg']:.2f}  steps {r['steps']}  "
-             f"local runs {r['local_runs']}", "timing: " + ", ".join(f"{k} {v}" for k, v in r["timing"].items())]
-    if "per_step_ms" in r:
-        lines.append("per step (ms): " + ", ".join(f"{k} {v}" for k, v in r["per_step_ms"].items()))
-    bd = r["breakdown_s"]
-    lines.append(f"eval: prefill {bd.get('eval_prefill', 0)} s, decode {bd.get('eval_decode', 0)} s")
+    run, p, c = r["run"], r["probed"], r["compute"]
+    lines = [f"default run ({c['workers']} workers, matmuls {c['compute_dtype']}, compiled {c['compiled']}): wall "
+             f"{run['wall_s']} s, Last {run['last']:.2f}, Avg {run['avg']:.2f}",
+             "  timing: " + ", ".join(f"{k} {v}" for k, v in run["timing"].items()),
+             f"probed run (one process, one thread): wall {p['wall_s']} s, Last {p['last']:.2f}, steps {p['steps']}, "
+             f"local runs {p['local_runs']}",
+             "  timing: " + ", ".join(f"{k} {v}" for k, v in p["timing"].items())]
+    if "per_step_ms" in p:
+        lines.append("  per step (ms): " + ", ".join(f"{k} {v}" for k, v in p["per_step_ms"].items()))
+    bd = p["breakdown_s"]
+    lines.append(f"  eval: prefill {bd.get('eval_prefill', 0)} s, decode {bd.get('eval_decode', 0)} s")
     if "flops" in r:
         f = r["flops"]
-        lines.append(f"training {f['train_flops']:.3g} FLOPs at {f['achieved_gflops']} GFLOP/s; matmul peak at "
-                     f"{f['shape_mkn']}: fp32 {f['peak_fp32_gflops']}, bf16 {f['peak_bf16_gflops']} GFLOP/s; "
-                     f"{100 * f['fraction_of_fp32_peak']:.0f}% of the fp32 peak ({f['threads']} threads)")
+        n = f["threads"]
+        lines.append(f"training {f['train_flops']:.3g} FLOPs in {f['train_s']} s: {f['achieved_gflops']} GFLOP/s; "
+                     f"matmul peaks at {f['shape_mkn']}: fp32 {f['fp32_1t_gflops']} (1 thread) / "
+                     f"{f[f'fp32_{n}t_gflops']} ({n} threads), bf16 {f['bf16_1t_gflops']} / "
+                     f"{f[f'bf16_{n}t_gflops']} GFLOP/s")
+        lines.append(f"machine fp32 peak {f['peak_fp32_gflops']} GFLOP/s: {100 * f['fraction_of_fp32_peak']:.0f}% of "
+                     f"it; at 60% of it training would take {f['bound_s']} s, the run took {f['train_s']} s "
+                     f"({'faster' if f['faster_than_bound'] else 'slower'})")
     return "\n".join(lines)
 
 
@@ -214,30 +266,29 @@ SCALING = [("clients", "scenario.num_clients", [50, 200, 1000]), ("n_train", "da
 
 
 def scaling(preset: str, base: list[str], quick: bool) -> dict:
+    """Each value as `fcit run` runs it (wall, train, eval) and probed at one thread (per step, per local run)."""
     extra = ["scenario.stages=2"] if quick else []
     rows = []
     for factor, key, values in SCALING:
         for v in values:
             r = one_run(preset, base + extra + [f"{key}={v}"], flops=False)
-            t = r["timing"]
-            per_step = 1000 * r["breakdown_s"].get("local_train", 0.0) / max(1, r["steps"])
-            rows.append({"factor": factor, "value": v, "wall_s": r["wall_s"], "setup_s": t.get("setup"),
-                         "train_s": t.get("train"), "eval_s": t.get("eval"), "steps": r["steps"],
-                         "local_runs": r["local_runs"], "ms_per_step": round(per_step, 1),
-                         "fixed_ms_per_local_run": round(1000 * (r["breakdown_s"].get("local_train", 0.0)
-                                                                  - r["breakdown_s"].get("forward", 0.0)
-                                                                  - r["breakdown_s"].get("backward", 0.0)
-                                                                  - r["breakdown_s"].get("optimizer", 0.0)
-                                                                  - r["breakdown_s"].get("clip", 0.0)
-                                                                  - r["breakdown_s"].get("collate", 0.0))
-                                                         / max(1, r["local_runs"]), 1)})
+            t, p = r["run"]["timing"], r["probed"]
+            bd = p["breakdown_s"]
+            per_step = 1000 * bd.get("local_train", 0.0) / max(1, p["steps"])
+            stepping = sum(bd.get(k, 0.0) for k in ("forward", "backward", "optimizer", "collate"))
+            rows.append({"factor": factor, "value": v, "wall_s": r["run"]["wall_s"], "setup_s": t.get("setup"),
+                         "train_s": t.get("train"), "eval_s": t.get("eval"), "steps": p["steps"],
+                         "local_runs": p["local_runs"], "probed_train_s": p["timing"].get("train"),
+                         "ms_per_step": round(per_step, 1),
+                         "fixed_ms_per_local_run": round(1000 * (bd.get("local_train", 0.0) - stepping)
+                                                         / max(1, p["local_runs"]), 1)})
             print(json.dumps(rows[-1]), flush=True)
     return {"quick": quick, "extra_overrides": extra, "rows": rows}
 
 
 def scaling_table(s: dict) -> str:
-    head = ("factor", "value", "wall_s", "setup_s", "train_s", "eval_s", "steps", "local_runs", "ms_per_step",
-            "fixed_ms_per_local_run")
+    head = ("factor", "value", "wall_s", "setup_s", "train_s", "eval_s", "steps", "local_runs", "probed_train_s",
+            "ms_per_step", "fixed_ms_per_local_run")
     lines = [f"scaling ({'--quick: ' + ' '.join(s['extra_overrides']) if s['quick'] else 'full runs'})",
              " | ".join(head)]
     lines += [" | ".join(str(r[h]) for h in head) for r in s["rows"]]

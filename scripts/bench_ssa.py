@@ -12,6 +12,7 @@ and prints gated/lora and gated/merged (median of --repeats).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import statistics
 import time
@@ -28,6 +29,8 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=16)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--compute-dtype", default="auto",
+                    help="the matmuls' dtype, as model.compute_dtype (auto: bfloat16 on a CPU with bf16 units)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -38,6 +41,7 @@ def main() -> None:
     from fcit.data.loader import open_benchmark
     from fcit.data.registry import TASK_ORDER
     from fcit.models.backbone import load_backbone
+    from fcit.models.device import auto_compute_dtype, autocast_for, set_compute_dtype
     from fcit.models.inputs import Batcher
     from fcit.models.structure import ffn_target
     from fcit.models.subspace_lora import SubspaceLoraConfig, attach_subspace_lora, gated
@@ -61,32 +65,34 @@ def main() -> None:
             if "lora_B" in n:
                 p.normal_(0, 0.02)
     merged_model = copy.deepcopy(lora_model).merge_and_unload()
+    compute = auto_compute_dtype("float32", "cpu") if args.compute_dtype == "auto" else args.compute_dtype
+    compute = None if compute == "float32" else compute
+    for m in (gated_model, lora_model, merged_model):
+        set_compute_dtype(m, compute)
 
     batcher = Batcher(base, processor)
     batch = batcher.prompt_batch(samples)
     gates = torch.softmax(torch.randn(len(samples), E) / 0.05, dim=-1)
 
     def gen(model):
-        with torch.no_grad():
+        with torch.no_grad(), autocast_for(model):
             t0 = time.perf_counter()
             model.generate(**batch, max_new_tokens=args.tokens, min_new_tokens=args.tokens, do_sample=False)
             return time.perf_counter() - t0
 
-    def timed(model, ctx=None):
-        gen(model)  # warm-up
-        out = []
-        for _ in range(args.repeats):
-            if ctx is None:
-                out.append(gen(model))
-            else:
-                with ctx():
-                    out.append(gen(model))
-        return statistics.median(out)
-
-    t_gated = timed(gated_model, lambda: gated(gated_model, gates))
-    t_lora = timed(lora_model)
-    t_merged = timed(merged_model)
-    print(f"batch {len(samples)} x {args.tokens} new tokens, E={E} subspaces of rank {q}, threads {torch.get_num_threads()}")
+    variants = {"gated": (gated_model, lambda: gated(gated_model, gates)), "lora": (lora_model, None),
+                "merged": (merged_model, None)}
+    times: dict[str, list[float]] = {k: [] for k in variants}
+    # Round-robin, so that a drift of the machine's speed during the benchmark hits every variant alike.
+    for rep in range(args.repeats + 1):
+        for name, (model, ctx) in variants.items():
+            with ctx() if ctx is not None else contextlib.nullcontext():
+                t = gen(model)
+            if rep:  # the first round warms up
+                times[name].append(t)
+    t_gated, t_lora, t_merged = (statistics.median(times[k]) for k in ("gated", "lora", "merged"))
+    print(f"batch {len(samples)} x {args.tokens} new tokens, E={E} subspaces of rank {q}, threads "
+          f"{torch.get_num_threads()}, matmuls in {compute or 'float32'}")
     print(f"gated (per-sample softmax gates): {t_gated * 1000:.0f} ms")
     print(f"single LoRA r={E * q} (unmerged): {t_lora * 1000:.0f} ms")
     print(f"single LoRA merged into weights: {t_merged * 1000:.0f} ms")

@@ -26,12 +26,16 @@ def test_the_record_has_every_field_and_is_strict_json():
     assert rec["time"].endswith("Z") and rec["python"].count(".") == 2
     assert set(rec["fcit"]) == {"version", "commit", "dirty"} and rec["fcit"]["version"]
     assert rec["cpu"]["cores"] >= 1 and rec["threads"] == {"torch": torch.get_num_threads(), "workers": 2,
-                                                           "worker_threads": 1}
+                                                           "worker_threads": 1, "compiled": None}
     assert set(rec["packages"]) == set(environment.PACKAGES) and rec["packages"]["torch"]
     assert (rec["gpu"] is None) == (not torch.cuda.is_available())
     assert json.loads(json.dumps(rec, allow_nan=False)) == rec
     k = environment.key(rec)
     assert list(k) == list(environment.COMPARED) and k["threads"] == f"{torch.get_num_threads()} (pool 2x1)"
+    # compiled layers round differently, as other threads do: a table mixing both is flagged
+    compiled = environment.key(environment.record(device="cpu", workers=2, worker_threads=1, compiled=True))
+    assert compiled["threads"] == f"{torch.get_num_threads()} (pool 2x1), compiled"
+    assert environment.differences([k, compiled]) == [f"threads {k['threads']} vs {compiled['threads']}"]
 
 
 def test_gpus_and_cuda_in_the_key():

@@ -212,15 +212,43 @@ def test_compare_treats_explicit_default_method_params_as_the_same_run():
 def test_run_identity_leaves_out_defaults_threads_and_workers():
     from fcit.rundir import canonical as _canonical, config_hash
 
-    base = load_config(overrides={"method.name": "disco"})
+    base = load_config(overrides={"method.name": "disco", "model.compute_dtype": "float32"})
     # A setting left at its default is not part of the identity, so a later fcit that adds one (with a default
     # that computes what the run computed) still resumes and reuses the run.
-    assert "compute_dtype" not in _canonical(base).get("model", {})
-    faster = load_config(overrides={"method.name": "disco", "threads": 1, "federation.workers": 2})
+    assert "lora" not in _canonical(base).get("model", {})
+    faster = load_config(overrides={"method.name": "disco", "model.compute_dtype": "float32", "threads": 1,
+                                    "federation.workers": 2, "train.compile": False})
     assert config_hash(faster) == config_hash(base)
     changed = load_config(overrides={"method.name": "disco", "model.compute_dtype": "bfloat16"})
     assert config_hash(changed) != config_hash(base)
     assert _canonical(base)["method"]["name"] == "disco"
+
+
+def test_auto_compute_dtype_is_resolved_into_the_identity(monkeypatch, tmp_path):
+    """``model.compute_dtype=auto`` depends on the machine, so load_config settles it: a run made in bf16 is not
+    reused as an fp32 one, an fp32 run written before the setting existed (no key) keeps its identity, and
+    ``float32`` is that run's spelling."""
+    import json
+
+    import fcit.hardware as device
+    from fcit.rundir import canonical as _canonical, config_hash, read_config
+
+    monkeypatch.setattr(device, "cpu_bf16_matmul", lambda: True)
+    on_amx = load_config(overrides=["device=cpu"])
+    assert on_amx.model.compute_dtype == "bfloat16" and _canonical(on_amx)["model"]["compute_dtype"] == "bfloat16"
+    monkeypatch.setattr(device, "cpu_bf16_matmul", lambda: False)
+    plain = load_config(overrides=["device=cpu"])
+    assert plain.model.compute_dtype is None
+    assert config_hash(plain) != config_hash(on_amx)
+    assert config_hash(load_config(overrides=["device=cpu", "model.compute_dtype=float32"])) == config_hash(plain)
+    # a half-precision base computes in its own dtype whatever the CPU
+    monkeypatch.setattr(device, "cpu_bf16_matmul", lambda: True)
+    assert load_config(overrides=["device=cpu", "model.dtype=bfloat16"]).model.compute_dtype is None
+    # config.json of an older fcit, without the key: read as the fp32 run it was
+    old = plain.model_dump(mode="json")
+    del old["model"]["compute_dtype"]
+    (tmp_path / "config.json").write_text(json.dumps(old))
+    assert config_hash(read_config(tmp_path)) == config_hash(plain)
 
 
 def test_instruction_phase_keeps_the_vision_tower_and_tunes_the_language_model(tmp_path, cache_dir):

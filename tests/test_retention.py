@@ -128,9 +128,11 @@ def _base_on_general(base, cfg):
     """The base checkpoint on the general set directly: loaded alone, no method, no adapter."""
     from fcit.eval.evaluate import generate
     from fcit.models.backbone import load_backbone
+    from fcit.models.device import set_compute_dtype
     from fcit.models.inputs import Batcher
 
     model, processor = load_backbone(str(base), "float32", "cpu")
+    set_compute_dtype(model, cfg.model.compute_dtype)  # as the run computes (bf16 matmuls on a CPU with bf16 units)
     samples = open_general(cfg, progress=False)
     preds = generate(model, Batcher(model, processor), samples, cfg.eval.batch_size, cfg.eval.max_new_tokens)
     return preds, score_general(preds, samples, cfg.eval.scoring)

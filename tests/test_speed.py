@@ -14,6 +14,7 @@ from fcit.models.inputs import Batcher
 from fcit.models.lora import attach_lora, get_state, set_state
 from fcit.models.subspace_lora import SubspaceLoraConfig, attach_subspace_lora, gated, set_active
 from fcit.training.local import local_train
+from test_experiment import cache_dir, small_base, smoke_cfg  # noqa: F401 (fixtures)
 
 TARGET = r".*language_model.*\.(gate_proj|up_proj|down_proj)"
 
@@ -155,3 +156,97 @@ def test_local_train_fused_matches_reference_path(micro_backbone, micro_samples)
         res[fused] = local_train(model, Batcher(model, processor), start, micro_samples, cfg, seed=7)
     assert res[True].loss == pytest.approx(res[False].loss, rel=1e-4)
     _close(res[True].state, res[False].state, tol=1e-4)
+
+
+# -- compiled decoder layers (train.compile) ----------------------------------------------------------------------
+def test_compiled_layers_train_as_the_eager_ones_and_are_switched_off_afterwards(micro_backbone, micro_samples):
+    from fcit.models.compiled import training_compiled
+    from fcit.models.structure import decoder_layers
+
+    base, processor = micro_backbone
+    res = {}
+    for compiled in (False, True):
+        model = _lora(base)
+        cfg = TrainConfig(local_epochs=3, batch_size=4, compile=compiled)  # batches of 4 and of 2: one graph
+        res[compiled] = local_train(model, Batcher(model, processor), get_state(model), micro_samples, cfg, seed=7)
+        _, layers = decoder_layers(model)
+        # generation runs the eager layers, and a model sent to a worker carries no compiled function
+        assert all(layer._compiled_call_impl is None for layer in layers)
+        copy.deepcopy(model)
+    assert res[True].loss == pytest.approx(res[False].loss, rel=1e-4)
+    _close(res[True].state, res[False].state, tol=1e-4)
+    assert res[True].state.keys() == res[False].state.keys()
+    # the block really switches the layers to a compiled callable, and a one-sample batch runs them eagerly
+    model = _lora(base)
+    _, layers = decoder_layers(model)
+    batcher = Batcher(model, processor)
+    calls = []
+    with training_compiled(model, True) as n:
+        assert n == len(layers) and all(layer._compiled_call_impl is not None for layer in layers)
+        real = layers[0]._compiled_call_impl
+        layers[0]._compiled_call_impl = lambda *a, **k: calls.append(a[0].shape[0]) or real(*a, **k)
+        model.train()
+        for k in (1, 3):
+            answer_forward(model, batcher.train_batch(micro_samples[:k])).loss.backward()
+    assert calls == [1, 3]
+    assert all(layer._compiled_call_impl is None for layer in layers)
+
+
+def test_compile_auto_is_on_for_the_cpu_and_the_reference_path_stays_eager(micro_backbone, micro_samples,
+                                                                           monkeypatch):
+    import fcit.training.local as local
+    from fcit.models.compiled import resolve_compile
+
+    assert resolve_compile("auto", torch.device("cpu")) and not resolve_compile("auto", torch.device("cuda"))
+    assert resolve_compile(True, torch.device("cuda")) and not resolve_compile(False, torch.device("cpu"))
+    seen = []
+    real = local.training_compiled
+    monkeypatch.setattr(local, "training_compiled", lambda m, on: seen.append(on) or real(m, False))
+    base, processor = micro_backbone
+    for fused in (True, False):
+        model = _lora(base)
+        local_train(model, Batcher(model, processor), get_state(model), micro_samples[:2], TrainConfig(fused=fused),
+                    seed=0, epochs=1)
+    assert seen == [True, False]
+
+
+def test_smoke_run_fast_path_round_losses_match_the_fp32_reference(small_base, cache_dir, tmp_path):
+    """Issue 13's equivalence bar: the whole fast path (answer-only loss, fused LoRA, fused AdamW, compiled layers)
+    against the reference computation, both fp32, on the smoke run's per-round losses."""
+    from fcit.launch import run
+
+    losses = {}
+    for name, over in (("fast", {"train.compile": True}), ("reference", {"train.fused": False})):
+        cfg = smoke_cfg(small_base, cache_dir, tmp_path, **{"model.compute_dtype": "float32", **over})
+        _, res = run(cfg, tmp_path / name, progress=False)
+        losses[name] = [r.loss for r in res.rounds]
+    assert len(losses["fast"]) == 4
+    assert losses["fast"] == pytest.approx(losses["reference"], rel=1e-4)
+
+
+# -- DISCO's gated layer under autocast --------------------------------------------------------------------------
+def test_gated_layer_casts_its_concatenations_once_under_autocast_and_again_after_an_update(micro_backbone,
+                                                                                        micro_samples):
+    base, processor = micro_backbone
+    cfg = SubspaceLoraConfig(num_subspaces=3, rank=4, alpha=8.0, target=TARGET)
+    model = attach_subspace_lora(copy.deepcopy(base), cfg)
+    _perturb(model)
+    model.eval()
+    batch = Batcher(model, processor).prompt_batch(micro_samples[:3])
+    gate = [[0.2, 0.5, 0.3], [1.0, 0.0, 0.0], [0.0, 0.1, 0.9]]
+    layer = next(m for m in model.modules() if hasattr(m, "_cast"))
+
+    def logits():
+        with torch.no_grad(), gated(model, gate), torch.autocast("cpu", dtype=torch.bfloat16):
+            return model(**batch).logits.float()
+
+    first = logits()
+    cast = layer._cast[torch.bfloat16]
+    assert cast[0].dtype == torch.bfloat16 and torch.equal(cast[0], layer._A_cat.to(torch.bfloat16))
+    assert torch.equal(logits(), first) and layer._cast[torch.bfloat16] is cast  # reused, not cast again
+    with torch.no_grad():
+        layer.lora_B[2].add_(1.0)  # an update: the next gate rebuilds the concatenation and its cast
+    after = logits()
+    assert layer._cast[torch.bfloat16] is not cast
+    assert torch.equal(layer._cast[torch.bfloat16][1], layer._B_cat.to(torch.bfloat16))
+    assert not torch.equal(after, first)

@@ -81,11 +81,19 @@ class ModelConfig(_Strict):
     path: Optional[str] = None  # local HF directory (e.g. llava-1.5-7b-hf); None = the embedded tiny base
     # bfloat16/float16: a frozen base in that dtype, fp32 trainable tensors, autocast around every forward.
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
-    # The matmuls' dtype under autocast: None = the base's dtype (no autocast for float32). bfloat16 on an fp32 base
-    # keeps fp32 weights and trainables (the masters) and runs the matmuls on the CPU's bf16 units; attention stays
-    # fp32 on the CPU. Not bit-equal to float32 (README "Speed of the embedded engine").
-    compute_dtype: Optional[Literal["bfloat16", "float16"]] = None
+    # The matmuls' dtype under autocast: None (or float32) = the base's dtype (no autocast for float32). bfloat16 on
+    # an fp32 base keeps fp32 weights and trainables (the masters) and runs the matmuls on the CPU's bf16 units;
+    # attention stays fp32 on the CPU. auto = bfloat16 for an fp32 base on a CPU with bf16 matrix instructions (AMX
+    # or AVX512-BF16), where it is the faster path, else the base's dtype; load_config resolves it, so config.json
+    # and the run's identity hold what ran. Not bit-equal to float32 (README "Speed of the embedded engine").
+    compute_dtype: Optional[Literal["auto", "float32", "bfloat16", "float16"]] = "auto"
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2", "flash_attention_3"] = "sdpa"
+
+    @field_validator("compute_dtype")
+    @classmethod
+    def _compute_dtype(cls, v: Optional[str]) -> Optional[str]:
+        return None if v == "float32" else v  # float32 compute is the fp32 base's own: one spelling in the identity
+
     train_projector: bool = True
     # Each of the two image caches (processed pixels by path, frozen vision-tower features by content) is an LRU of
     # at most this many MB; 0 = both off; None = min(2048 MB, 5% of RAM).
@@ -113,6 +121,9 @@ class TrainConfig(_Strict):
     # The fused LoRA forward and the loss on answer positions only (issue 13); False is the reference computation,
     # equal up to float rounding.
     fused: bool = True
+    # Compile the decoder layers for local training (fcit.models.compiled): auto = on the CPU. How fast, not what is
+    # computed (float rounding only), so it is not part of a run's identity.
+    compile: bool | Literal["auto"] = "auto"
     # None = template + image tokens + 256 text tokens, capped at the LM's positions (256 for the embedded model).
     max_length: Optional[int] = Field(None, ge=16, description="token budget of one training sequence")
 
@@ -218,7 +229,8 @@ PRESETS: dict[str, dict[str, Any]] = {
         "scenario": {"num_clients": 4, "clients_per_round": 2, "rounds": 2, "stages": 2},
         # Seconds of training: starting worker processes (about 4 s) would cost more than they save.
         "federation": {"workers": 1},
-        "train": {"batch_size": 8, "local_epochs": 1},
+        # A compile (5-30 s a process) would cost more than the few steps it speeds up.
+        "train": {"batch_size": 8, "local_epochs": 1, "compile": False},
         "eval": {"batch_size": 16, "max_new_tokens": 12},
     },
     # The reference's Task-related setting on LLaVA-1.5-7B (reference section 2): LoRA 64/128/0.05 on the FFN,
@@ -288,6 +300,16 @@ def _parse_error(exc: Exception) -> str:
     return str(exc).splitlines()[0]
 
 
+def resolve_auto(cfg: Config) -> Config:
+    """Settle the settings whose default depends on the machine (``model.compute_dtype=auto``), in place, so that
+    config.json and the run's identity hold what the run computes with."""
+    if cfg.model.compute_dtype == "auto":
+        from fcit.hardware import auto_compute_dtype
+
+        cfg.model.compute_dtype = auto_compute_dtype(cfg.model.dtype, cfg.device)
+    return cfg
+
+
 def load_config(
     path: str | Path | None = None, preset: str = "default", overrides: list[str] | dict[str, Any] | None = None
 ) -> Config:
@@ -319,6 +341,7 @@ def load_config(
         cfg = Config.model_validate(raw)
     except ValidationError as err:
         raise FcitError(one_line(err)) from None
+    resolve_auto(cfg)
     if preset in _NEEDS_MODEL_PATH and not (cfg.model.path and Path(cfg.model.path).expanduser().is_dir()):
         raise FcitError(f"config: model.path: preset {preset} needs the local checkpoint directory, e.g. "
                         f"--set model.path=/models/llava-1.5-7b-hf (got {cfg.model.path!r})")

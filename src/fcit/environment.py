@@ -110,10 +110,11 @@ def _torch_threads() -> Optional[int]:
 
 
 def record(device: Optional[str] = None, workers: Optional[int] = None,
-           worker_threads: Optional[int] = None) -> dict[str, Any]:
+           worker_threads: Optional[int] = None, compiled: Optional[bool] = None) -> dict[str, Any]:
     """This process's environment. ``device`` is the run's (``cpu``, ``cuda:0``); ``workers`` and
     ``worker_threads`` the resolved client worker pool of the in-process engine (``federation.workers``; 1 = the
-    clients train in this process, None = not in this process: Flower)."""
+    clients train in this process, None = not in this process: Flower); ``compiled`` whether local training runs
+    compiled decoder layers (``train.compile`` as resolved), which, like the threads, changes float rounding."""
     packages = {}
     for name in PACKAGES:
         packages[name] = _safe(lambda n=name: _version(n))
@@ -123,7 +124,8 @@ def record(device: Optional[str] = None, workers: Optional[int] = None,
         "python": _safe(platform.python_version),
         "platform": _safe(platform.platform),
         "cpu": {"model": _safe(cpu_model), "cores": _safe(os.cpu_count), "usable_cores": _safe(_usable_cores)},
-        "threads": {"torch": _safe(_torch_threads), "workers": workers, "worker_threads": worker_threads},
+        "threads": {"torch": _safe(_torch_threads), "workers": workers, "worker_threads": worker_threads,
+                    "compiled": compiled},
         "device": device,
         "gpu": _safe(_gpu),
         "packages": packages,
@@ -185,6 +187,8 @@ def key(rec: Mapping[str, Any]) -> dict[str, Optional[str]]:
     workers, per = g("threads", "workers"), g("threads", "worker_threads")
     if threads is not None and workers and workers > 1:
         threads = f"{threads} (pool {workers}x{per})"
+    if threads is not None and g("threads", "compiled"):
+        threads = f"{threads}, compiled"
     return {
         "fcit": fcit,
         "python": ".".join(str(py).split(".")[:2]) if py else None,

@@ -20,7 +20,7 @@ from typing import Optional
 from tqdm.auto import tqdm
 
 from fcit import environment, rundir
-from fcit.config import Config
+from fcit.config import Config, resolve_auto
 from fcit.data import registry
 from fcit.data.validation import validate_scenario
 from fcit.errors import FcitError
@@ -57,7 +57,7 @@ class Experiment:
                  transport: Optional[Transport] = None):
         self._t_created = time.perf_counter()
         self.method: Method = build_method(cfg)  # validates method params before any heavy work
-        self.cfg = cfg
+        self.cfg = resolve_auto(cfg)
         self.run_dir = Path(run_dir)
         self.progress = progress
         set_threads(cfg)
@@ -109,7 +109,12 @@ class Experiment:
             workers, threads = 1, None
         else:  # the clients run elsewhere (Flower)
             workers = threads = None
-        return environment.record(device=str(model_device(self.model)), workers=workers, worker_threads=threads)
+        from fcit.models.compiled import resolve_compile
+
+        t = self.cfg.train
+        compiled = t.fused and resolve_compile(t.compile, model_device(self.model)) if workers is not None else None
+        return environment.record(device=str(model_device(self.model)), workers=workers, worker_threads=threads,
+                                  compiled=compiled)
 
     # -- evaluation ---------------------------------------------------------------------------------------------
     def evaluate(self, datasets: list[str], stage: int) -> dict[str, dict]:

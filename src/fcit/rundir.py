@@ -69,7 +69,8 @@ def canonical(cfg: "Config") -> dict:
     from fcit.methods import REGISTRY
 
     d = cfg.model_dump(mode="json", exclude={"out_dir": True, "run_name": True, "threads": True,
-                                             "federation": {"workers"}}, exclude_defaults=True)
+                                             "federation": {"workers"},
+                                             "train": {"compile"}}, exclude_defaults=True)
     d = {k: v for k, v in d.items() if v != {}}  # a section whose only non-default key was excluded
     method = REGISTRY.get(cfg.method.name)
     if method is not None:
@@ -116,6 +117,9 @@ def read_config(run_dir: Path) -> "Config":
         # Written before eval.scoring existed, so scored with the lenient parses: said so, a comparison will not
         # reuse its numbers as reference-scored ones.
         raw["eval"]["scoring"] = "lenient"
+    if isinstance(raw, dict) and isinstance(raw.get("model"), dict) and "compute_dtype" not in raw["model"]:
+        # Written before model.compute_dtype existed: the run computed in its base's dtype.
+        raw["model"]["compute_dtype"] = None
     try:
         return Config.model_validate(raw)
     except ValidationError as err:

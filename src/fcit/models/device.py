@@ -14,6 +14,7 @@ import re
 import torch
 
 from fcit.env import DEVICE_PATTERN
+from fcit.hardware import auto_compute_dtype
 from fcit.errors import FcitError
 
 
@@ -95,6 +96,8 @@ def set_compute_dtype(model: torch.nn.Module, name: str | None) -> None:
     On the CPU, attention stays fp32: PyTorch's bf16 flash-attention backward there is several times slower than
     its fp32 one (27.6 vs 4.3 ms a step on the embedded model), which would undo the gain of the bf16 matmuls.
     """
+    if name == "auto":  # a Config built without load_config, which resolves it
+        name = auto_compute_dtype(str(base_dtype(model)).removeprefix("torch."), model_device(model).type)
     if name is None:
         return
     model._fcit_compute_dtype = getattr(torch, name)

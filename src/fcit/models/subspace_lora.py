@@ -94,6 +94,10 @@ class SubspaceLoraConfig:
         return self.alpha / denom
 
 
+def _autocast_dtype(device: torch.device) -> Optional[torch.dtype]:
+    return torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else None
+
+
 class _Routing:
     """Routing state shared by every layer of one model, so one call switches all of them."""
 
@@ -104,9 +108,17 @@ class _Routing:
         self.gate: Optional[torch.Tensor] = None  # (rows, E), fp32
         self.gate_q: Optional[torch.Tensor] = None  # (rows, E*q): the gate expanded to rank columns
         self.active_q: Optional[torch.Tensor] = None  # (1, E*q) 0/1 mask for the multi-slot sum
+        self._mix_cast: Optional[tuple[torch.Tensor, torch.Tensor]] = None
 
     def expand(self, g: torch.Tensor) -> torch.Tensor:
         return torch.repeat_interleave(g, self.q, dim=-1)
+
+    def cast(self, mix: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """``mix`` (the gate or the active mask) in ``dtype``, cast once for all layers and decoding steps."""
+        held = self._mix_cast
+        if held is None or held[0] is not mix or held[1].dtype != dtype:
+            held = self._mix_cast = (mix, mix.to(dtype))
+        return held[1]
 
 
 class SubspaceLinear(nn.Module):
@@ -140,6 +152,7 @@ class SubspaceLinear(nn.Module):
         self._A_cat: Optional[torch.Tensor] = None
         self._B_cat: Optional[torch.Tensor] = None
         self._cache_key: Optional[tuple] = None
+        self._cast: dict[torch.dtype, tuple[torch.Tensor, torch.Tensor]] = {}  # the concatenations under autocast
         # models.fused_lora.set_fused switches this; False is the reference forward (PEFT's op order).
         self.fused_forward = True
 
@@ -158,6 +171,7 @@ class SubspaceLinear(nn.Module):
             self._A_cat = torch.cat([p.detach() for p in self.lora_A], dim=0)
             self._B_cat = torch.cat([p.detach() for p in self.lora_B], dim=1)
             self._cache_key = key
+            self._cast = {}
 
     def _fused(self, gated: bool) -> tuple[torch.Tensor, torch.Tensor]:
         if torch.is_grad_enabled() and self._routing.trainable is not None:
@@ -167,7 +181,14 @@ class SubspaceLinear(nn.Module):
             # Under a gate, set_gate already refreshed the cache; the frozen-sum mode has no such moment, so it
             # checks the parameter versions here (no copy unless something changed).
             self.refresh()
-        return self._A_cat, self._B_cat
+        dt = _autocast_dtype(self._A_cat.device)
+        if dt is None or dt == self._A_cat.dtype:
+            return self._A_cat, self._B_cat
+        # Under autocast the concatenations (not parameters, so outside autocast's weight cache) would be cast
+        # again at every call, and generation calls each layer once per token.
+        if dt not in self._cast:
+            self._cast[dt] = (self._A_cat.to(dt), self._B_cat.to(dt))
+        return self._cast[dt]
 
     # -- forward -------------------------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
@@ -201,7 +222,7 @@ class SubspaceLinear(nn.Module):
                 f"subspace LoRA: the gate has {rows} rows but the batch has {x.shape[0]}; set one gate row per sample"
             )
         if mix.dtype != A.dtype:
-            mix = mix.to(A.dtype)
+            mix = self._routing.cast(mix, A.dtype)
         mix = mix.view(rows, *([1] * (x.dim() - 2)), mix.shape[-1]) if x.dim() > 2 else mix
         h = F.linear(self.lora_dropout(x), A) * mix
         if self.fused_forward:

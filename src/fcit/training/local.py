@@ -12,6 +12,7 @@ import torch
 
 from fcit.data.records import Sample
 from fcit.models.answer_loss import answer_forward, answer_positions
+from fcit.models.compiled import resolve_compile, training_compiled
 from fcit.models.device import autocast_for, base_dtype, enable_gradient_checkpointing, model_device
 from fcit.models.fused_lora import set_fused
 from fcit.models.inputs import Batcher
@@ -65,7 +66,9 @@ def local_train(
     t0 = time.perf_counter()
     # Dropout draws from the global RNG: seeding it per client makes an update depend only on (start, data, seed),
     # whichever engine, process or order runs the clients.
-    with torch.random.fork_rng(devices=[]):
+    # The reference path (train.fused=false) stays the eager computation it always was.
+    compiled = getattr(cfg, "fused", True) and resolve_compile(getattr(cfg, "compile", False), model_device(model))
+    with torch.random.fork_rng(devices=[]), training_compiled(model, compiled):
         torch.manual_seed(seed)
         return _train(model, batcher, start, samples, cfg, seed, loss_hook, epochs, progress, t0)
 
@@ -86,14 +89,16 @@ def _train(model, batcher, start, samples, cfg, seed, loss_hook, epochs, progres
         {"params": [p for n, p in named if n not in proj], "lr": cfg.lr},
         {"params": [p for n, p in named if n in proj], "lr": proj_lr},
     ]
-    opt = torch.optim.AdamW([g for g in groups if g["params"]], weight_decay=cfg.weight_decay, betas=(0.9, 0.999))
+    # fused: the LoRA addmm, the loss on answer positions only and AdamW's one-kernel step (a step of the embedded
+    # model's 28 trainable tensors costs 1.1 ms as a loop over them, 0.4 ms fused); False runs the reference.
+    fused = getattr(cfg, "fused", True)
+    opt = torch.optim.AdamW([g for g in groups if g["params"]], weight_decay=cfg.weight_decay, betas=(0.9, 0.999),
+                            fused=fused or None)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _schedule(total, cfg.warmup_ratio))
     gen = torch.Generator().manual_seed(seed)
     if cfg.gradient_checkpointing:
         enable_gradient_checkpointing(model)
     micro = min(cfg.micro_batch_size or bs, bs)
-    # fused: the LoRA addmm and the loss on answer positions only; False runs the reference computation.
-    fused = getattr(cfg, "fused", True)
     set_fused(model, fused)
     # fp16 gradients underflow without loss scaling; disabled (a pass-through) for bf16 and fp32.
     scaler = torch.amp.GradScaler(model_device(model).type, enabled=base_dtype(model) == torch.float16)
