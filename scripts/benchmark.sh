@@ -8,7 +8,9 @@ cd "$(dirname "$0")/.."
 FCIT=${FCIT:-.venv/bin/fcit}
 SEEDS=${SEEDS:-0,1,2}
 part=${1:-all}
-cmp() { $FCIT compare --quiet ${FCIT_ARGS:-} "$@"; }
+# The tables are fp32 on every machine (model.compute_dtype=float32): the default, bf16 matmuls where the CPU has bf16
+# units, would make a table's numbers depend on the machine that ran it, and the committed runs are fp32.
+cmp() { $FCIT compare --quiet --set model.compute_dtype=float32 ${FCIT_ARGS:-} "$@"; }
 
 if [[ $part == all || $part == core ]]; then       # the benchmark's range: Zero-shot / Finetune / MTL (both)
   cmp --methods zeroshot,finetune,mtl,mtl-fed --seeds "$SEEDS" --out runs/bench-hom

@@ -13,7 +13,9 @@ JOBS=${JOBS:-2}
 OUT=${OUT:-runs/matrix}
 METHODS=${METHODS:-zeroshot,finetune,olora,moelora,disco,mtl}
 part=${1:-all}
-mx() { $FCIT matrix --quiet --jobs "$JOBS" ${FCIT_ARGS:-} "$@"; }
+# The tables are fp32 on every machine (model.compute_dtype=float32): the default, bf16 matmuls where the CPU has bf16
+# units, would make a table's numbers depend on the machine that ran it, and the committed runs are fp32.
+mx() { $FCIT matrix --quiet --set model.compute_dtype=float32 --jobs "$JOBS" ${FCIT_ARGS:-} "$@"; }
 
 if [[ $part == all || $part == main ]]; then        # every cell at seed 0, then seeds 1 and 2 at beta 1
   mx --methods "$METHODS" --seeds 0 --out "$OUT"

@@ -61,6 +61,8 @@ class Experiment:
         self.run_dir = Path(run_dir)
         self.progress = progress
         set_threads(cfg)
+        if transport is None:
+            self._start_pool()  # the workers import torch while this process loads the benchmark and the model
         from fcit.data.scenario import Scenario
 
         self.rt = runtime or Runtime.build(cfg, progress=progress)
@@ -86,6 +88,17 @@ class Experiment:
         self.timer = Timer()
         self._tests: dict[str, list] = {}
         self.warnings: list[str] = []
+
+    def _start_pool(self) -> None:
+        from fcit.engines.pool import get_pool, worker_plan
+        from fcit.models.device import resolve_device
+
+        if self.method.kind != Kind.FEDERATED:
+            return
+        workers, threads = worker_plan(self.cfg.federation.workers, self.cfg.threads, resolve_device(self.cfg.device),
+                                       self.cfg.scenario.clients_per_round)
+        if workers > 1:
+            get_pool(workers, threads)
 
     def _local_transport(self) -> Transport:
         from fcit.engines.pool import PoolTransport, worker_plan

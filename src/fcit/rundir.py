@@ -337,8 +337,13 @@ def finished_result(run_dir: Path, cfg: "Config") -> Optional["RunResult"]:
     m, c = run_dir / "metrics.json", run_dir / "config.json"
     if not m.exists():
         return None
-    if not c.exists() or canonical(read_config(run_dir)) != canonical(cfg):
-        raise FcitError(f"{run_dir} holds a finished run of a different config; remove it or pick another --out")
+    if not c.exists():
+        raise FcitError(f"{run_dir} holds a finished run without its config.json; remove it or pick another --out")
+    stored, wanted = canonical(read_config(run_dir)), canonical(cfg)
+    if stored != wanted:
+        # e.g. model.compute_dtype (None vs 'bfloat16'): an fp32 run met by a default that computes in bf16 here
+        raise FcitError(f"{run_dir} holds a finished run of a different config, at "
+                        f"{_first_difference(stored, wanted)}; remove it, pick another --out or set that key")
     try:
         return RunResult.load(run_dir)
     except FcitError as err:
