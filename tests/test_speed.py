@@ -159,14 +159,29 @@ def test_local_train_fused_matches_reference_path(micro_backbone, micro_samples)
 
 
 # -- compiled decoder layers (train.compile) ----------------------------------------------------------------------
-def test_compiled_layers_train_as_the_eager_ones_and_are_switched_off_afterwards(micro_backbone, micro_samples):
+def _subspaces(base):
+    # DISCO's layer as it trains: slot 1 learns while slot 0 is summed in frozen
+    model = attach_subspace_lora(copy.deepcopy(base), SubspaceLoraConfig(num_subspaces=3, rank=4, alpha=8.0,
+                                                                          target=TARGET))
+    gen = torch.Generator().manual_seed(2)
+    with torch.no_grad():  # every slot non-zero, the frozen one included
+        for n, p in model.named_parameters():
+            if ".lora_" in n:
+                p.add_(torch.randn(p.shape, generator=gen) * 0.2)
+    set_active(model, 1, frozen_on=[0])
+    return model
+
+
+@pytest.mark.parametrize("adapter", [_lora, _subspaces])
+def test_compiled_layers_train_as_the_eager_ones_and_are_switched_off_afterwards(micro_backbone, micro_samples,
+                                                                                adapter):
     from fcit.models.compiled import training_compiled
     from fcit.models.structure import decoder_layers
 
     base, processor = micro_backbone
     res = {}
     for compiled in (False, True):
-        model = _lora(base)
+        model = adapter(base)
         cfg = TrainConfig(local_epochs=3, batch_size=4, compile=compiled)  # batches of 4 and of 2: one graph
         res[compiled] = local_train(model, Batcher(model, processor), get_state(model), micro_samples, cfg, seed=7)
         _, layers = decoder_layers(model)
@@ -177,7 +192,7 @@ def test_compiled_layers_train_as_the_eager_ones_and_are_switched_off_afterwards
     _close(res[True].state, res[False].state, tol=1e-4)
     assert res[True].state.keys() == res[False].state.keys()
     # the block really switches the layers to a compiled callable, and a one-sample batch runs them eagerly
-    model = _lora(base)
+    model = adapter(base)
     _, layers = decoder_layers(model)
     batcher = Batcher(model, processor)
     calls = []

@@ -223,3 +223,14 @@ class PoolTransport(InProcessTransport):
         finally:
             bar.close()
         return {cid: train_result(meta, tensors_out) for cid, (meta, tensors_out, _) in replies.items()}
+
+    def stage_end(self, info: StageInfo, clients: Sequence, global_state: State,
+                  shared: dict[str, torch.Tensor]) -> dict:
+        # The stage end's client work (EWC's Fisher) runs here, in the parent, at a client's thread count: bf16
+        # matmuls round differently at two threads than at one, and the pool must compute what one process does.
+        prev = torch.get_num_threads()
+        torch.set_num_threads(self.threads)
+        try:
+            return super().stage_end(info, clients, global_state, shared)
+        finally:
+            torch.set_num_threads(prev)

@@ -14,8 +14,8 @@ import re
 import torch
 
 from fcit.env import DEVICE_PATTERN
-from fcit.hardware import auto_compute_dtype
 from fcit.errors import FcitError
+from fcit.hardware import auto_compute_dtype
 
 
 def resolve_device(spec: str) -> torch.device:
