@@ -41,7 +41,8 @@ def main() -> None:
     from fcit.data.loader import open_benchmark
     from fcit.data.registry import TASK_ORDER
     from fcit.models.backbone import load_backbone
-    from fcit.models.device import auto_compute_dtype, autocast_for, set_compute_dtype
+    from fcit.hardware import auto_compute_dtype
+    from fcit.models.device import autocast_for, set_compute_dtype
     from fcit.models.inputs import Batcher
     from fcit.models.structure import ffn_target
     from fcit.models.subspace_lora import SubspaceLoraConfig, attach_subspace_lora, gated

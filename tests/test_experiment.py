@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from fcit.config import load_config
+from fcit.errors import FcitError
 from fcit.launch import run as _run
 from fcit.methods import REGISTRY
 
@@ -214,14 +215,27 @@ def test_run_identity_leaves_out_defaults_threads_and_workers():
 
     base = load_config(overrides={"method.name": "disco", "model.compute_dtype": "float32"})
     # A setting left at its default is not part of the identity, so a later fcit that adds one (with a default
-    # that computes what the run computed) still resumes and reuses the run.
-    assert "lora" not in _canonical(base).get("model", {})
+    # that computes what the run computed) still resumes and reuses the run; the base's own dtype is such a default.
+    assert "model" not in _canonical(base) and "train" not in _canonical(base)
     faster = load_config(overrides={"method.name": "disco", "model.compute_dtype": "float32", "threads": 1,
                                     "federation.workers": 2, "train.compile": False})
     assert config_hash(faster) == config_hash(base)
     changed = load_config(overrides={"method.name": "disco", "model.compute_dtype": "bfloat16"})
     assert config_hash(changed) != config_hash(base)
     assert _canonical(base)["method"]["name"] == "disco"
+
+
+def test_identities_of_runs_made_before_compute_dtype_auto_still_match():
+    """The hashes fcit at commit 5663cf7 wrote into checkpoint manifests for these configs: an fp32 run of then
+    resumes and is reused now when asked for fp32 (a bf16 run of then, when asked for bf16)."""
+    from fcit.rundir import config_hash
+
+    old = {"304fdad1570fc1c9": {"method.name": "disco"},
+           "390bf63761de6d5b": {"method.name": "finetune", "scenario.mode": "het", "scenario.beta": 0.5},
+           "d71d31f8249dbf17": {"method.name": "finetune", "model.compute_dtype": "bfloat16"}}
+    for digest, over in old.items():
+        over = {"model.compute_dtype": "float32", **over}
+        assert config_hash(load_config(overrides=over)).startswith(digest), over
 
 
 def test_auto_compute_dtype_is_resolved_into_the_identity(monkeypatch, tmp_path):
@@ -236,11 +250,17 @@ def test_auto_compute_dtype_is_resolved_into_the_identity(monkeypatch, tmp_path)
     monkeypatch.setattr(device, "cpu_bf16_matmul", lambda: True)
     on_amx = load_config(overrides=["device=cpu"])
     assert on_amx.model.compute_dtype == "bfloat16" and _canonical(on_amx)["model"]["compute_dtype"] == "bfloat16"
+    # a Config built in Python keeps "auto" until it runs; its identity is already what it will run as
+    from fcit.config import Config
+
+    assert config_hash(Config(device="cpu")) == config_hash(on_amx)
     monkeypatch.setattr(device, "cpu_bf16_matmul", lambda: False)
     plain = load_config(overrides=["device=cpu"])
     assert plain.model.compute_dtype is None
     assert config_hash(plain) != config_hash(on_amx)
     assert config_hash(load_config(overrides=["device=cpu", "model.compute_dtype=float32"])) == config_hash(plain)
+    with pytest.raises(FcitError, match="compute_dtype float32 needs dtype float32"):
+        load_config(overrides=["model.dtype=bfloat16", "model.compute_dtype=float32"])
     # a half-precision base computes in its own dtype whatever the CPU
     monkeypatch.setattr(device, "cpu_bf16_matmul", lambda: True)
     assert load_config(overrides=["device=cpu", "model.dtype=bfloat16"]).model.compute_dtype is None

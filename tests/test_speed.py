@@ -172,7 +172,11 @@ def _subspaces(base):
     return model
 
 
-@pytest.mark.parametrize("adapter", [_lora, _subspaces])
+def _lora_dropout(base):
+    return _lora(base, dropout=0.2)  # the compiled layers must draw the eager layers' masks
+
+
+@pytest.mark.parametrize("adapter", [_lora, _lora_dropout, _subspaces])
 def test_compiled_layers_train_as_the_eager_ones_and_are_switched_off_afterwards(micro_backbone, micro_samples,
                                                                                 adapter):
     from fcit.models.compiled import training_compiled

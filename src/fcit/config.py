@@ -89,10 +89,11 @@ class ModelConfig(_Strict):
     compute_dtype: Optional[Literal["auto", "float32", "bfloat16", "float16"]] = "auto"
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2", "flash_attention_3"] = "sdpa"
 
-    @field_validator("compute_dtype")
-    @classmethod
-    def _compute_dtype(cls, v: Optional[str]) -> Optional[str]:
-        return None if v == "float32" else v  # float32 compute is the fp32 base's own: one spelling in the identity
+    @model_validator(mode="after")
+    def _compute_dtype(self) -> "ModelConfig":
+        if self.compute_dtype == "float32" and self.dtype != "float32":
+            raise ValueError(f"compute_dtype float32 needs dtype float32: a {self.dtype} base computes in {self.dtype}")
+        return self
 
     train_projector: bool = True
     # Each of the two image caches (processed pixels by path, frozen vision-tower features by content) is an LRU of

@@ -48,6 +48,7 @@ def pretrain(cfg: Config, out: Optional[Path] = None, epochs: Optional[int] = No
     """Both phases; ``instruct_epochs=0`` stops after the descriptions (a description-only base)."""
     from fcit.data import synth
     from fcit.data.loader import load_train_file
+    from fcit.models.compiled import resolve_compile
 
     out = Path(out) if out else EMBEDDED_DIR
     epochs = epochs or 4
@@ -87,6 +88,8 @@ def pretrain(cfg: Config, out: Optional[Path] = None, epochs: Optional[int] = No
         "train": PRETRAIN_TRAIN.model_dump(),
         "seed": cfg.seed,
         "threads": torch.get_num_threads(),  # matmul reductions, and so the weights, depend on it
+        # and so do compiled layers (train.compile, fused kernels) against eager ones
+        "compiled": resolve_compile(PRETRAIN_TRAIN.compile, torch.device("cpu")) and PRETRAIN_TRAIN.fused,
         "samples": len(samples),
         "mean_loss": round(res.loss, 4),
         "seconds": round(t1 - t0, 1),  # phase 1, with building both mixtures and the tokenizer

@@ -66,11 +66,18 @@ def canonical(cfg: "Config") -> dict:
     and without the settings left at their defaults, with the method's parameters resolved (so ``lambda: 1000``
     given explicitly equals the default 1000). Leaving defaults out keeps a run resumable and reusable when a later
     fcit adds a setting whose default computes what the run computed."""
+    from fcit.config import resolve_auto
     from fcit.methods import REGISTRY
 
+    if cfg.model.compute_dtype == "auto":  # a Config built without load_config: as it will run here
+        cfg = resolve_auto(cfg.model_copy(deep=True))
     d = cfg.model_dump(mode="json", exclude={"out_dir": True, "run_name": True, "threads": True,
                                              "federation": {"workers"},
                                              "train": {"compile"}}, exclude_defaults=True)
+    if d.get("model", {}).get("compute_dtype", "") in (None, "float32"):
+        # The base's own dtype is what every run computed before compute_dtype had the auto default: left out, so
+        # their identities (and checkpoint manifests) still match.
+        del d["model"]["compute_dtype"]
     d = {k: v for k, v in d.items() if v != {}}  # a section whose only non-default key was excluded
     method = REGISTRY.get(cfg.method.name)
     if method is not None:
@@ -96,6 +103,8 @@ def config_hash(cfg: "Config") -> str:
 
 
 def _first_difference(a: Any, b: Any, path: str = "") -> str:
+    if isinstance(a, dict) or isinstance(b, dict):  # a section left out on one side (every key at its default)
+        a, b = (a if a is not None else {}), (b if b is not None else {})
     if isinstance(a, dict) and isinstance(b, dict):
         for k in sorted(set(a) | set(b)):
             if a.get(k) != b.get(k):

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Optional
 
 from fcit import rundir
-from fcit.config import Config
+from fcit.config import Config, resolve_auto
 from fcit.experiment import Experiment, default_run_dir
 from fcit.methods import build_method
 from fcit.methods.base import Kind
@@ -22,6 +22,7 @@ def run(cfg: Config, run_dir: Path | None = None, runtime: Optional[Runtime] = N
         resume: bool = False) -> tuple[Path, RunResult]:
     """One run in ``run_dir`` (default: a new folder under ``cfg.out_dir``), held for this process alone (a lock,
     ``status.json``; with ``resume`` the checkpoint is verified against ``cfg`` first)."""
+    resolve_auto(cfg)  # before the resume check compares it and an engine sends it to clients
     run_dir = Path(run_dir) if run_dir else default_run_dir(cfg, cfg.method.name)
     method = build_method(cfg)  # method params are checked before the run directory is touched
     with rundir.open_run(run_dir, cfg, resume):

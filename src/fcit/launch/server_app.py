@@ -13,7 +13,7 @@ from typing import Optional
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
-from fcit.config import Config
+from fcit.config import Config, resolve_auto
 from fcit.engines.flower.transport import FlowerTransport
 from fcit.experiment import Experiment
 from fcit.results import RunResult
@@ -21,6 +21,7 @@ from fcit.results import RunResult
 
 def serve(grid: Grid, cfg: Config, run_dir: str, resume: bool = False, progress: bool = True,
           client_threads: Optional[int] = None) -> RunResult:
+    resolve_auto(cfg)  # the clients get the settled config, so every node computes as config.json says
     exp = Experiment(cfg, run_dir, progress=progress,
                      transport=FlowerTransport(grid, cfg, client_threads=client_threads))
     return exp.run(resume=resume)

@@ -9,7 +9,7 @@ around them (the vision cache, the image-token scatter, the answer-position gath
 Compilation is switched on for the duration of a local run and off again (``training_compiled``), so generation,
 with its growing KV cache, runs the eager layers, and a model pickled to a worker or a Ray actor never carries a
 compiled function. The compiled code is cached by ``torch.compile`` per process and by Inductor on disk, so a
-process pays the compile once (about 30 s cold, 5-10 s from the disk cache on the 2-core machine) and every later
+process pays the compile once (20 s cold, 5 s from the disk cache, at one thread on the 2-core machine) and every later
 local run reuses it. Shapes vary from batch to batch (batch size, padded length), so the graph is compiled with
 dynamic shapes from the start: one compilation per process serves every batch. A one-sample batch would be a
 second one (Dynamo specialises sizes of 1), so it runs the eager layer instead: such batches are rare (clients with
@@ -56,20 +56,27 @@ def training_compiled(model: nn.Module, on: bool) -> Iterator[int]:
         yield 0
         return
     import torch._dynamo
+    import torch._inductor.config
 
-    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, _RECOMPILE_LIMIT)
     # Python floats (LoRA's scaling, the norms' epsilon) are constants of the model: tracing them as dynamic
-    # scalars makes Dynamo restart its analysis once, which cost 2 of a compile's 6 s.
-    torch._dynamo.config.specialize_float = True
+    # scalars makes Dynamo restart its analysis once, which cost 2 of a compile's 6 s. fallback_random: dropout
+    # draws its masks from the global generator as the eager layers do (Inductor's own generator would give other
+    # masks), so that compiling changes float rounding only, which is why train.compile is not part of a run's
+    # identity.
+    dynamo = torch._dynamo.config.patch(specialize_float=True,
+                                        recompile_limit=max(torch._dynamo.config.recompile_limit, _RECOMPILE_LIMIT))
+    inductor = torch._inductor.config.patch(fallback_random=True)
     _, layers = decoder_layers(model)
     switched = []
     try:
-        for layer in layers:
-            # nn.Module.compile() stores the same callable here; setting it directly lets the block undo it.
-            if layer._compiled_call_impl is None:
-                layer._compiled_call_impl = _batched(torch.compile(layer._call_impl, dynamic=True), layer._call_impl)
-                switched.append(layer)
-        yield len(switched)
+        with dynamo, inductor:
+            for layer in layers:
+                # nn.Module.compile() stores the same callable here; setting it directly lets the block undo it.
+                if layer._compiled_call_impl is None:
+                    layer._compiled_call_impl = _batched(torch.compile(layer._call_impl, dynamic=True),
+                                                         layer._call_impl)
+                    switched.append(layer)
+            yield len(switched)
     finally:
         for layer in switched:
             layer._compiled_call_impl = None

@@ -98,7 +98,7 @@ def set_compute_dtype(model: torch.nn.Module, name: str | None) -> None:
     """
     if name == "auto":  # a Config built without load_config, which resolves it
         name = auto_compute_dtype(str(base_dtype(model)).removeprefix("torch."), model_device(model).type)
-    if name is None:
+    if name is None or name == "float32":  # the fp32 base's own dtype: no autocast
         return
     model._fcit_compute_dtype = getattr(torch, name)
     top = model.get_base_model() if hasattr(model, "get_base_model") else model

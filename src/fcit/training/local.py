@@ -131,6 +131,10 @@ def _train(model, batcher, start, samples, cfg, seed, loss_hook, epochs, progres
             scaler.unscale_(opt)
             torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
             scaler.step(opt)
+            if fused:
+                # The fused kernel writes the parameters in place without bumping their version counters, which
+                # caches keyed on them (the subspace layers' concatenations) read to notice a change.
+                torch.autograd.graph.increment_version(params)
             scaler.update()
             sched.step()
             opt.zero_grad(set_to_none=True)
