@@ -23,6 +23,7 @@ what the pool can use. ``bound_s`` is the training time at 60% of the fp32 peak 
 from __future__ import annotations
 
 import argparse
+import os
 import json
 import statistics
 import sys
@@ -208,7 +209,7 @@ def one_run(preset: str, overrides: list[str], flops: bool = True) -> dict:
     from fcit.config import load_config
     from fcit.engines.pool import worker_plan
     from fcit.experiment import Experiment  # noqa: F401  (imported before the timed run)
-    from fcit.models.compiled import resolve_compile
+    from fcit.models.compiled import compiles
     from fcit.models.device import resolve_device
 
     cfg = load_config(None, preset, overrides)
@@ -217,11 +218,11 @@ def one_run(preset: str, overrides: list[str], flops: bool = True) -> dict:
     wall, res, _ = _run(cfg)
     out = {"preset": preset, "overrides": overrides, "run": _summary(wall, res),
            "compute": {"compute_dtype": cfg.model.compute_dtype or cfg.model.dtype,
-                       "compiled": resolve_compile(cfg.train.compile, device), "workers": workers}}
+                       "compiled": compiles(cfg.train, device), "workers": workers}}
     probe, exp = probed_run(preset, overrides, flops)
     out["probed"] = probe
     if flops:
-        torch.set_num_threads(cfg.threads or max(1, __import__("os").cpu_count() or 1))
+        torch.set_num_threads(cfg.threads or max(1, os.cpu_count() or 1))
         fpt, info = flops_per_token(exp)
         pk = peaks(exp, info["mean_batch"], workers)
         train_flops = fpt * probe["padded_tokens"]

@@ -214,10 +214,12 @@ def test_compiled_layers_train_as_the_eager_ones_and_are_switched_off_afterwards
 def test_compile_auto_is_on_for_the_cpu_and_the_reference_path_stays_eager(micro_backbone, micro_samples,
                                                                            monkeypatch):
     import fcit.training.local as local
-    from fcit.models.compiled import resolve_compile
+    from fcit.models.compiled import compiles, resolve_compile
 
     assert resolve_compile("auto", torch.device("cpu")) and not resolve_compile("auto", torch.device("cuda"))
     assert resolve_compile(True, torch.device("cuda")) and not resolve_compile(False, torch.device("cpu"))
+    assert compiles(TrainConfig(), torch.device("cpu")) and not compiles(TrainConfig(fused=False, compile=True),
+                                                                        torch.device("cpu"))
     seen = []
     real = local.training_compiled
     monkeypatch.setattr(local, "training_compiled", lambda m, on: seen.append(on) or real(m, False))

@@ -89,12 +89,6 @@ class ModelConfig(_Strict):
     compute_dtype: Optional[Literal["auto", "float32", "bfloat16", "float16"]] = "auto"
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2", "flash_attention_3"] = "sdpa"
 
-    @model_validator(mode="after")
-    def _compute_dtype(self) -> "ModelConfig":
-        if self.compute_dtype == "float32" and self.dtype != "float32":
-            raise ValueError(f"compute_dtype float32 needs dtype float32: a {self.dtype} base computes in {self.dtype}")
-        return self
-
     train_projector: bool = True
     # Each of the two image caches (processed pixels by path, frozen vision-tower features by content) is an LRU of
     # at most this many MB; 0 = both off; None = min(2048 MB, 5% of RAM).
@@ -104,6 +98,12 @@ class ModelConfig(_Strict):
     # Load a checkpoint whose weights do not cover every parameter (those keep their random init): only for a
     # deliberately partial checkpoint; by default missing or misnamed weights are an error.
     allow_missing: bool = False
+
+    @model_validator(mode="after")
+    def _compute_dtype(self) -> "ModelConfig":
+        if self.compute_dtype == "float32" and self.dtype != "float32":
+            raise ValueError(f"compute_dtype float32 needs dtype float32: a {self.dtype} base computes in {self.dtype}")
+        return self
 
 
 class TrainConfig(_Strict):
@@ -230,7 +230,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "scenario": {"num_clients": 4, "clients_per_round": 2, "rounds": 2, "stages": 2},
         # Seconds of training: starting worker processes (about 4 s) would cost more than they save.
         "federation": {"workers": 1},
-        # A compile (5-30 s a process) would cost more than the few steps it speeds up.
+        # A compile (5-20 s a process) would cost more than the few steps it speeds up.
         "train": {"batch_size": 8, "local_epochs": 1, "compile": False},
         "eval": {"batch_size": 16, "max_new_tokens": 12},
     },

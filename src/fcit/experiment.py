@@ -89,25 +89,29 @@ class Experiment:
         self._tests: dict[str, list] = {}
         self.warnings: list[str] = []
 
+    def _pool_plan(self, device) -> tuple[int, int]:
+        """(worker processes, threads each) of the in-process engine; 1 worker = no pool."""
+        from fcit.engines.pool import worker_plan
+
+        workers, threads = worker_plan(self.cfg.federation.workers, self.cfg.threads, device,
+                                       self.cfg.scenario.clients_per_round)
+        return (workers, threads) if self.method.kind == Kind.FEDERATED else (1, threads)
+
     def _start_pool(self) -> None:
-        from fcit.engines.pool import get_pool, worker_plan
+        from fcit.engines.pool import get_pool
         from fcit.models.device import resolve_device
 
-        if self.method.kind != Kind.FEDERATED:
-            return
-        workers, threads = worker_plan(self.cfg.federation.workers, self.cfg.threads, resolve_device(self.cfg.device),
-                                       self.cfg.scenario.clients_per_round)
+        workers, threads = self._pool_plan(resolve_device(self.cfg.device))
         if workers > 1:
             get_pool(workers, threads)
 
     def _local_transport(self) -> Transport:
-        from fcit.engines.pool import PoolTransport, worker_plan
+        from fcit.engines.pool import PoolTransport
         from fcit.models.device import model_device
 
         args = (self.cfg, self.model, self.batcher, self.scenario, self.method, self.progress)
-        workers, threads = worker_plan(self.cfg.federation.workers, self.cfg.threads, model_device(self.model),
-                                       self.cfg.scenario.clients_per_round)
-        if workers == 1 or self.method.kind != Kind.FEDERATED:
+        workers, threads = self._pool_plan(model_device(self.model))
+        if workers == 1:
             return InProcessTransport(*args)
         return PoolTransport(*args, workers=workers, threads=threads)
 
@@ -122,10 +126,9 @@ class Experiment:
             workers, threads = 1, None
         else:  # the clients run elsewhere (Flower)
             workers = threads = None
-        from fcit.models.compiled import resolve_compile
+        from fcit.models.compiled import compiles
 
-        t = self.cfg.train
-        compiled = t.fused and resolve_compile(t.compile, model_device(self.model)) if workers is not None else None
+        compiled = compiles(self.cfg.train, model_device(self.model)) if workers is not None else None
         return environment.record(device=str(model_device(self.model)), workers=workers, worker_threads=threads,
                                   compiled=compiled)
 

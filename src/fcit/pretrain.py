@@ -48,7 +48,7 @@ def pretrain(cfg: Config, out: Optional[Path] = None, epochs: Optional[int] = No
     """Both phases; ``instruct_epochs=0`` stops after the descriptions (a description-only base)."""
     from fcit.data import synth
     from fcit.data.loader import load_train_file
-    from fcit.models.compiled import resolve_compile
+    from fcit.models.compiled import compiles
 
     out = Path(out) if out else EMBEDDED_DIR
     epochs = epochs or 4
@@ -89,7 +89,7 @@ def pretrain(cfg: Config, out: Optional[Path] = None, epochs: Optional[int] = No
         "seed": cfg.seed,
         "threads": torch.get_num_threads(),  # matmul reductions, and so the weights, depend on it
         # and so do compiled layers (train.compile, fused kernels) against eager ones
-        "compiled": resolve_compile(PRETRAIN_TRAIN.compile, torch.device("cpu")) and PRETRAIN_TRAIN.fused,
+        "compiled": compiles(PRETRAIN_TRAIN, torch.device("cpu")),
         "samples": len(samples),
         "mean_loss": round(res.loss, 4),
         "seconds": round(t1 - t0, 1),  # phase 1, with building both mixtures and the tokenizer

@@ -39,6 +39,12 @@ def resolve_compile(setting: bool | str, device: torch.device) -> bool:
     return bool(setting)
 
 
+def compiles(train, device: torch.device) -> bool:
+    """Whether local training with ``train`` (a TrainConfig, or any object with its fields) compiles on ``device``:
+    only the fast path does; the reference path (``train.fused=false``) stays the eager computation it always was."""
+    return getattr(train, "fused", True) and resolve_compile(getattr(train, "compile", False), device)
+
+
 def _batched(compiled: Callable, eager: Callable) -> Callable:
     def call(*args, **kwargs):
         hidden = args[0] if args else kwargs.get("hidden_states")

@@ -12,7 +12,7 @@ import torch
 
 from fcit.data.records import Sample
 from fcit.models.answer_loss import answer_forward, answer_positions
-from fcit.models.compiled import resolve_compile, training_compiled
+from fcit.models.compiled import compiles, training_compiled
 from fcit.models.device import autocast_for, base_dtype, enable_gradient_checkpointing, model_device
 from fcit.models.fused_lora import set_fused
 from fcit.models.inputs import Batcher
@@ -66,9 +66,7 @@ def local_train(
     t0 = time.perf_counter()
     # Dropout draws from the global RNG: seeding it per client makes an update depend only on (start, data, seed),
     # whichever engine, process or order runs the clients.
-    # The reference path (train.fused=false) stays the eager computation it always was.
-    compiled = getattr(cfg, "fused", True) and resolve_compile(getattr(cfg, "compile", False), model_device(model))
-    with torch.random.fork_rng(devices=[]), training_compiled(model, compiled):
+    with torch.random.fork_rng(devices=[]), training_compiled(model, compiles(cfg, model_device(model))):
         torch.manual_seed(seed)
         return _train(model, batcher, start, samples, cfg, seed, loss_hook, epochs, progress, t0)
 
