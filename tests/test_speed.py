@@ -1,6 +1,7 @@
 """The fast training path (issue 13) against the reference computation it replaces."""
 
 import copy
+import dataclasses
 
 import pytest
 import torch
@@ -271,3 +272,84 @@ def test_gated_layer_casts_its_concatenations_once_under_autocast_and_again_afte
     assert layer._cast[torch.bfloat16] is not cast
     assert torch.equal(layer._cast[torch.bfloat16][1], layer._B_cat.to(torch.bfloat16))
     assert not torch.equal(after, first)
+
+
+def _rows_spy(monkeypatch):
+    from fcit.models import answer_loss
+
+    calls = []
+    real = answer_loss._rows_forward
+
+    def spy(layer, hidden, *args):
+        calls.append(tuple(hidden.shape))
+        return real(layer, hidden, *args)
+
+    monkeypatch.setattr(answer_loss, "_rows_forward", spy)
+    return calls
+
+
+def _gqa(base):
+    """The micro backbone with one key/value head for its two query heads (grouped-query attention)."""
+    from transformers import LlavaForConditionalGeneration
+
+    cfg = copy.deepcopy(base.config)
+    cfg.text_config.num_key_value_heads = 1
+    torch.manual_seed(3)
+    return LlavaForConditionalGeneration(cfg).eval()
+
+
+@pytest.mark.parametrize("heads", ["mha", "gqa"])
+@pytest.mark.parametrize("padded", [False, True])
+def test_last_layer_runs_on_answer_rows_with_the_full_paths_loss_and_grads(micro_backbone, micro_samples,
+                                                                           monkeypatch, heads, padded):
+    base, processor = micro_backbone
+    model = _lora(base if heads == "mha" else _gqa(base))
+    model.train()
+    # padded: answers of 1 to ~6 tokens, so a 4D mask and rows with fewer answer positions than others; else one
+    # answer, no padding, and transformers gives the layers no mask (causal)
+    answers = ["red", "a red square", "blue green red", "0.12 [0.40, 0.55]"] if padded else ["red"] * 4
+    samples = [dataclasses.replace(s, answer=a, refs=(a,)) for s, a in zip(micro_samples, answers)]
+    batch = Batcher(model, processor).train_batch(samples)
+    assert (batch["attention_mask"] == 0).any() == padded
+    calls = _rows_spy(monkeypatch)
+    ref, g_ref = _loss_and_grads(model, batch, full=True)
+    assert not calls  # the model's own forward runs every position
+    out, g = _loss_and_grads(model, batch, full=False)
+    mask = answer_positions(batch["labels"])
+    assert calls == [tuple(batch["input_ids"].shape) + (base.config.text_config.hidden_size,)]
+    assert int(mask.sum(1).max()) < batch["input_ids"].shape[1]  # the rows are a subset
+    assert abs(out.loss.item() - ref.loss.item()) <= 1e-5 * abs(ref.loss.item())
+    _close(g, g_ref)
+    assert (out.answer_logits - ref.answer_logits).abs().max() < 1e-5
+
+
+def test_answer_rows_compiled_match_eager_and_checkpointing_or_dropout_keep_the_full_layer(micro_backbone, micro_samples,
+                                                                                monkeypatch):
+    from fcit.models import answer_loss
+    from fcit.models.compiled import training_compiled
+    from fcit.models.device import enable_gradient_checkpointing
+
+    base, processor = micro_backbone
+    model = _lora(base)
+    model.train()
+    batch = Batcher(model, processor).train_batch(micro_samples[:4])
+    eager, g_eager = _loss_and_grads(model, batch, full=False)
+    used = []
+    real = answer_loss._compiled_rows
+    monkeypatch.setattr(answer_loss, "_compiled_rows", lambda: used.append(1) or real())
+    with training_compiled(model, True):
+        out, g = _loss_and_grads(model, batch, full=False)
+    assert used == [1]
+    assert abs(out.loss.item() - eager.loss.item()) <= 1e-4 * eager.loss.item()
+    _close(g, g_eager, tol=1e-4)
+    # activation checkpointing would recompute the last layer in the backward, outside the rows' context
+    assert answer_loss._rows_layer(model) is not None
+    enable_gradient_checkpointing(model)
+    model.train()
+    assert answer_loss._rows_layer(model) is None
+    calls = _rows_spy(monkeypatch)
+    ck, g_ck = _loss_and_grads(model, batch, full=False)
+    assert not calls and abs(ck.loss.item() - eager.loss.item()) <= 1e-5 * eager.loss.item()
+    # LoRA dropout would draw masks for the answer rows only, not the reference path's masks
+    dropped = _lora(base, dropout=0.2).train()
+    assert answer_loss._rows_layer(dropped) is None and answer_loss._rows_layer(dropped.eval()) is not None
