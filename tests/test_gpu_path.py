@@ -1,6 +1,7 @@
 """Device, precision, memory, sequence length, prompt template and cache bounds (issue 11), on tiny CPU models."""
 
 import copy
+import dataclasses
 
 import numpy as np
 import pytest
@@ -133,6 +134,26 @@ def test_bf16_compute_on_an_fp32_base_runs_bf16_matmuls_fp32_attention_and_fp32_
         model(**Batcher(model, processor).train_batch(micro_samples[:2]))
     h.remove()
     assert seen == [torch.bfloat16]
+
+
+def test_fp32_attention_masks_the_padding_of_left_padded_prompts(micro_backbone, micro_samples):
+    """Generation left-pads its prompts: the fp32 attention must get transformers' padding mask as SDPA does, so
+    that what stands in the padding cannot change a prompt's logits."""
+    from fcit.models.device import autocast_for
+
+    base, processor = micro_backbone
+    short = dataclasses.replace(micro_samples[0], prompt="red ?")
+    other = next(i for i in (5, 6, 7) if i not in (base.config.image_token_index, processor.tokenizer.pad_token_id))
+    for compute in (None, "bfloat16"):
+        model = copy.deepcopy(base)
+        set_compute_dtype(model, compute)
+        batch = Batcher(model, processor).prompt_batch([short, micro_samples[1]])
+        pad = batch["attention_mask"] == 0
+        assert pad[0].any() and not pad[1].any()  # the short prompt is padded on the left
+        changed = {**batch, "input_ids": batch["input_ids"].masked_fill(pad, other)}
+        with torch.no_grad(), autocast_for(model):
+            a, b = (model(**x).logits[:, -1].float() for x in (batch, changed))
+        assert torch.equal(a, b), (compute, (a - b).abs().max())
 
 
 # ---- 3. memory ------------------------------------------------------------------------------------------------

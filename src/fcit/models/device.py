@@ -104,8 +104,12 @@ def set_compute_dtype(model: torch.nn.Module, name: str | None) -> None:
     top = model.get_base_model() if hasattr(model, "get_base_model") else model
     if model_device(model).type == "cpu" and getattr(top.config, "_attn_implementation", None) == "sdpa":
         from transformers import AttentionInterface
+        from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
         AttentionInterface.register(FP32_ATTENTION, _sdpa_fp32)
+        # transformers builds no mask at all for an attention name it has no mask function for, and left-padded
+        # prompts (generation) would then attend to their padding.
+        AttentionMaskInterface.register(FP32_ATTENTION, sdpa_mask)
         top.set_attn_implementation(FP32_ATTENTION)
 
 
