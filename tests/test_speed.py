@@ -323,8 +323,8 @@ def test_last_layer_runs_on_answer_rows_with_the_full_paths_loss_and_grads(micro
     assert (out.answer_logits - ref.answer_logits).abs().max() < 1e-5
 
 
-def test_answer_rows_compiled_match_eager_and_checkpointing_or_dropout_keep_the_full_layer(micro_backbone, micro_samples,
-                                                                                monkeypatch):
+def test_answer_rows_compiled_match_eager_and_checkpointing_or_dropout_keep_the_full_layer(micro_backbone,
+                                                                                          micro_samples, monkeypatch):
     from fcit.models import answer_loss
     from fcit.models.compiled import training_compiled
     from fcit.models.device import enable_gradient_checkpointing
