@@ -314,13 +314,27 @@ def test_last_layer_runs_on_answer_rows_with_the_full_paths_loss_and_grads(micro
     calls = _rows_spy(monkeypatch)
     ref, g_ref = _loss_and_grads(model, batch, full=True)
     assert not calls  # the model's own forward runs every position
-    out, g = _loss_and_grads(model, batch, full=False)
+    from fcit.models import answer_loss
+
     mask = answer_positions(batch["labels"])
-    assert calls == [tuple(batch["input_ids"].shape) + (base.config.text_config.hidden_size,)]
     assert int(mask.sum(1).max()) < batch["input_ids"].shape[1]  # the rows are a subset
-    assert abs(out.loss.item() - ref.loss.item()) <= 1e-5 * abs(ref.loss.item())
-    _close(g, g_ref)
-    assert (out.answer_logits - ref.answer_logits).abs().max() < 1e-5
+    # a right-padded batch runs without its padding mask (causal); the rows also take transformers' 4D mask
+    for keep_mask in ([False, True] if padded else [False]):
+        monkeypatch.setattr(answer_loss, "_right_padded", (lambda m: False) if keep_mask else answer_loss._right_padded)
+        calls.clear()
+        out, g = _loss_and_grads(model, batch, full=False)
+        assert calls == [tuple(batch["input_ids"].shape) + (base.config.text_config.hidden_size,)]
+        assert abs(out.loss.item() - ref.loss.item()) <= 1e-5 * abs(ref.loss.item())
+        _close(g, g_ref)
+        assert (out.answer_logits - ref.answer_logits).abs().max() < 1e-5
+
+
+def test_right_padded_masks_are_recognised():
+    from fcit.models.answer_loss import _right_padded
+
+    assert _right_padded(torch.tensor([[1, 1, 1], [1, 1, 0], [1, 0, 0]]))
+    assert not _right_padded(torch.tensor([[1, 1, 1], [0, 1, 1]]))  # left padding
+    assert not _right_padded(torch.tensor([[1, 0, 1]])) and not _right_padded(None)
 
 
 def test_answer_rows_compiled_match_eager_and_checkpointing_or_dropout_keep_the_full_layer(micro_backbone,

@@ -64,9 +64,22 @@ def answer_logits(model: nn.Module, inputs: dict, mask: torch.Tensor) -> torch.T
     if parts is None:  # an architecture without the body/head split: the full forward, then the gather
         return model(**inputs).logits[mask]
     body, head = parts
+    if _llama_style(model) is not None and _right_padded(inputs.get("attention_mask")):
+        # A causal model needs no padding mask for a right-padded batch: no real position attends to a later one,
+        # so the real positions get the same values, and nothing reads the padded ones. Without a mask SDPA takes
+        # its causal kernel, and the compiled layers keep one graph.
+        inputs = {**inputs, "attention_mask": None}
     with _answer_rows(model, mask):
         hidden = body(**inputs, use_cache=False)[0]
     return head(hidden[mask])
+
+
+def _right_padded(attention_mask: Optional[torch.Tensor]) -> bool:
+    """Whether each row of a (B, L) mask is ones, then zeros."""
+    if attention_mask is None or attention_mask.dim() != 2:
+        return False
+    m = attention_mask.bool()
+    return bool((m[:, 1:] <= m[:, :-1]).all()) and bool(m[:, 0].all())
 
 
 # Llama-style decoder layers: pre-norm attention with rotary embeddings, then a pre-norm feed-forward block.
@@ -74,8 +87,8 @@ _ROW_LAYERS = ("LlamaDecoderLayer",)
 _ROW_ATTENTION = ("sdpa", FP32_ATTENTION)
 
 
-def _rows_layer(model: nn.Module) -> Optional[nn.Module]:
-    """The last decoder layer when it can run on answer rows alone, else None."""
+def _llama_style(model: nn.Module) -> Optional[nn.Module]:
+    """The last decoder layer of a Llama-style language model under SDPA attention, else None."""
     try:
         _, layers = decoder_layers(model)
     except Exception:  # noqa: BLE001 - no recognisable layer stack: the plain forward
@@ -86,6 +99,15 @@ def _rows_layer(model: nn.Module) -> Optional[nn.Module]:
         return None
     if getattr(getattr(attn, "config", None), "_attn_implementation", None) not in _ROW_ATTENTION:
         return None
+    return layer
+
+
+def _rows_layer(model: nn.Module) -> Optional[nn.Module]:
+    """The last decoder layer when it can run on answer rows alone, else None."""
+    layer = _llama_style(model)
+    if layer is None:
+        return None
+    attn = layer.self_attn
     # Activation checkpointing would recompute the full layer in the backward; dropout would draw masks for fewer
     # positions than the reference path does, changing more than rounding.
     dropout = getattr(attn, "attention_dropout", 0) or any(isinstance(m, nn.Dropout) and m.p > 0
