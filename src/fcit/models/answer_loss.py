@@ -118,10 +118,13 @@ def _rows_layer(model: nn.Module) -> Optional[nn.Module]:
 
 
 def _row_index(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(pos, valid), both (B, A) with A the most answer positions of a row: each row's answer positions in order,
-    padded with its first one (a real row, so that the padding computes finite values nobody reads)."""
+    """(pos, valid), both (B, A) with A the most answer positions of a row (at least 2): each row's answer positions
+    in order, padded with its first one (a real row, so that the padding computes finite values nobody reads).
+
+    A is never 1 because Dynamo specialises sizes of 1: one-token answers (letters, yes/no) would compile a second
+    graph, which costs more than the one padded row saves."""
     counts = mask.sum(1)
-    width = max(int(counts.max()), 1)
+    width = max(int(counts.max()), 2)
     order = torch.sort((~mask).to(torch.int8), dim=1, stable=True).indices[:, :width]
     valid = torch.arange(width, device=mask.device)[None] < counts[:, None]
     return torch.where(valid, order, order[:, :1]), valid
