@@ -133,12 +133,12 @@ def flops_per_token(exp, n_batches: int = 12, answer_rows: bool = True) -> tuple
     from fcit.models.answer_loss import answer_forward
 
     if not answer_rows:
-        real = answer_loss._rows_layer
-        answer_loss._rows_layer = lambda model: None
+        real = answer_loss._rows_usable
+        answer_loss._rows_usable = lambda layer: None
         try:
             return flops_per_token(exp, n_batches)
         finally:
-            answer_loss._rows_layer = real
+            answer_loss._rows_usable = real
 
     sc = exp.scenario
     samples = [s for k in sc.stage_tasks(0) for s in sc.task_train(k)]

@@ -46,8 +46,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         exp = Experiment(cfg, Path(tmp) / "run", progress=False)
     model, sc = exp.model, exp.scenario
-    rows_layer = answer_loss._rows_layer
-    variants = {"answer rows": rows_layer, "full last layer": lambda m: None}
+    rows_usable = answer_loss._rows_usable
+    variants = {"answer rows": rows_usable, "full last layer": lambda layer: None}
 
     def step(batch) -> None:
         with autocast_for(model):
@@ -68,7 +68,7 @@ def main() -> None:
                 times: dict[str, list[float]] = {v: [] for v in variants}
                 for rep in range(args.repeats + 1):  # the first round compiles and warms up
                     for name, fn in variants.items():
-                        answer_loss._rows_layer = fn
+                        answer_loss._rows_usable = fn
                         t0 = time.perf_counter()
                         for b in batches:
                             step(b)
@@ -80,7 +80,7 @@ def main() -> None:
                 results.append(row)
                 print(json.dumps(row), flush=True)
     finally:
-        answer_loss._rows_layer = rows_layer
+        answer_loss._rows_usable = rows_usable
     out = {"preset": args.preset, "overrides": args.overrides, "threads": args.threads,
            "compute_dtype": cfg.model.compute_dtype, "compiled": compiles(cfg.train, model_device(model)),
            "rows": results}

@@ -64,12 +64,13 @@ def answer_logits(model: nn.Module, inputs: dict, mask: torch.Tensor) -> torch.T
     if parts is None:  # an architecture without the body/head split: the full forward, then the gather
         return model(**inputs).logits[mask]
     body, head = parts
-    if _llama_style(model) is not None and _right_padded(inputs.get("attention_mask")):
+    layer = _llama_style(model)  # looked up once a step: finding the layers walks the model's modules
+    if layer is not None and _right_padded(inputs.get("attention_mask")):
         # A causal model needs no padding mask for a right-padded batch: no real position attends to a later one,
         # so the real positions get the same values, and nothing reads the padded ones. Without a mask SDPA takes
         # its causal kernel, and the compiled layers keep one graph.
         inputs = {**inputs, "attention_mask": None}
-    with _answer_rows(model, mask):
+    with _answer_rows(_rows_usable(layer), mask):
         hidden = body(**inputs, use_cache=False)[0]
     return head(hidden[mask])
 
@@ -104,7 +105,11 @@ def _llama_style(model: nn.Module) -> Optional[nn.Module]:
 
 def _rows_layer(model: nn.Module) -> Optional[nn.Module]:
     """The last decoder layer when it can run on answer rows alone, else None."""
-    layer = _llama_style(model)
+    return _rows_usable(_llama_style(model))
+
+
+def _rows_usable(layer: Optional[nn.Module]) -> Optional[nn.Module]:
+    """``layer`` (a ``_llama_style`` last layer, or None) when it can run on answer rows alone, else None."""
     if layer is None:
         return None
     attn = layer.self_attn
@@ -196,8 +201,7 @@ class _AnswerRows:
 
 
 @contextlib.contextmanager
-def _answer_rows(model: nn.Module, mask: torch.Tensor) -> Iterator[None]:
-    layer = _rows_layer(model)
+def _answer_rows(layer: Optional[nn.Module], mask: torch.Tensor) -> Iterator[None]:
     if layer is None:
         yield
         return
