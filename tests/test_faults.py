@@ -228,6 +228,7 @@ def test_interrupt_names_the_real_run_directory(capsys, small, tmp_path, monkeyp
     import fcit.experiment as experiment
 
     def interrupted(self, resume=False):
+        (self.run_dir / "config.json").write_text(self.cfg.model_dump_json())  # the run had begun
         raise KeyboardInterrupt
 
     monkeypatch.setattr(experiment.Experiment, "run", interrupted)
@@ -235,6 +236,30 @@ def test_interrupt_names_the_real_run_directory(capsys, small, tmp_path, monkeyp
     assert rc == 130 and f"fcit run --resume {tmp_path / 'int'}`" in err and "RUN_DIR" not in err, err
     st = strict_json(tmp_path / "int" / "status.json")
     assert st["status"] == "failed" and "interrupted" in st["reason"]
+
+
+def test_a_run_stopped_before_it_began_is_started_again_by_the_same_command(capsys, small, tmp_path, monkeypatch):
+    # Ctrl-C while the model or the data load leaves status.json and no config.json: --resume has nothing to read,
+    # so the message says to rerun, and the rerun is not refused for the directory's status.json.
+    import fcit.experiment as experiment
+
+    real = experiment.Experiment.run
+
+    def interrupted(self, resume=False):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(experiment.Experiment, "run", interrupted)
+    args = ("run", *small, "--set", "scenario.stages=1", "--out", tmp_path, "--name", "early", "--quiet")
+    rc, err = fcit(capsys, *args)
+    assert rc == 130 and "before the run began; nothing to resume: run the same command again" in err, err
+    assert "--resume" not in err and strict_json(tmp_path / "early" / "status.json")["status"] == "failed"
+    assert not (tmp_path / "early" / "config.json").exists()
+
+    monkeypatch.setattr(experiment.Experiment, "run", real)
+    rc, err = fcit(capsys, *args)
+    assert rc == 0, err
+    assert strict_json(tmp_path / "early" / "status.json")["status"] == "finished"
+    assert (tmp_path / "early" / "metrics.json").exists()
 
 
 def test_sigterm_stops_a_run_as_ctrl_c_does(capsys, small, tmp_path, monkeypatch):
@@ -246,6 +271,7 @@ def test_sigterm_stops_a_run_as_ctrl_c_does(capsys, small, tmp_path, monkeypatch
     import fcit.experiment as experiment
 
     def killed(self, resume=False):
+        (self.run_dir / "config.json").write_text(self.cfg.model_dump_json())  # the run had begun
         os.kill(os.getpid(), signal.SIGTERM)
         time.sleep(5)  # the handler raises here, at the next bytecode
         raise AssertionError("SIGTERM did not stop the run")

@@ -308,10 +308,14 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt as err:
         where = getattr(err, "run_dir", None)
-        tail = f": continue with `fcit run --resume {where}`" if where is not None else ""
         term = getattr(err, "signal", None) == "SIGTERM"
-        print(f"fcit: {'terminated (SIGTERM)' if term else 'interrupted'}; finished stages are checkpointed{tail}",
-              file=sys.stderr)
+        what = "terminated (SIGTERM)" if term else "interrupted"
+        if where is not None and not (Path(where) / "config.json").exists():
+            # Stopped while loading, before the run wrote its config: a plain rerun takes the directory again.
+            print(f"fcit: {what} before the run began; nothing to resume: run the same command again", file=sys.stderr)
+        else:
+            tail = f": continue with `fcit run --resume {where}`" if where is not None else ""
+            print(f"fcit: {what}; finished stages are checkpointed{tail}", file=sys.stderr)
         return 143 if term else 130
     finally:
         if previous is not None:

@@ -179,7 +179,9 @@ def locked(run_dir: Path) -> Iterator[None]:
 def _refuse_existing(run_dir: Path) -> None:
     if (run_dir / "metrics.json").exists():
         raise FcitError(f"run directory {run_dir} already holds a finished run; pick another --out or --name")
-    if any((run_dir / n).exists() for n in ("config.json", CHECKPOINT, STATUS_FILE)):
+    # status.json alone is an attempt stopped before it wrote its config (while loading the model or the data):
+    # there is nothing to resume or lose, and --resume could not read it, so a fresh run takes the directory.
+    if any((run_dir / n).exists() for n in ("config.json", CHECKPOINT)):
         st = read_status(run_dir)
         what = st.get("status", "unknown status") + (f": {st['reason']}" if st.get("reason") else "")
         raise FcitError(f"run directory {run_dir} already holds a run ({what}); continue it with "
