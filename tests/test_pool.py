@@ -67,3 +67,24 @@ def test_a_dead_worker_is_a_one_line_error(cache_dir, tmp_path):
             pool.run([(0, msg)])
     finally:
         pool.close()
+
+
+def test_an_abandoned_round_kills_its_busy_workers_at_once(cache_dir, tmp_path):
+    # A round that fails (or is interrupted) discards its other clients' work: their workers must not be waited
+    # for. Worker 0 is busy for minutes (it generates a huge benchmark); worker 1 fails at once on a bad message.
+    import time
+
+    endless = cfg_for(tmp_path / "fresh-cache", tmp_path, **{"data.synth.n_train": 200000})
+    busy = ("train", {"config": endless.model_dump_json()}, {}, 0)
+    broken = ("train", {}, {}, 1)  # no config: a KeyError in the worker
+    pool = Pool(2, 1)
+    pool.start()
+    try:
+        with pytest.raises(FcitError, match="client 1 failed in a worker process: KeyError"):
+            pool.run([(0, busy), (1, broken)])
+        deadline = time.monotonic() + 5
+        while pool.workers[0].process.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert pool.workers[0].process.poll() is not None, "the busy worker was left running"
+    finally:
+        pool.close()

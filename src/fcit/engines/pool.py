@@ -145,7 +145,12 @@ class Pool:
                     if done is not None:
                         done()
         except BaseException:
-            # Workers may still be busy with this round: the pool is unusable, the next run starts a fresh one.
+            # The round is abandoned (an error, Ctrl-C, SIGTERM), so a busy worker's client is wasted work: kill it
+            # now instead of letting close() wait up to 10 s for each to finish (a scheduler's grace period is
+            # short). The pool is unusable either way; the next run starts a fresh one.
+            for w in self.workers:
+                if w.busy is not None:
+                    w.process.kill()
             close_pool()
             raise
         return out
