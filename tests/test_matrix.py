@@ -128,6 +128,44 @@ def test_matrix_jobs_run_in_parallel_processes_at_one_thread(small_base, cache_d
 
 
 @pytest.mark.slow
+def test_sigterm_to_the_driver_alone_stops_its_parallel_runs(small_base, cache_dir, tmp_path):
+    # `kill PID` or a scheduler signals the driver only: its --jobs children must stop too, each recording how
+    # its run ended, instead of training on while the driver waits for them.
+    import signal
+    import time
+
+    out = tmp_path / "mx"
+    sets = {"model.path": small_base, "data.root": cache_dir, "scenario.rounds": 200}
+    args = [sys.executable, "-m", "fcit.cli", "matrix", "--preset", "smoke", "--quiet", "--methods", "finetune",
+            "--settings", "task", "--scenarios", "hom", "--betas", "1", "--seeds", "0,1", "--jobs", "2",
+            "--out", str(out)] + [a for k, v in sets.items() for a in ("--set", f"{k}={v}")]
+    proc = subprocess.Popen(args, cwd=ROOT, stderr=subprocess.PIPE, text=True)
+    runs = [out / f"finetune-task-hom-b1-s{s}" for s in (0, 1)]
+    deadline = time.monotonic() + 240
+    while not all((r / "config.json").exists() for r in runs):  # both runs began
+        assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read() if proc.poll() else "slow"
+        time.sleep(0.2)
+    pids = [json.loads((r / "status.json").read_text())["pid"] for r in runs]
+    assert proc.pid not in pids
+    proc.send_signal(signal.SIGTERM)
+    try:
+        rc = proc.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        for pid in [proc.pid, *pids]:  # leave no run training behind the failed test
+            os.kill(pid, signal.SIGKILL)
+        pytest.fail("the driver did not stop within 60 s of SIGTERM")
+    err = proc.stderr.read()
+    assert rc == 143 and "terminated (SIGTERM)" in err, err
+    for r in runs:
+        st = json.loads((r / "status.json").read_text())
+        assert st["status"] == "failed" and st["reason"] == "interrupted (SIGTERM)", (r.name, st)
+        assert not (r / "metrics.json").exists()
+    for pid in pids:
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
+
+
+@pytest.mark.slow
 def test_matrix_on_a_local_ray_cluster_runs_each_cell_as_a_task(small_base, cache_dir, tmp_path, monkeypatch):
     cfg = smoke_cfg(small_base, cache_dir, tmp_path, **{"scenario.stages": 1})
     out = tmp_path / "mx"

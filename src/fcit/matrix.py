@@ -27,6 +27,7 @@ from __future__ import annotations
 import csv
 import io
 import os
+import signal
 import sys
 import time
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
@@ -45,7 +46,7 @@ from fcit.jsonio import write_json
 from fcit.launch import run
 from fcit.methods.base import Kind
 from fcit.results import RunResult
-from fcit.rundir import finished_result
+from fcit.rundir import Terminated, finished_result
 from fcit.runtime import Runtime
 
 SETTINGS = ("task", "capability")
@@ -213,6 +214,17 @@ def _run_in_child(cfg_json: dict, run_dir: str, resume: bool, cwd: Optional[str]
     return time.perf_counter() - t0
 
 
+def _stop_on_sigterm(signum, frame):
+    raise Terminated
+
+
+def _run_in_job(cfg_json: dict, run_dir: str, resume: bool) -> float:
+    """``_run_in_child`` in a ``--jobs`` process: SIGTERM (which the driver forwards when it is stopped) ends the run
+    as it ends ``fcit run``: status.json says ``interrupted (SIGTERM)`` and the finished stages are kept."""
+    signal.signal(signal.SIGTERM, _stop_on_sigterm)
+    return _run_in_child(cfg_json, run_dir, resume)
+
+
 def _resume(run_dir: Path) -> bool:
     # Any trace of an earlier attempt (config.json) means continue it: a fresh run would be refused there.
     return (run_dir / "config.json").exists()
@@ -320,7 +332,7 @@ def _execute(todo: list[PlannedRun], base: Config, jobs: int, progress: bool, ra
         pending: dict[Future, PlannedRun] = {}
         try:
             for p in todo:
-                fut = pool.submit(_run_in_child, p.cfg.model_dump(mode="json"), str(p.run_dir), _resume(p.run_dir))
+                fut = pool.submit(_run_in_job, p.cfg.model_dump(mode="json"), str(p.run_dir), _resume(p.run_dir))
                 pending[fut] = p
             while pending:
                 finished, _ = wait(pending, return_when=FIRST_COMPLETED)
@@ -334,9 +346,15 @@ def _execute(todo: list[PlannedRun], base: Config, jobs: int, progress: bool, ra
                     if progress:
                         what = "failed" if err is not None else f"finished in {fut.result():.0f}s"
                         print(f"[{done}/{len(todo)}] {p.run_dir.name} {what}", flush=True)
-        except KeyboardInterrupt:
+        except KeyboardInterrupt as err:
             for fut in pending:
                 fut.cancel()
+            if isinstance(err, Terminated):
+                # SIGTERM reached this process alone (Ctrl-C reaches the whole process group): without it the
+                # children would train to the end of their runs while the executor's shutdown waits for them.
+                # The executor keeps its processes in a private dict; there is no public way to signal them.
+                for proc in list(getattr(pool, "_processes", {}).values()):
+                    proc.terminate()
             raise
     if failures:
         raise _failed(failures, len(todo))
