@@ -4,6 +4,7 @@ hand-made results folder."""
 import csv
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -56,6 +57,8 @@ def test_matrix_writes_every_cell_and_reuses_finished_runs(small_base, cache_dir
     assert rows[0]["avg"] == "" and rows[0]["method"] == "zeroshot"  # not applicable, not 0
     md = (out / "matrix.md").read_text()
     assert "### Task-related, Hom (seeds 0)" in md and "| Method | Last β=1 | Avg β=1 | Last β=5 | Avg β=5 |" in md
+    walls = [json.loads((out / r / "metrics.json").read_text())["timing"]["total"] for r in sorted(res.executed)]
+    assert re.search(rf": 3 runs, {sum(walls) / 3600:.1f} h \(task {min(walls):.0f}-{max(walls):.0f} s\)\.", md), md
     for png in ("last_vs_beta.png", "avg_curves.png", "matrices.png"):
         assert (out / png).stat().st_size > 1000, png
 

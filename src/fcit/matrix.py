@@ -412,12 +412,17 @@ def matrix(base: Config, methods: list[str], settings: list[str], scenarios: lis
     _execute(todo, base, min(jobs, max(1, len(todo))), progress, ray_address)
     cells: list[CellResult] = []
     envs: dict[str, dict | None] = {}
+    walls: list[tuple[str, str, float, Optional[dict]]] = []
     for p in runs:
         r = finished[p.run_dir.name] or RunResult.load(p.run_dir)
         envs[p.run_dir.name] = r.environment or environment.of_run_dir(p.run_dir)
         cells += [_cell_result(c, p, r, out) for c in p.cells]
+        walls.append((p.run_dir.name, p.cells[0].setting, float(r.timing.get("total", 0.0)), envs[p.run_dir.name]))
     note = environment.combined_note(envs)
     md = markdown(cells)
+    times = run_time_note(walls)
+    if times:
+        md = md.rstrip("\n") + f"\n\n{times}\n"
     if missing:
         names = ", ".join(missing) if len(missing) <= 12 else "listed under \"missing\" in matrix.json"
         md = md.rstrip("\n") + f"\n\nNot run yet ({len(missing)} runs): {names}\n"
@@ -435,6 +440,28 @@ def matrix(base: Config, methods: list[str], settings: list[str], scenarios: lis
 
 
 # -- tables and figures ------------------------------------------------------------------------------------------------
+def run_time_note(runs: list[tuple[str, str, float, Optional[dict]]]) -> str:
+    """One line on what the finished runs cost: per machine, the runs and the sum of their wall times, with each
+    setting's range. ``runs``: (run directory, setting, wall seconds from metrics.json, environment summary)."""
+    by_machine: dict[str, dict[str, list[float]]] = {}
+    for _, setting, secs, env in runs:
+        env = env or {}
+        gpu = env.get("gpu")
+        machine = (gpu if str(env.get("device") or "").startswith("cuda") and gpu not in (None, "none")
+                   else env.get("cpu")) or "unrecorded machine"
+        by_machine.setdefault(str(machine), {}).setdefault(setting, []).append(float(secs))
+    parts = []
+    for machine, per in sorted(by_machine.items()):
+        total = sum(sum(v) for v in per.values())
+        n = sum(len(v) for v in per.values())
+        ranges = ", ".join(f"{s} {min(v):.0f}-{max(v):.0f} s" for s, v in sorted(per.items()))
+        parts.append(f"{machine}: {n} runs, {total / 3600:.1f} h ({ranges})")
+    if not parts:
+        return ""
+    return ("Run time, the sum of the runs' own wall times (metrics.json; runs made side by side with --jobs N "
+            "overlap, so the wall clock is about this sum over N): " + "; ".join(parts) + ".")
+
+
 def to_csv(cells: list[CellResult]) -> str:
     buf = io.StringIO()
     w = csv.DictWriter(buf, fieldnames=CellResult.CSV_FIELDS, lineterminator="\n")
