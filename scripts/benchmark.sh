@@ -43,13 +43,15 @@ if [[ $part == all || $part == optimizers ]]; then # DISCO under each server opt
       --seeds "${OPT_SEEDS:-$SEEDS}" --out runs/bench-optimizers-lr$lr
   done
 fi
-if [[ $part == all || $part == optimizers-tau ]]; then # the adaptive ones at Reddi et al.'s smaller tau, and FedAvgM at a lower momentum, seed 0
+if [[ $part == all || $part == optimizers-tau ]]; then # FedAdam at Reddi et al.'s smaller tau and with the clients' projector ratio, FedAvgM at a lower momentum; seed 0
   for lr in ${TAU_RATES:-0.003 0.01}; do
     cmp --methods disco --aggregators fedadam --set federation.server_lr=$lr --set federation.adaptivity=1e-5 \
       --seeds "${OPT_SEEDS:-0}" --out runs/bench-optimizers-tau1e-5-lr$lr
   done
   cmp --methods disco --aggregators fedavgm --set federation.server_lr=0.5 --set federation.beta1=0.5 \
     --seeds "${OPT_SEEDS:-0}" --out runs/bench-optimizers-avgm-beta0.5-lr0.5
+  cmp --methods disco --aggregators fedadam --set federation.server_lr=0.01 --set federation.projector_rate_scale=0.1 \
+    --seeds "${OPT_SEEDS:-0}" --out runs/bench-optimizers-lr0.01-proj0.1
 fi
 if [[ $part == all || $part == ablation ]]; then   # DISCO identity ablation (activation: see the disco part)
   for id in image text+image; do

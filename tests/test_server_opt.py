@@ -251,3 +251,38 @@ def test_combine_hooks():
     m = Toy()
     both = combine_hooks(h, lambda model, batch, loss: loss + 10)
     assert both(m, {}, torch.tensor(1.0)).item() == pytest.approx(1.0 + 0.5 * 2.0 * 2.0 + 10)
+
+
+@pytest.mark.parametrize("cls", [FedAvgM, FedAdam, FedYogi, FedAdagrad])
+def test_rate_scale_multiplies_the_step_of_the_named_tensors_only(cls):
+    def two_rounds(opt):
+        x0 = {"w": torch.tensor(X0), "p": torch.tensor(X0)}
+        ys1 = [{"w": torch.tensor(y), "p": torch.tensor(y)} for y in R1[0]]
+        x1 = {**x0, **opt.step(x0, ys1, R1[1])}
+        ys2 = [{"w": torch.tensor(y), "p": torch.tensor(y)} for y in R2[0]]
+        return x1, opt.step(x1, ys2, R2[1])
+
+    plain = cls(server_lr=ETA, tau=TAU)
+    scaled = cls(server_lr=ETA, tau=TAU)
+    scaled.rate_scale = {"p": 0.1}
+    (a1, a2), (b1, b2) = two_rounds(plain), two_rounds(scaled)
+    assert torch.equal(a1["w"], b1["w"]) and torch.equal(a2["w"], b2["w"])
+    x0 = torch.tensor(X0)
+    _close((b1["p"] - x0).tolist(), (0.1 * (a1["p"] - x0)).tolist())  # round 1: a tenth of the step
+    assert not torch.allclose(b2["p"], a2["p"])
+
+
+def test_projector_rate_scale_reaches_the_server_optimizer(tmp_path):
+    from fcit.config import load_config
+    from fcit.methods import build_method
+    from fcit.models.backbone import load_backbone
+    from fcit.models.structure import projector_param_names
+    from fcit.runtime import prepare_model
+
+    cfg = load_config(preset="smoke", overrides={"federation.aggregator": "fedadam",
+                                                 "federation.projector_rate_scale": 0.1})
+    model, processor = load_backbone(None)  # the embedded model
+    method = build_method(cfg)
+    prepared = prepare_model(cfg, method, model, processor)
+    names = projector_param_names(prepared.model)
+    assert names and method.server_opt.rate_scale == dict.fromkeys(names, 0.1)

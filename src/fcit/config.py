@@ -156,6 +156,12 @@ class FederationConfig(_Strict):
     # Reddi et al. call it tau; named for what it is, so it is not mistaken for DISCO's routing threshold tau.
     adaptivity: float = Field(1e-3, gt=0, description="adaptivity (Reddi et al.'s tau) of FedAdam/FedAdagrad/FedYogi")
     prox_mu: float = Field(0.0, ge=0, description="FedProx proximal coefficient on the client (0 = off)")
+    # The clients train the projector at train.projector_lr_scale x their rate, and FedAvg's step inherits that
+    # ratio; an adaptive server step normalises each coordinate and loses it. Setting this to the same factor keeps
+    # it (1 = one server rate for every tensor, as Reddi et al.).
+    projector_rate_scale: float = Field(
+        1.0, gt=0, description="server step of the projector's tensors as a multiple of server_lr (not FedAvg's)"
+    )
 
 
 class FlowerConfig(_Strict):

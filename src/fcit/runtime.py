@@ -17,6 +17,7 @@ from fcit.config import Config
 from fcit.methods.base import Method
 from fcit.models.device import set_compute_dtype, upcast_trainables
 from fcit.models.inputs import Batcher
+from fcit.models.structure import projector_param_names
 from fcit.models.vision_cache import VisionFeatureCache, supports as vision_cache_supported
 
 
@@ -59,6 +60,8 @@ def prepare_model(cfg: Config, method: Method, base_model: torch.nn.Module, proc
     # Seeded, so that any adapter tensor the global state does not carry starts identical on every party.
     torch.manual_seed(cfg.seed)
     model = method.setup(base_model)
+    if cfg.federation.projector_rate_scale != 1.0:
+        method.server_opt.rate_scale = dict.fromkeys(projector_param_names(model), cfg.federation.projector_rate_scale)
     upcast_trainables(model)  # a half-precision base trains fp32 adapters (no-op for float32)
     set_compute_dtype(model, cfg.model.compute_dtype)
     # The vision-feature cache wraps a LLaVA-style vision tower; other families run without it (README).

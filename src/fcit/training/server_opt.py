@@ -31,6 +31,8 @@ Choices, all documented here because the papers leave them open:
 * State (m, v) is kept per (group, key) in fp32 on the tensor's device and persists across rounds and stages: a stage
   boundary is not a restart for the server. ``group`` lets a method with several subspaces keep separate moments per
   subspace even when the subspaces share tensor names.
+* ``rate_scale`` multiplies the step of the tensors it names (the projector's, from ``federation.projector_rate_scale``,
+  set where the model is built): the moments are unchanged, so it is a per-tensor eta.
 * The returned tensors have the global state's dtype; all arithmetic is fp32 so bf16 models do not lose the small
   pseudo-gradients.
 """
@@ -95,6 +97,8 @@ class ServerOptimizer:
         self.weighting = weighting
         self.m: dict[tuple[str, str], torch.Tensor] = {}
         self.v: dict[tuple[str, str], torch.Tensor] = {}
+        # key -> factor on the server step of that tensor (federation.projector_rate_scale); absent keys: 1
+        self.rate_scale: dict[str, float] = {}
 
     def step(
         self, global_state: State, client_states: Sequence[State], weights: Sequence[float], group: str = ""
@@ -119,7 +123,9 @@ class ServerOptimizer:
             delta = torch.zeros_like(xf)
             for s, pk in zip(client_states, p):
                 delta += (s[key].detach().to(xf.device).float() - xf) * pk
-            out[key] = (xf + self._update((group, key), delta)).to(x.dtype)
+            step = self._update((group, key), delta)
+            scale = self.rate_scale.get(key, 1.0)
+            out[key] = (xf + (step if scale == 1.0 else step * scale)).to(x.dtype)
         return out
 
     def _update(self, slot: tuple[str, str], delta: torch.Tensor) -> torch.Tensor:
