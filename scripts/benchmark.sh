@@ -50,8 +50,12 @@ if [[ $part == all || $part == optimizers-tau ]]; then # FedAdam at Reddi et al.
   done
   cmp --methods disco --aggregators fedavgm --set federation.server_lr=0.5 --set federation.beta1=0.5 \
     --seeds "${OPT_SEEDS:-0}" --out runs/bench-optimizers-avgm-beta0.5-lr0.5
-  cmp --methods disco --aggregators fedadam --set federation.server_lr=0.01 --set federation.projector_rate_scale=0.1 \
-    --seeds "${OPT_SEEDS:-0}" --out runs/bench-optimizers-lr0.01-proj0.1
+  for lr in 0.01 0.03; do
+    cmp --methods disco --aggregators fedadam --set federation.server_lr=$lr --set federation.projector_rate_scale=0.1 \
+      --seeds "${OPT_SEEDS:-0}" --out runs/bench-optimizers-lr$lr-proj0.1
+  done
+  cmp --methods disco --aggregators fedadam --set federation.server_lr=0.003 --set federation.adaptivity=1e-5 \
+    --set federation.projector_rate_scale=0.1 --seeds "${OPT_SEEDS:-0}" --out runs/bench-optimizers-tau1e-5-lr0.003-proj0.1
 fi
 if [[ $part == all || $part == ablation ]]; then   # DISCO identity ablation (activation: see the disco part)
   for id in image text+image; do
