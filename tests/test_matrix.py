@@ -58,7 +58,11 @@ def test_matrix_writes_every_cell_and_reuses_finished_runs(small_base, cache_dir
     md = (out / "matrix.md").read_text()
     assert "### Task-related, Hom (seeds 0)" in md and "| Method | Last β=1 | Avg β=1 | Last β=5 | Avg β=5 |" in md
     walls = [json.loads((out / r / "metrics.json").read_text())["timing"]["total"] for r in sorted(res.executed)]
-    assert re.search(rf": 3 runs, {sum(walls) / 3600:.1f} h \(task {min(walls):.0f}-{max(walls):.0f} s\)\.", md), md
+    from fcit.environment import record
+
+    here = re.escape(record()["cpu"]["model"])
+    assert re.search(rf"\): {here}: 3 runs, {sum(walls) / 3600:.1f} h \(task {min(walls):.0f}-{max(walls):.0f} s\)\.",
+                     md), md
     for png in ("last_vs_beta.png", "avg_curves.png", "matrices.png"):
         assert (out / png).stat().st_size > 1000, png
 

@@ -442,14 +442,19 @@ def matrix(base: Config, methods: list[str], settings: list[str], scenarios: lis
 # -- tables and figures ------------------------------------------------------------------------------------------------
 def run_time_note(runs: list[tuple[str, str, float, Optional[dict]]]) -> str:
     """One line on what the finished runs cost: per machine, the runs and the sum of their wall times, with each
-    setting's range. ``runs``: (run directory, setting, wall seconds from metrics.json, environment summary)."""
+    setting's range. ``runs``: (run directory, setting, wall seconds from metrics.json, its environment summary as
+    ``environment.summary`` gives it, ``{"environments": [one per start]}``)."""
+
+    def machine(e: dict) -> str:
+        gpu = e.get("gpu")
+        cuda = str(e.get("device") or "").startswith("cuda") and gpu not in (None, "none")
+        return str((gpu if cuda else e.get("cpu")) or "unrecorded machine")
+
     by_machine: dict[str, dict[str, list[float]]] = {}
-    for _, setting, secs, env in runs:
-        env = env or {}
-        gpu = env.get("gpu")
-        machine = (gpu if str(env.get("device") or "").startswith("cuda") and gpu not in (None, "none")
-                   else env.get("cpu")) or "unrecorded machine"
-        by_machine.setdefault(str(machine), {}).setdefault(setting, []).append(float(secs))
+    for _, setting, secs, summary in runs:
+        # A resumed run lists each start's environment; one that moved between machines is labelled with all.
+        names = sorted({machine(e) for e in (summary or {}).get("environments") or [{}]})
+        by_machine.setdefault(" + ".join(names), {}).setdefault(setting, []).append(float(secs))
     parts = []
     for machine, per in sorted(by_machine.items()):
         total = sum(sum(v) for v in per.values())
