@@ -286,12 +286,6 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
-def _terminate(signum, frame):
-    from fcit.rundir import Terminated
-
-    raise Terminated
-
-
 def main(argv: list[str] | None = None) -> int:
     import signal
     import threading
@@ -299,7 +293,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     # SIGTERM stops a command as Ctrl-C does (status, message, exit code 128 + 15); the previous handler comes back
     # afterwards, since tests and embedding programs call main() in their own process.
-    previous = signal.signal(signal.SIGTERM, _terminate) if threading.current_thread() is threading.main_thread() \
+    from fcit.rundir import raise_terminated
+
+    previous = signal.signal(signal.SIGTERM, raise_terminated) if threading.current_thread() is threading.main_thread() \
         else None
     try:
         args.func(args)

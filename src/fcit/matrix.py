@@ -46,7 +46,7 @@ from fcit.jsonio import write_json
 from fcit.launch import run
 from fcit.methods.base import Kind
 from fcit.results import RunResult
-from fcit.rundir import Terminated, finished_result
+from fcit.rundir import Terminated, finished_result, raise_terminated
 from fcit.runtime import Runtime
 
 SETTINGS = ("task", "capability")
@@ -214,14 +214,10 @@ def _run_in_child(cfg_json: dict, run_dir: str, resume: bool, cwd: Optional[str]
     return time.perf_counter() - t0
 
 
-def _stop_on_sigterm(signum, frame):
-    raise Terminated
-
-
 def _run_in_job(cfg_json: dict, run_dir: str, resume: bool) -> float:
     """``_run_in_child`` in a ``--jobs`` process: SIGTERM (which the driver forwards when it is stopped) ends the run
     as it ends ``fcit run``: status.json says ``interrupted (SIGTERM)`` and the finished stages are kept."""
-    signal.signal(signal.SIGTERM, _stop_on_sigterm)
+    signal.signal(signal.SIGTERM, raise_terminated)
     return _run_in_child(cfg_json, run_dir, resume)
 
 
@@ -412,12 +408,12 @@ def matrix(base: Config, methods: list[str], settings: list[str], scenarios: lis
     _execute(todo, base, min(jobs, max(1, len(todo))), progress, ray_address)
     cells: list[CellResult] = []
     envs: dict[str, dict | None] = {}
-    walls: list[tuple[str, str, float, Optional[dict]]] = []
+    walls: list[tuple[str, float, Optional[dict]]] = []
     for p in runs:
         r = finished[p.run_dir.name] or RunResult.load(p.run_dir)
         envs[p.run_dir.name] = r.environment or environment.of_run_dir(p.run_dir)
         cells += [_cell_result(c, p, r, out) for c in p.cells]
-        walls.append((p.run_dir.name, p.cells[0].setting, float(r.timing.get("total", 0.0)), envs[p.run_dir.name]))
+        walls.append((p.cells[0].setting, float(r.timing.get("total", 0.0)), envs[p.run_dir.name]))
     note = environment.combined_note(envs)
     md = markdown(cells)
     times = run_time_note(walls)
@@ -440,9 +436,9 @@ def matrix(base: Config, methods: list[str], settings: list[str], scenarios: lis
 
 
 # -- tables and figures ------------------------------------------------------------------------------------------------
-def run_time_note(runs: list[tuple[str, str, float, Optional[dict]]]) -> str:
+def run_time_note(runs: list[tuple[str, float, Optional[dict]]]) -> str:
     """One line on what the finished runs cost: per machine, the runs and the sum of their wall times, with each
-    setting's range. ``runs``: (run directory, setting, wall seconds from metrics.json, its environment summary as
+    setting's range. ``runs``: (setting, wall seconds from metrics.json, its environment summary as
     ``environment.summary`` gives it, ``{"environments": [one per start]}``)."""
 
     def machine(e: dict) -> str:
@@ -451,16 +447,16 @@ def run_time_note(runs: list[tuple[str, str, float, Optional[dict]]]) -> str:
         return str((gpu if cuda else e.get("cpu")) or "unrecorded machine")
 
     by_machine: dict[str, dict[str, list[float]]] = {}
-    for _, setting, secs, summary in runs:
+    for setting, secs, summary in runs:
         # A resumed run lists each start's environment; one that moved between machines is labelled with all.
         names = sorted({machine(e) for e in (summary or {}).get("environments") or [{}]})
         by_machine.setdefault(" + ".join(names), {}).setdefault(setting, []).append(float(secs))
     parts = []
-    for machine, per in sorted(by_machine.items()):
+    for label, per in sorted(by_machine.items()):
         total = sum(sum(v) for v in per.values())
         n = sum(len(v) for v in per.values())
         ranges = ", ".join(f"{s} {min(v):.0f}-{max(v):.0f} s" for s, v in sorted(per.items()))
-        parts.append(f"{machine}: {n} runs, {total / 3600:.1f} h ({ranges})")
+        parts.append(f"{label}: {n} runs, {total / 3600:.1f} h ({ranges})")
     if not parts:
         return ""
     return ("Run time, the sum of the runs' own wall times (metrics.json; runs made side by side with --jobs N "

@@ -51,6 +51,11 @@ class Terminated(KeyboardInterrupt):
     signal = "SIGTERM"
 
 
+def raise_terminated(signum, frame):
+    """The SIGTERM handler of every fcit process that runs a run (the CLI, ``fcit matrix --jobs`` children)."""
+    raise Terminated
+
+
 class RunInterrupted(KeyboardInterrupt):
     """Ctrl-C or SIGTERM during a run, carrying the run directory so the message can say what to resume."""
 
