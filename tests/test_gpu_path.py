@@ -165,6 +165,47 @@ def _one_step(base, processor, samples, **train):
     assert res.steps == 1
     return res
 
+def test_compiled_fp32_attention_calls_sdpas_kernel_and_keeps_the_graph_cacheable(micro_backbone, micro_samples):
+    """In a compiled layer the fp32 attention calls the CPU flash kernel that SDPA picks for fp32 inputs, without an
+    autocast region in the graph: such a region makes AOTAutograd skip its cache, and every pool worker traced the
+    layer's joint graph again (4 s of its first step)."""
+    from torch._dynamo.utils import counters
+
+    from fcit.models.compiled import training_compiled
+    from fcit.models.device import _flash_cpu_fp32, _sdpa_fp32, autocast_for
+
+    class Attn:  # what the attention functions read off the module
+        is_causal, num_key_value_groups = True, 1
+
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(3, 4, 12, 8, generator=gen, dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
+    rows = torch.tensor([[3, 7], [11, 11], [0, 5]])
+    masks = {None: None, "rows": (torch.arange(12)[None, None, :] <= rows[:, :, None]).unsqueeze(1)}
+    for name, mask in masks.items():
+        query = q if mask is None else q[:, :, :2]
+        outs, grads = [], []
+        for fn in (lambda: _sdpa_fp32(Attn(), query, k, v, mask, scaling=0.3)[0],  # eager: SDPA itself
+                   lambda: _flash_cpu_fp32(Attn(), query, k, v, mask, 0.3, None).to(v.dtype)):
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                out = fn()
+            outs.append(out)
+            grads.append(torch.autograd.grad(out.float().square().sum(), (q, k, v)))
+        assert outs[0].dtype == outs[1].dtype == torch.bfloat16
+        assert torch.equal(outs[0], outs[1]), name
+        assert all(torch.equal(a, b) for a, b in zip(*grads)), name
+
+    base, processor = micro_backbone
+    model = attach_lora(copy.deepcopy(base), ModelConfig())
+    set_compute_dtype(model, "bfloat16")
+    model.train()
+    before = dict(counters["aot_autograd"])
+    with training_compiled(model, True), autocast_for(model):
+        model(**Batcher(model, processor).train_batch(micro_samples[:3])).loss.backward()
+    seen = {key: counters["aot_autograd"][key] - before.get(key, 0) for key in counters["aot_autograd"]}
+    assert seen.get("total", 0) >= 1
+    assert seen.get("autograd_cache_bypass", 0) == 0, seen
+
+
 
 def test_micro_batches_accumulate_to_the_full_batch_step(micro_backbone, varied_samples):
     base, processor = micro_backbone

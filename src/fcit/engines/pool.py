@@ -57,6 +57,10 @@ def serve(fd: int, threads: int) -> None:
     torch.set_num_threads(threads)
     from fcit.engines import resident
 
+    try:
+        resident.preload()
+    except Exception:  # noqa: BLE001 - the first message's build raises it again, and the parent reports it
+        pass
     settings = {"threads": threads}
     while True:
         try:

@@ -76,17 +76,47 @@ def autocast_for(model: torch.nn.Module):
 FP32_ATTENTION = "fcit_sdpa_fp32"
 
 
-def _sdpa_fp32(module, query, key, value, attention_mask, **kwargs):
+def _sdpa_fp32(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None, **kwargs):
     """transformers' SDPA attention with autocast off and fp32 inputs; the output in the caller's dtype."""
+    dt = value.dtype
+    if torch.compiler.is_compiling() and _flash_cpu_applies(module, query, dropout, kwargs):
+        out = _flash_cpu_fp32(module, query, key, value, attention_mask, scaling, is_causal)
+        return out.to(dt), None
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-    dt = value.dtype
     if attention_mask is not None and attention_mask.is_floating_point():
         attention_mask = attention_mask.float()
     with torch.autocast(query.device.type, enabled=False):
         out, weights = sdpa_attention_forward(module, query.float(), key.float(), value.float(), attention_mask,
-                                              **kwargs)
+                                              dropout=dropout, scaling=scaling, is_causal=is_causal, **kwargs)
     return out.to(dt), weights
+
+
+# Arguments of transformers' attention functions that the direct kernel call does not implement.
+_SDPA_EXTRAS = ("position_bias", "softcap", "cache", "output_attentions", "s_aux", "sinks")
+
+
+def _flash_cpu_applies(module, query: torch.Tensor, dropout: float, kwargs: dict) -> bool:
+    return (query.device.type == "cpu" and not dropout and getattr(module, "num_key_value_groups", 1) == 1
+            and not any(kwargs.get(k) not in (None, False) for k in _SDPA_EXTRAS))
+
+
+def _flash_cpu_fp32(module, query, key, value, attention_mask, scaling, is_causal) -> torch.Tensor:
+    """What SDPA runs for fp32 inputs on the CPU (its flash kernel; a boolean mask becomes the additive one SDPA
+    builds), called directly, so that the compiled graph holds no autocast region: AOTAutograd does not cache a
+    graph with one, and every process would trace the layer's joint graph again (4 s of a pool worker's 7.6 s
+    first step on the 2-core machine). The kernel is not on autocast's list, so its inputs stay fp32 under it."""
+    causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+    causal = query.shape[2] > 1 and attention_mask is None and causal  # as transformers' sdpa_attention_forward
+    if causal and key.shape[2] > query.shape[2]:
+        key, value = key[:, :, :query.shape[2]], value[:, :, :query.shape[2]]
+    mask = attention_mask
+    if mask is not None:
+        mask = (torch.zeros(mask.shape, device=mask.device).masked_fill(~mask, float("-inf"))
+                if mask.dtype == torch.bool else mask.float())
+    out = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(query.float(), key.float(), value.float(),
+                                                                      0.0, causal, attn_mask=mask, scale=scaling)[0]
+    return out.transpose(1, 2).contiguous()
 
 
 def set_compute_dtype(model: torch.nn.Module, name: str | None) -> None:
