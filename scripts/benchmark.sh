@@ -57,6 +57,14 @@ if [[ $part == all || $part == optimizers-tau ]]; then # FedAdam at Reddi et al.
   cmp --methods disco --aggregators fedadam --set federation.server_lr=0.003 --set federation.adaptivity=1e-5 \
     --set federation.projector_rate_scale=0.1 --seeds "${OPT_SEEDS:-0}" --out runs/bench-optimizers-tau1e-5-lr0.003-proj0.1
 fi
+if [[ $part == all || $part == optimizers-proj ]]; then # FedYogi and FedAdagrad with the projector's server step at 0.1x (FedAdam's best setting), and FedAdam so at momentum 0.5; seed 0
+  cmp --methods disco --aggregators fedyogi --set federation.server_lr=0.01 --set federation.projector_rate_scale=0.1 \
+    --seeds "${OPT_SEEDS:-0}" --out runs/bench-optimizers-lr0.01-proj0.1-fedyogi
+  cmp --methods disco --aggregators fedadagrad --set federation.server_lr=0.1 --set federation.projector_rate_scale=0.1 \
+    --seeds "${OPT_SEEDS:-0}" --out runs/bench-optimizers-lr0.1-proj0.1-fedadagrad
+  cmp --methods disco --aggregators fedadam --set federation.server_lr=0.01 --set federation.projector_rate_scale=0.1 \
+    --set federation.beta1=0.5 --seeds "${OPT_SEEDS:-0}" --out runs/bench-optimizers-lr0.01-proj0.1-beta0.5
+fi
 if [[ $part == all || $part == ablation ]]; then   # DISCO identity ablation (activation: see the disco part)
   for id in image text+image; do
     cmp --methods disco --seeds "${ABL_SEEDS:-$SEEDS}" --set method.params.identity=$id --out runs/bench-ablation-id-$id
