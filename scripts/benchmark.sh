@@ -57,13 +57,26 @@ if [[ $part == all || $part == optimizers-tau ]]; then # FedAdam at Reddi et al.
   cmp --methods disco --aggregators fedadam --set federation.server_lr=0.003 --set federation.adaptivity=1e-5 \
     --set federation.projector_rate_scale=0.1 --seeds "${OPT_SEEDS:-0}" --out runs/bench-optimizers-tau1e-5-lr0.003-proj0.1
 fi
-if [[ $part == all || $part == optimizers-proj ]]; then # FedYogi and FedAdagrad with the projector's server step at 0.1x (FedAdam's best setting), and FedAdam so at momentum 0.5; seed 0
+if [[ $part == all || $part == optimizers-proj ]]; then # FedYogi and FedAdagrad with the projector's server step at 0.1x (FedAdam's best setting); seed 0
   cmp --methods disco --aggregators fedyogi --set federation.server_lr=0.01 --set federation.projector_rate_scale=0.1 \
     --seeds "${OPT_SEEDS:-0}" --out runs/bench-optimizers-lr0.01-proj0.1-fedyogi
   cmp --methods disco --aggregators fedadagrad --set federation.server_lr=0.1 --set federation.projector_rate_scale=0.1 \
     --seeds "${OPT_SEEDS:-0}" --out runs/bench-optimizers-lr0.1-proj0.1-fedadagrad
-  cmp --methods disco --aggregators fedadam --set federation.server_lr=0.01 --set federation.projector_rate_scale=0.1 \
-    --set federation.beta1=0.5 --seeds "${OPT_SEEDS:-0}" --out runs/bench-optimizers-lr0.01-proj0.1-beta0.5
+fi
+if [[ $part == all || $part == optimizers-beta0.5 ]]; then # every server optimizer at momentum 0.5 (the adaptive ones with the projector's server step at 0.1x): FedAvg at every seed on the same machine, a rate grid at seed 0, then each one's best rate at every seed
+  BEST=${BEST:-fedadam:0.01 fedyogi:0.01 fedadagrad:0.03}  # the grid's best at seed 0
+  for spec in ${GRID:-fedadam:0.003 fedadam:0.01 fedadam:0.03 fedyogi:0.003 fedyogi:0.01 fedyogi:0.03 fedadagrad:0.01 fedadagrad:0.03 fedadagrad:0.1} $BEST; do
+    agg=${spec%%:*} lr=${spec##*:}
+    seeds=0; [[ " $BEST " == *" $spec "* ]] && seeds=$SEEDS
+    cmp --methods disco --aggregators "$agg" --set federation.server_lr="$lr" --set federation.beta1=0.5 \
+      --set federation.projector_rate_scale=0.1 --seeds "$seeds" --out "runs/bench-optimizers-lr$lr-proj0.1-beta0.5-$agg"
+  done
+  cmp --methods disco --aggregators fedavg --seeds "$SEEDS" --out runs/bench-optimizers
+  for lr in 0.25 0.5 1.0 2.0; do  # FedAvgM at every seed: 0.5 (its steady step is FedAvg's) and 1.0 (the best at seed 0)
+    seeds=0; [[ $lr == 0.5 || $lr == 1.0 ]] && seeds=$SEEDS
+    cmp --methods disco --aggregators fedavgm --set federation.server_lr=$lr --set federation.beta1=0.5 \
+      --seeds "$seeds" --out runs/bench-optimizers-avgm-beta0.5-lr$lr
+  done
 fi
 if [[ $part == all || $part == ablation ]]; then   # DISCO identity ablation (activation: see the disco part)
   for id in image text+image; do
