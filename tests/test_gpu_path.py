@@ -156,15 +156,6 @@ def test_fp32_attention_masks_the_padding_of_left_padded_prompts(micro_backbone,
         assert torch.equal(a, b), (compute, (a - b).abs().max())
 
 
-# ---- 3. memory ------------------------------------------------------------------------------------------------
-def _one_step(base, processor, samples, **train):
-    torch.manual_seed(0)
-    model = attach_lora(copy.deepcopy(base), ModelConfig())
-    cfg = TrainConfig(batch_size=8, lr=1e-2, local_epochs=1, warmup_ratio=0.0, **train)
-    res = local_train(model, Batcher(model, processor), get_state(model), samples, cfg, seed=3)
-    assert res.steps == 1
-    return res
-
 def test_compiled_fp32_attention_calls_sdpas_kernel_and_keeps_the_graph_cacheable(micro_backbone, micro_samples):
     """In a compiled layer the fp32 attention calls the CPU flash kernel that SDPA picks for fp32 inputs, without an
     autocast region in the graph: such a region makes AOTAutograd skip its cache, and every pool worker traced the
@@ -207,6 +198,15 @@ def test_compiled_fp32_attention_calls_sdpas_kernel_and_keeps_the_graph_cacheabl
     assert seen.get("total", 0) >= 2
     assert seen.get("autograd_cache_bypass", 0) == 0, seen
 
+
+# ---- 3. memory ------------------------------------------------------------------------------------------------
+def _one_step(base, processor, samples, **train):
+    torch.manual_seed(0)
+    model = attach_lora(copy.deepcopy(base), ModelConfig())
+    cfg = TrainConfig(batch_size=8, lr=1e-2, local_epochs=1, warmup_ratio=0.0, **train)
+    res = local_train(model, Batcher(model, processor), get_state(model), samples, cfg, seed=3)
+    assert res.steps == 1
+    return res
 
 
 def test_micro_batches_accumulate_to_the_full_batch_step(micro_backbone, varied_samples):
