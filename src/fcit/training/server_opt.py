@@ -123,9 +123,7 @@ class ServerOptimizer:
             delta = torch.zeros_like(xf)
             for s, pk in zip(client_states, p):
                 delta += (s[key].detach().to(xf.device).float() - xf) * pk
-            step = self._update((group, key), delta)
-            scale = self.rate_scale.get(key, 1.0)
-            out[key] = (xf + (step if scale == 1.0 else step * scale)).to(x.dtype)
+            out[key] = (xf + self._update((group, key), delta) * self.rate_scale.get(key, 1.0)).to(x.dtype)
         return out
 
     def _update(self, slot: tuple[str, str], delta: torch.Tensor) -> torch.Tensor:
