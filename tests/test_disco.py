@@ -177,6 +177,23 @@ def test_minilm_separates_tasks_and_keeps_paraphrases_close():
     assert n == 2 and torch.allclose(tok, f[:2].mean(0))
 
 
+def test_task_overlap_is_the_cosine_of_the_tasks_mean_tokens_highest_first():
+    from fcit.models.identity import task_overlap
+
+    class Table:  # an encoder that maps each text to a fixed unit vector
+        dim = 2
+        vectors = {"a1": [1.0, 0.0], "a2": [0.0, 1.0], "b": [1.0, 0.0], "c": [-1.0, 0.0]}
+
+        def encode(self, texts):
+            return torch.tensor([self.vectors[t] for t in texts])
+
+    pairs = task_overlap(Table(), {"A": ["a1", "a2"], "B": ["b"], "C": ["c"], "empty": []})
+    # A's token is the mean (0.5, 0.5): cos 1/sqrt(2) to B's (1, 0) and -1/sqrt(2) to C's; B and C point apart
+    assert [(a, b) for _, a, b in pairs] == [("A", "B"), ("A", "C"), ("B", "C")]
+    assert [round(c, 4) for c, _, _ in pairs] == [0.7071, -0.7071, -1.0]
+    assert task_overlap(Table(), {"A": ["a1"], "empty": []}) == []
+
+
 def test_clip_text_encoder_from_a_local_tiny_model(tmp_path):
     from tokenizers import Tokenizer, models, pre_tokenizers, processors
     from transformers import CLIPTextConfig, CLIPTextModel, PreTrainedTokenizerFast

@@ -10,6 +10,7 @@ from fcit.config import ScenarioConfig, load_config
 from fcit.data import registry
 from fcit.data.loader import Benchmark
 from fcit.data.scenario import CAP_DYN_LIST, SEQ_DYN_LIST, Scenario, het_table
+from fcit.cli import main
 from fcit.data.show import histogram, show
 from fcit.errors import FcitError
 
@@ -233,3 +234,30 @@ def test_show(bench, tmp_path):
     assert "General" in text and "stage 4" in text and "beta 1" in text
     with pytest.raises(FcitError, match="unknown setting"):
         show(cfg, "task", None, tmp_path / "out3")
+
+
+def test_show_identity_overlap_prints_the_closest_task_pairs(bench, tmp_path, capsys):
+    # The fixture's instructions are "Question i about <dataset>?": the real MiniLM encoder on them, every pair listed
+    # highest first, the pairs' cosines between -1 and 1 and below 1 (no two datasets share a question).
+    args = ["data", "show", "task-hom", "--set", "data.kind=real", "--set", f"data.root={bench.root}",
+            "--set", "scenario.num_clients=6", "--out", str(tmp_path / "out")]
+    assert main([*args, "--identity", "--identity-samples", "7"]) == 0
+    out = capsys.readouterr().out
+    head, _, tail = out.partition("Identity-token overlap (minilm; each task's token the mean of up to 7 training")
+    assert "Instruction endings" in head and tail
+    pairs = [line.split() for line in tail.splitlines()[1:] if line.startswith("  ")]
+    assert len(pairs) == 5
+    cosines = [float(p[0]) for p in pairs]
+    assert cosines == sorted(cosines, reverse=True) and all(-1 <= c < 0.999 for c in cosines)
+    assert all(p[2] == "/" and p[1] in registry.TASK_ORDER and p[3] in registry.TASK_ORDER for p in pairs)
+
+
+@pytest.mark.parametrize("extra, needle", [(["--identity", "clip:"], "identity encoder 'clip:'"),
+                                           (["--identity-samples", "0"], "--identity-samples must be >= 1")])
+def test_show_identity_bad_input_is_one_line_before_any_work(bench, tmp_path, capsys, extra, needle):
+    out = tmp_path / "out"
+    args = ["data", "show", "task-hom", "--set", "data.kind=real", "--set", f"data.root={bench.root}", "--out", str(out)]
+    assert main([*args, *extra]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and needle in err[0]
+    assert not out.exists()  # nothing was drawn before the error

@@ -172,11 +172,26 @@ def cmd_data_build(args: argparse.Namespace) -> None:
 
 
 def cmd_data_show(args: argparse.Namespace) -> None:
-    from fcit.data.show import show
+    from fcit.data.loader import open_benchmark
+    from fcit.data.show import overlap_report, scenario_for, show, task_samples
 
     cfg = _load(args)
-    print(show(cfg, args.setting, args.beta, Path(args.out)))
+    if args.identity_samples < 1:
+        raise FcitError(f"data show: --identity-samples must be >= 1 (got {args.identity_samples})")
+    encoder = None
+    if args.identity:
+        from fcit.models.identity import get_text_encoder
+
+        encoder = get_text_encoder(args.identity)  # a bad spec or a missing encoder fails before any work
+    bench = open_benchmark(cfg)
+    print(show(cfg, args.setting, args.beta, Path(args.out), bench=bench))
     print(f"sample grid written to {Path(args.out) / 'samples.png'}")
+    if encoder is not None:
+        from fcit.models.identity import instruction_text, task_overlap
+
+        samples = task_samples(scenario_for(cfg, args.setting, args.beta, bench), args.identity_samples)
+        texts = {task: [instruction_text(s) for s in ss] for task, ss in samples.items()}
+        print(overlap_report(task_overlap(encoder, texts), args.identity, args.identity_samples))
 
 
 def cmd_data_check(args: argparse.Namespace) -> None:
@@ -263,6 +278,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("setting", choices=["task-hom", "task-het", "cap-hom", "cap-het"])
     p.add_argument("--beta", type=float, default=None, help="Dirichlet beta (default: the config's)")
     p.add_argument("--out", default="fcit-data-show", help="folder for samples.png")
+    p.add_argument("--identity", nargs="?", const="minilm", default=None, metavar="ENCODER",
+                   help="also print how close the tasks' identity tokens are (DISCO's text encoder: minilm, the "
+                        "default, or clip:<local path>)")
+    p.add_argument("--identity-samples", type=int, default=200, metavar="N",
+                   help="training instructions per task for --identity (default 200)")
     p.set_defaults(func=cmd_data_show)
     p = data.add_parser("check", help="parse every file and image header the configured run would read, then stop")
     _config_args(p)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 import textwrap
 from collections import Counter
 from pathlib import Path
@@ -13,6 +14,7 @@ from fcit.config import Config
 from fcit.data import registry
 from fcit.data.loader import Benchmark, open_benchmark
 from fcit.data.partition import size_stats
+from fcit.data.records import Sample
 from fcit.data.scenario import Scenario
 from fcit.errors import FcitError
 
@@ -41,7 +43,7 @@ def histogram(sizes: np.ndarray, bins: int = 8) -> list[str]:
     return lines
 
 
-def _scenario(cfg: Config, setting: str, beta: Optional[float], bench: Benchmark) -> Scenario:
+def scenario_for(cfg: Config, setting: str, beta: Optional[float], bench: Benchmark) -> Scenario:
     if setting not in SETTINGS:
         raise FcitError(f"data show: unknown setting {setting!r}; known: {', '.join(SETTINGS)}")
     kind, mode = SETTINGS[setting]
@@ -101,6 +103,26 @@ def templates(bench: Benchmark, datasets: list[str], top: int = 2) -> list[str]:
     return out
 
 
+def task_samples(sc: Scenario, limit: int, seed: int = 0) -> dict[str, list[Sample]]:
+    """Up to ``limit`` training samples of each task, a seeded draw (the same on every call)."""
+    out = {}
+    for k, name in enumerate(sc.task_names):
+        pool = sc.task_train(k)
+        out[name] = random.Random(seed).sample(pool, min(limit, len(pool)))
+    return out
+
+
+def overlap_report(pairs: list[tuple[float, str, str]], encoder: str, per_task: int, top: int = 5) -> str:
+    """The most similar task pairs by identity token, to set beside DISCO's tau (0.9), the cosine at which two
+    tasks' clients would share a subspace: how hard routing is on this data."""
+    if not pairs:
+        return "\nIdentity-token overlap: fewer than two tasks."
+    out = ["", f"Identity-token overlap ({encoder}; each task's token the mean of up to {per_task} training "
+               "instructions; cosine between tasks, highest first):"]
+    out += [f"  {c:.3f}  {a} / {b}" for c, a, b in pairs[:top]]
+    return "\n".join(out)
+
+
 def render_samples(bench: Benchmark, datasets: list[str], path: Path, per_dataset: int = SAMPLES_PER_DATASET) -> None:
     import matplotlib
 
@@ -138,7 +160,7 @@ def render_samples(bench: Benchmark, datasets: list[str], path: Path, per_datase
 def show(cfg: Config, setting: str, beta: float | None, out: Path, bench: Optional[Benchmark] = None) -> str:
     """Text report of ``setting`` under ``cfg`` (beta overridden when given); writes ``out/samples.png``."""
     bench = bench or open_benchmark(cfg)
-    sc = _scenario(cfg, setting, beta, bench)
+    sc = scenario_for(cfg, setting, beta, bench)
     datasets = [d for ds in sc.tasks for d in ds]
     text = "\n".join([report(sc), *templates(bench, datasets)])
     out = Path(out)
