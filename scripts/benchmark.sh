@@ -78,6 +78,16 @@ if [[ $part == all || $part == optimizers-beta0.5 ]]; then # every server optimi
       --seeds "$seeds" --out runs/bench-optimizers-avgm-beta0.5-lr$lr
   done
 fi
+if [[ $part == all || $part == regime-levers ]]; then # issue 16: training choices against the ratio bars, one at a time at seed 0, then the frozen projector with 4x the local steps at every seed
+  cmp --methods finetune,disco --seeds 0 --set train.lr=0.005 --out runs/bench-regime-lr0.005
+  cmp --methods disco --seeds 0 --set train.batch_size=4 --out runs/bench-regime-bs4
+  cmp --methods finetune,disco,mtl --seeds 0 --set model.train_projector=false --out runs/bench-regime-noproj
+  for methods in zeroshot,finetune,disco,mtl,mtl-fed ewc,lwf,olora,mlora,moelora; do
+    cmp --methods $methods --seeds "$SEEDS" --set model.train_projector=false --set train.batch_size=4 \
+      --out runs/bench-regime-noproj-bs4
+  done
+  .venv/bin/python scripts/regime.py runs/bench-regime-noproj-bs4 --markdown --per-dataset
+fi
 if [[ $part == all || $part == ablation ]]; then   # DISCO identity ablation (activation: see the disco part)
   for id in image text+image; do
     cmp --methods disco --seeds "${ABL_SEEDS:-$SEEDS}" --set method.params.identity=$id --out runs/bench-ablation-id-$id
