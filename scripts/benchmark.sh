@@ -82,10 +82,8 @@ if [[ $part == all || $part == regime-levers ]]; then # issue 16: training choic
   cmp --methods finetune,disco --seeds 0 --set train.lr=0.005 --out runs/bench-regime-lr0.005
   cmp --methods disco --seeds 0 --set train.batch_size=4 --out runs/bench-regime-bs4
   cmp --methods finetune,disco,mtl --seeds 0 --set model.train_projector=false --out runs/bench-regime-noproj
-  for methods in zeroshot,finetune,disco,mtl,mtl-fed ewc,lwf,olora,mlora,moelora; do
-    cmp --methods $methods --seeds "$SEEDS" --set model.train_projector=false --set train.batch_size=4 \
-      --out runs/bench-regime-noproj-bs4
-  done
+  cmp --methods zeroshot,finetune,ewc,lwf,olora,mlora,moelora,disco,mtl,mtl-fed --seeds "$SEEDS" \
+    --set model.train_projector=false --set train.batch_size=4 --out runs/bench-regime-noproj-bs4
   .venv/bin/python scripts/regime.py runs/bench-regime-noproj-bs4 --markdown --per-dataset
 fi
 if [[ $part == all || $part == ablation ]]; then   # DISCO identity ablation (activation: see the disco part)
