@@ -6,11 +6,11 @@ import pytest
 from bench_fixture import make_bench
 from pydantic import ValidationError
 
+from fcit.cli import main
 from fcit.config import ScenarioConfig, load_config
 from fcit.data import registry
 from fcit.data.loader import Benchmark
 from fcit.data.scenario import CAP_DYN_LIST, SEQ_DYN_LIST, Scenario, het_table
-from fcit.cli import main
 from fcit.data.show import histogram, show
 from fcit.errors import FcitError
 
