@@ -85,6 +85,10 @@ if [[ $part == all || $part == regime-levers ]]; then # issue 16: training choic
   cmp --methods zeroshot,finetune,ewc,lwf,olora,mlora,moelora,disco,mtl,mtl-fed --seeds "$SEEDS" \
     --set model.train_projector=false --set train.batch_size=4 --out runs/bench-regime-noproj-bs4
   .venv/bin/python scripts/regime.py runs/bench-regime-noproj-bs4 --markdown --per-dataset
+  for spec in fedadam,fedyogi:0.01 fedadagrad:0.03 fedavgm:1.0; do  # the server optimizers at momentum 0.5, seed 0
+    cmp --methods disco --aggregators "${spec%%:*}" --set federation.server_lr="${spec##*:}" --set federation.beta1=0.5 \
+      --set model.train_projector=false --set train.batch_size=4 --seeds 0 --out "runs/bench-regime-noproj-bs4-opt-lr${spec##*:}"
+  done
 fi
 if [[ $part == all || $part == ablation ]]; then   # DISCO identity ablation (activation: see the disco part)
   for id in image text+image; do
