@@ -178,7 +178,7 @@ def test_minilm_separates_tasks_and_keeps_paraphrases_close():
 
 
 def test_task_overlap_is_the_cosine_of_the_tasks_mean_tokens_highest_first():
-    from fcit.models.identity import task_overlap
+    from fcit.methods.disco.routing import task_overlap
 
     class Table:  # an encoder that maps each text to a fixed unit vector
         dim = 2
@@ -187,11 +187,12 @@ def test_task_overlap_is_the_cosine_of_the_tasks_mean_tokens_highest_first():
         def encode(self, texts):
             return torch.tensor([self.vectors[t] for t in texts])
 
-    pairs = task_overlap(Table(), {"A": ["a1", "a2"], "B": ["b"], "C": ["c"], "empty": []})
+    tokens = {t: identity_token(Table(), texts)[0] for t, texts in {"A": ["a1", "a2"], "B": ["b"], "C": ["c"]}.items()}
+    pairs = task_overlap(tokens)
     # A's token is the mean (0.5, 0.5): cos 1/sqrt(2) to B's (1, 0) and -1/sqrt(2) to C's; B and C point apart
     assert [(a, b) for _, a, b in pairs] == [("A", "B"), ("A", "C"), ("B", "C")]
     assert [round(c, 4) for c, _, _ in pairs] == [0.7071, -0.7071, -1.0]
-    assert task_overlap(Table(), {"A": ["a1"], "empty": []}) == []
+    assert task_overlap({"A": tokens["A"]}) == [] and task_overlap({}) == []
 
 
 def test_clip_text_encoder_from_a_local_tiny_model(tmp_path):

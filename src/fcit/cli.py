@@ -187,11 +187,15 @@ def cmd_data_show(args: argparse.Namespace) -> None:
     print(show(cfg, args.setting, args.beta, Path(args.out), bench=bench))
     print(f"sample grid written to {Path(args.out) / 'samples.png'}")
     if encoder is not None:
-        from fcit.models.identity import instruction_text, task_overlap
+        from fcit.methods.disco.routing import task_overlap
+        from fcit.models.identity import identity_token, instruction_text
 
         samples = task_samples(scenario_for(cfg, args.setting, args.beta, bench), args.identity_samples)
-        texts = {task: [instruction_text(s) for s in ss] for task, ss in samples.items()}
-        print(overlap_report(task_overlap(encoder, texts), args.identity, args.identity_samples))
+        # Each task's token is the mean feature of its instructions, as DISCO's global token of a task is the
+        # sample-weighted mean of its clients' tokens.
+        tokens = {task: identity_token(encoder, [instruction_text(s) for s in ss])[0]
+                  for task, ss in samples.items() if ss}
+        print(overlap_report(task_overlap(tokens), args.identity, args.identity_samples))
 
 
 def cmd_data_check(args: argparse.Namespace) -> None:

@@ -55,18 +55,6 @@ def identity_token(encoder: TextEncoder, texts: Sequence[str]) -> tuple[torch.Te
     return encoder.encode(texts).mean(0), len(texts)
 
 
-def task_overlap(encoder: TextEncoder, texts: dict[str, Sequence[str]]) -> list[tuple[float, str, str]]:
-    """(cosine, task, task) for every pair of tasks, highest first: each task's identity token is the mean feature
-    of its instructions, as DISCO's global token of a task is the sample-weighted mean of its clients' tokens."""
-    names = [n for n, t in texts.items() if t]
-    if len(names) < 2:
-        return []
-    tokens = torch.nn.functional.normalize(torch.stack([identity_token(encoder, texts[n])[0] for n in names]), dim=-1)
-    sims = tokens @ tokens.T
-    pairs = [(float(sims[i, j]), names[i], names[j]) for i in range(len(names)) for j in range(i + 1, len(names))]
-    return sorted(pairs, key=lambda p: -p[0])
-
-
 def _quiet_hf() -> None:
     from transformers.utils import logging as hf_logging
 

@@ -22,6 +22,17 @@ def cosine_matrix(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return a @ b.T
 
 
+def task_overlap(tokens: dict[str, torch.Tensor]) -> list[tuple[float, str, str]]:
+    """(cosine, task, task) for every pair of tasks' identity tokens, highest first."""
+    names = list(tokens)
+    if len(names) < 2:
+        return []
+    stacked = torch.stack([tokens[n] for n in names])
+    sims = cosine_matrix(stacked, stacked)
+    pairs = [(float(sims[i, j]), names[i], names[j]) for i in range(len(names)) for j in range(i + 1, len(names))]
+    return sorted(pairs, key=lambda p: -p[0])
+
+
 def route_sim(sim: torch.Tensor, used: torch.Tensor, tau: float) -> list[int]:
     """Per row: the most similar used slot if its similarity is >= tau, else ``NEW``."""
     used = torch.as_tensor(used, dtype=torch.bool)
