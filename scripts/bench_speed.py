@@ -36,12 +36,13 @@ import torch
 
 
 class Probe:
-    """Seconds and counts by name, plus the padded tokens of every training batch."""
+    """Seconds and counts by name, plus the padded tokens and the (batch, length) shapes of the training batches."""
 
     def __init__(self):
         self.sec: dict[str, float] = defaultdict(float)
         self.n: dict[str, int] = defaultdict(int)
         self.tokens = 0
+        self.shapes: set[tuple[int, int]] = set()
 
     def timed(self, name, fn):
         def wrapper(*a, **k):
@@ -76,6 +77,7 @@ def install(probe: Probe):
         probe.sec["collate"] += time.perf_counter() - t0
         probe.n["collate"] += 1
         probe.tokens += b["input_ids"].numel()
+        probe.shapes.add(tuple(b["input_ids"].shape))
         return b
 
     Batcher.train_batch = train_batch
@@ -189,6 +191,7 @@ def probed_run(preset: str, overrides: list[str], flops: bool = True) -> tuple[d
     wall, res, exp = _run(cfg)
     out = _summary(wall, res)
     out.update({"steps": probe.n["clip"], "local_runs": probe.n["local_train"], "padded_tokens": probe.tokens,
+                "distinct_shapes": len(probe.shapes),
                 "breakdown_s": {k: round(v, 2) for k, v in sorted(probe.sec.items())}})
     bd = out["breakdown_s"]
     bd["optimizer"] = round(bd.get("optimizer", 0.0) + bd.pop("clip", 0.0), 2)
@@ -260,7 +263,7 @@ def table(r: dict) -> str:
              f"{run['wall_s']} s, Last {run['last']:.2f}, Avg {run['avg']:.2f}",
              "  timing: " + ", ".join(f"{k} {v}" for k, v in run["timing"].items()),
              f"probed run (one process, one thread): wall {p['wall_s']} s, Last {p['last']:.2f}, steps {p['steps']}, "
-             f"local runs {p['local_runs']}",
+             f"local runs {p['local_runs']}, distinct batch shapes {p.get('distinct_shapes', '-')}",
              "  timing: " + ", ".join(f"{k} {v}" for k, v in p["timing"].items())]
     if "per_step_ms" in p:
         lines.append("  per step (ms): " + ", ".join(f"{k} {v}" for k, v in p["per_step_ms"].items()))

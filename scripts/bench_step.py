@@ -1,7 +1,7 @@
 """One training step of the embedded model, with and without the last layer on the answer rows, by batch size.
 
     .venv/bin/python scripts/bench_step.py [--preset default] [--set KEY=VALUE ...] [--sizes 1,2,4,8,16]
-                                           [--repeats 5] [--threads 1] [--out bench_step.json]
+                                           [--repeats 5] [--threads 1] [--out bench_step.json] [--new-shapes]
 
 A whole run's wall time moves by several percent from one run to the next on a shared 2-core machine, more than a
 change to the step saves. This script times the step itself: forward (answer-only loss) and backward on real
@@ -9,6 +9,13 @@ training batches of the run's datasets (8 batches per size, one per task), as lo
 layers and the compute dtype of the config, one thread like a pool worker), with the two variants timed in turn,
 round-robin, so that the machine's drift hits both alike. Reported: the median ms per step of each variant and
 their ratio. Compiling happens in the warm-up, outside the timing.
+
+``--new-shapes`` times instead what a batch shape costs the first time a process runs it: for each batch size (of
+one task's samples, after a warm-up at another size), one step on a batch of a shape the process has not run, then
+one on new samples of that same shape (so both pay the vision tower for images not seen yet), then that batch again.
+The difference of the first two is the per-shape setup; on the bf16 path, oneDNN builds its matmul kernels for
+every new shape (the fp32 path calls MKL, which builds none). A run meets each distinct (batch, length) once per
+worker process (`bench_speed.py` counts them).
 """
 
 from __future__ import annotations
@@ -32,6 +39,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", default="bench_step.json")
+    ap.add_argument("--new-shapes", action="store_true", help="time a step at a batch shape the process has not run")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -58,6 +66,15 @@ def main() -> None:
     rng = random.Random(0)
     results = []
     model.train()
+    if args.new_shapes:
+        results = new_shapes(exp, cfg, step, [int(x) for x in args.sizes.split(",")], rng)
+        out = {"preset": args.preset, "overrides": args.overrides, "threads": args.threads,
+               "compute_dtype": cfg.model.compute_dtype, "compiled": compiles(cfg.train, model_device(model)),
+               "new_shapes": results,
+               "mean_extra_ms": round(statistics.mean(r["extra_ms"] for r in results), 1)}
+        Path(args.out).write_text(json.dumps(out, indent=1) + "\n")
+        print(f"mean extra ms for a new shape: {out['mean_extra_ms']} (written to {args.out})")
+        return
     try:
         with training_compiled(model, compiles(cfg.train, model_device(model))):
             for bs in [int(x) for x in args.sizes.split(",")]:
@@ -86,6 +103,34 @@ def main() -> None:
            "rows": results}
     Path(args.out).write_text(json.dumps(out, indent=1) + "\n")
     print(f"(written to {args.out})")
+
+
+def new_shapes(exp, cfg, step, sizes: list[int], rng: random.Random) -> list[dict]:
+    """Per batch size: a step at a new shape, one at the same shape with new samples, and a repeat; ms each."""
+    from fcit.models.compiled import compiles, training_compiled
+    from fcit.models.device import model_device
+
+    model = exp.model
+    pool = list(exp.scenario.task_train(0))
+    rows = []
+    with training_compiled(model, compiles(cfg.train, model_device(model))):
+        warm = exp.batcher.train_batch(rng.sample(pool, max(sizes) + 1))  # compiles, at a size not measured
+        step(warm), step(warm)
+        for bs in sizes:
+            first, second = (exp.batcher.train_batch(rng.sample(pool, bs)) for _ in range(2))
+            if tuple(first["input_ids"].shape) != tuple(second["input_ids"].shape):
+                continue  # padded to another length: not the same shape
+            ms = []
+            for b in (first, second, second):
+                t0 = time.perf_counter()
+                step(b)
+                ms.append(1000 * (time.perf_counter() - t0))
+            row = {"batch": list(first["input_ids"].shape), "new_shape_ms": round(ms[0], 1),
+                   "new_samples_ms": round(ms[1], 1), "repeat_ms": round(ms[2], 1),
+                   "extra_ms": round(ms[0] - ms[1], 1)}
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    return rows
 
 
 if __name__ == "__main__":
