@@ -1,6 +1,6 @@
 """Is the embedded benchmark in the paper's regime? Issue 16's bars, read off a `fcit compare` folder.
 
-    python scripts/regime.py runs/bench-hom [--markdown] [--per-dataset]
+    python scripts/regime.py runs/bench-hom [--markdown] [--per-dataset] [--interference [METHOD]]
 
 The folder holds `<method>-s<seed>/` run directories (what `scripts/benchmark.sh` writes). Every figure is a mean
 over the seeds found for that method; a bar whose runs are missing is "not measured", never guessed. Per dataset,
@@ -10,7 +10,8 @@ model reaches without looking at the image. The ratio bars are given against bot
 (``mtl``) and the federated one (``mtl-fed``, one stage over the union with the continual run's sample budget). The
 issue's targets come from the paper's ratios to its MTL row, which the reference code most likely produced with the
 federated run (reference section 6), so ``mtl-fed`` is the like-for-like denominator; both are printed, neither is
-dropped. Not computed here: the server-optimizer bar (DISCO under each optimizer
+dropped. ``--interference`` prints, for one method (Finetune by default), what each stage took from each dataset
+seen before it, as a mean over seeds (``fcit.eval.metrics.stage_drops``): which tasks overwrite which. Not computed here: the server-optimizer bar (DISCO under each optimizer
 within 5 points of FedAvg; the `optimizers` part of `scripts/benchmark.sh` writes those runs elsewhere).
 """
 
@@ -23,6 +24,7 @@ from pathlib import Path
 from typing import Optional
 from statistics import fmean as mean
 
+from fcit.eval.metrics import new_datasets, stage_drops
 from fcit.eval.scorers import score_dataset
 from fcit.results import RunResult
 from fcit.rundir import read_config
@@ -150,12 +152,42 @@ def per_dataset(folder: Path) -> str:
     return "\n".join(lines) + "\n"
 
 
+def interference(folder: Path, method: str = "finetune", top: int = 5) -> str:
+    """Markdown: the score each stage took from each earlier dataset (mean over the method's seeds), stages named by
+    the datasets they bring; then the ``top`` largest losses."""
+    runs = [r for _, r in load_runs(folder).get(method, [])]
+    if not runs:
+        return f"(no {method} runs in {folder})\n"
+    stages = [" + ".join(ds) for ds in new_datasets(runs[0].matrix)]
+    if any([" + ".join(ds) for ds in new_datasets(r.matrix)] != stages for r in runs):
+        raise SystemExit(f"regime: the {method} runs in {folder} do not share one stage order")
+    drops = [stage_drops(r.matrix) for r in runs]
+    datasets = runs[0].matrix.datasets
+    cell: dict[tuple[str, int], float] = {}
+    for t in range(len(stages) - 1):
+        for d in datasets:
+            if all(d in run[t] for run in drops):
+                cell[(d, t)] = mean([run[t][d] for run in drops])
+    lines = [f"Score taken by each stage from each dataset seen before it, {NAMES.get(method, method)}, mean of "
+             f"{len(runs)} seed(s) (negative: it rose)", "",
+             "| dataset \\ stage | " + " | ".join(stages[1:]) + " |", "|---|" + "---:|" * (len(stages) - 1)]
+    for d in datasets:
+        if any((d, t) in cell for t in range(len(stages) - 1)):
+            lines.append(f"| {d} | " + " | ".join(f"{round(cell[(d, t)], 1) + 0.0:.1f}" if (d, t) in cell else ""
+                                                   for t in range(len(stages) - 1)) + " |")
+    worst = sorted(cell.items(), key=lambda kv: -kv[1])[:top]
+    lines += ["", "Largest: " + "; ".join(f"{d} loses {v:.1f} in the {stages[t + 1]} stage" for (d, t), v in worst)]
+    return "\n".join(lines) + "\n"
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("folder", type=Path)
     ap.add_argument("--markdown", action="store_true", help="a markdown table instead of aligned text")
     ap.add_argument("--per-dataset", action="store_true",
                     help="also print each method's final score per dataset (mean over seeds), markdown")
+    ap.add_argument("--interference", nargs="?", const="finetune", metavar="METHOD",
+                    help="also print what each stage took from each earlier dataset, for METHOD (default finetune)")
     args = ap.parse_args(argv)
     if not args.folder.is_dir():
         print(f"regime: {args.folder}: no such folder", file=sys.stderr)
@@ -171,6 +203,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{r[0]:<{w}}  {r[1]:>10}  {r[2]:<40}  {r[3]}")
     if args.per_dataset:
         print("\n" + per_dataset(args.folder), end="")
+    if args.interference:
+        print("\n" + interference(args.folder, args.interference), end="")
     return 0
 
 

@@ -11,6 +11,8 @@ from fcit.eval.metrics import (
     group_means,
     last,
     mean_std,
+    new_datasets,
+    stage_drops,
     summary,
 )
 
@@ -59,6 +61,16 @@ def test_forgetting_can_be_negative_when_old_tasks_improve():
     m.add_stage({"A": 50.0})
     m.add_stage({"A": 58.0, "B": 70.0})
     assert forgetting(m, ["B"]) == pytest.approx(-8.0)
+
+
+def test_stage_drops_say_which_stage_took_what_and_new_datasets_name_the_stages():
+    m = three_stage()
+    # stage 2 took 10 from A; stage 3 gave A back 5 and took 20 from B; C is new in stage 3, so not a drop
+    assert stage_drops(m) == [{"A": 10.0}, {"A": -5.0, "B": 20.0}]
+    assert new_datasets(m) == [["A"], ["B"], ["C"]]
+    one = AccuracyMatrix()
+    one.add_stage({"A": 1.0})
+    assert stage_drops(one) == []
 
 
 def test_forgetting_undefined_cases():

@@ -74,3 +74,22 @@ def test_two_tasks_on_one_subspace_fail_the_one_per_task_bar(tmp_path, monkeypat
     _run(tmp_path, "disco", 0, 40.0, shared, stages=2)
     rows = _rows(tmp_path, monkeypatch)
     assert rows["DISCO subspaces, one per task (formed; tasks on a subspace of their own)"] == ("2; 1", "not met")
+
+
+def test_interference_is_what_each_stage_took_from_each_earlier_dataset_mean_over_seeds(tmp_path):
+    for seed, (a2, a3, b3) in enumerate([(70.0, 60.0, 50.0), (60.0, 70.0, 30.0)]):
+        res = RunResult(method="finetune", scenario="task-hom", seed=seed,
+                        matrix=AccuracyMatrix(["A", "B", "C"], [{"A": 80.0}, {"A": a2, "B": 60.0},
+                                                                {"A": a3, "B": b3, "C": 90.0}]),
+                        summary=Summary(last=0.0, avg=None, forgetting=None), per_dataset=[], rounds=[], timing={})
+        d = tmp_path / f"finetune-s{seed}"
+        d.mkdir()
+        write_json(d / "metrics.json", res.to_dict())
+    lines = regime.interference(tmp_path).splitlines()
+    table = lines[lines.index("| dataset \\ stage | B | C |"):]
+    # A: stage B took 10 and 20 (mean 15), stage C took 10 and -10 (mean 0); B: stage C took 10 and 30 (mean 20)
+    assert table[2] == "| A | 15.0 | 0.0 |"
+    assert table[3] == "| B |  | 20.0 |"
+    assert lines[-1] == ("Largest: B loses 20.0 in the C stage; A loses 15.0 in the B stage; "
+                         "A loses 0.0 in the C stage")
+    assert regime.interference(tmp_path, "disco").startswith("(no disco runs")

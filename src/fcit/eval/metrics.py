@@ -28,6 +28,8 @@ __all__ = [
     "last",
     "avg",
     "forgetting",
+    "stage_drops",
+    "new_datasets",
     "group_means",
     "summary",
     "mean_std",
@@ -136,6 +138,27 @@ def forgetting(m: AccuracyMatrix, final_stage_datasets: list[str]) -> Optional[f
             raise FcitError(f"accuracy matrix: dataset {name!r} was seen before but has no score after the final stage")
         drops.append(max(history) - final[name])
     return _mean(drops) if drops else None
+
+
+def stage_drops(m: AccuracyMatrix) -> list[dict[str, float]]:
+    """What each stage took from the datasets already seen: ``out[t][d] = a[t][d] - a[t+1][d]`` for every dataset
+    scored after both stage ``t`` and stage ``t+1`` (so ``len(out) == num_stages - 1``; negative where it rose).
+
+    Forgetting says how much a dataset lost by the end; this says which stage took it, so a benchmark's designer
+    sees which tasks overwrite which (e.g. two tasks that answer in the same format).
+    """
+    _require_rows(m)
+    return [{d: prev[d] - cur[d] for d in prev if d in cur} for prev, cur in zip(m.rows, m.rows[1:])]
+
+
+def new_datasets(m: AccuracyMatrix) -> list[list[str]]:
+    """Per stage, the datasets first scored after it (in the Task-related setting: the stage's own task)."""
+    seen: set[str] = set()
+    out = []
+    for row in m.rows:
+        out.append([d for d in m.datasets if d in row and d not in seen])
+        seen.update(row)
+    return out
 
 
 def group_means(scores: dict[str, float], groups: dict[str, list[str]]) -> dict[str, float]:
