@@ -84,7 +84,15 @@ if [[ $part == all || $part == regime-levers ]]; then # issue 16: training choic
   cmp --methods finetune,disco,mtl --seeds 0 --set model.train_projector=false --out runs/bench-regime-noproj
   cmp --methods zeroshot,finetune,ewc,lwf,olora,mlora,moelora,disco,mtl,mtl-fed --seeds "$SEEDS" \
     --set model.train_projector=false --set train.batch_size=4 --out runs/bench-regime-noproj-bs4
-  .venv/bin/python scripts/regime.py runs/bench-regime-noproj-bs4 --markdown --per-dataset
+  .venv/bin/python scripts/regime.py runs/bench-regime-noproj-bs4 --markdown --per-dataset --interference
+  # the seesaw: a smaller update (rate) or a larger one (a rank-32 LoRA on every linear layer of the language model)
+  cmp --methods finetune,mtl,disco --seeds 0 --set train.lr=0.0005 --out runs/bench-regime-lr0.0005
+  cmp --methods finetune,mtl,disco --seeds 0 --set train.lr=0.001 --out runs/bench-regime-lr0.001
+  cmp --methods finetune,mtl,disco --seeds 0 --set train.lr=0.001 --set model.train_projector=false \
+    --set train.batch_size=4 --out runs/bench-regime-noproj-bs4-lr0.001
+  cmp --methods finetune,mtl,disco --seeds 0 --set model.lora.r=32 --set model.lora.alpha=64 \
+    --set 'model.lora.target=model\.language_model\..*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)' \
+    --out runs/bench-regime-r32-all
   for spec in fedadam,fedyogi:0.01 fedadagrad:0.03 fedavgm:1.0; do  # the server optimizers at momentum 0.5, seed 0
     cmp --methods disco --aggregators "${spec%%:*}" --set federation.server_lr="${spec##*:}" --set federation.beta1=0.5 \
       --set model.train_projector=false --set train.batch_size=4 --seeds 0 --out "runs/bench-regime-noproj-bs4-opt-lr${spec##*:}"
