@@ -68,6 +68,8 @@ def main() -> None:
     model.train()
     if args.new_shapes:
         results = new_shapes(exp, cfg, step, [int(x) for x in args.sizes.split(",")], rng)
+        if not results:
+            raise SystemExit("bench_step: no batch size gave two batches of one shape; try other --sizes")
         out = {"preset": args.preset, "overrides": args.overrides, "threads": args.threads,
                "compute_dtype": cfg.model.compute_dtype, "compiled": compiles(cfg.train, model_device(model)),
                "new_shapes": results,

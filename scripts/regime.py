@@ -11,8 +11,9 @@ model reaches without looking at the image. The ratio bars are given against bot
 issue's targets come from the paper's ratios to its MTL row, which the reference code most likely produced with the
 federated run (reference section 6), so ``mtl-fed`` is the like-for-like denominator; both are printed, neither is
 dropped. ``--interference`` prints, for one method (Finetune by default), what each stage took from each dataset
-seen before it, as a mean over seeds (``fcit.eval.metrics.stage_drops``): which tasks overwrite which. Not computed here: the server-optimizer bar (DISCO under each optimizer
-within 5 points of FedAvg; the `optimizers` part of `scripts/benchmark.sh` writes those runs elsewhere).
+seen before it, as a mean over seeds (``fcit.eval.metrics.stage_drops``): which tasks overwrite which. Not computed
+here: the server-optimizer bar (DISCO under each optimizer within 5 points of FedAvg; the `optimizers` part of
+`scripts/benchmark.sh` writes those runs elsewhere).
 """
 
 from __future__ import annotations
