@@ -66,13 +66,13 @@ def main() -> None:
     rng = random.Random(0)
     results = []
     model.train()
+    header = {"preset": args.preset, "overrides": args.overrides, "threads": args.threads,
+              "compute_dtype": cfg.model.compute_dtype, "compiled": compiles(cfg.train, model_device(model))}
     if args.new_shapes:
         results = new_shapes(exp, cfg, step, [int(x) for x in args.sizes.split(",")], rng)
         if not results:
             raise SystemExit("bench_step: no batch size gave two batches of one shape; try other --sizes")
-        out = {"preset": args.preset, "overrides": args.overrides, "threads": args.threads,
-               "compute_dtype": cfg.model.compute_dtype, "compiled": compiles(cfg.train, model_device(model)),
-               "new_shapes": results,
+        out = {**header, "new_shapes": results,
                "mean_extra_ms": round(statistics.mean(r["extra_ms"] for r in results), 1)}
         Path(args.out).write_text(json.dumps(out, indent=1) + "\n")
         print(f"mean extra ms for a new shape: {out['mean_extra_ms']} (written to {args.out})")
@@ -100,9 +100,7 @@ def main() -> None:
                 print(json.dumps(row), flush=True)
     finally:
         answer_loss._rows_usable = rows_usable
-    out = {"preset": args.preset, "overrides": args.overrides, "threads": args.threads,
-           "compute_dtype": cfg.model.compute_dtype, "compiled": compiles(cfg.train, model_device(model)),
-           "rows": results}
+    out = {**header, "rows": results}
     Path(args.out).write_text(json.dumps(out, indent=1) + "\n")
     print(f"(written to {args.out})")
 

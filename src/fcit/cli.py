@@ -173,7 +173,7 @@ def cmd_data_build(args: argparse.Namespace) -> None:
 
 def cmd_data_show(args: argparse.Namespace) -> None:
     from fcit.data.loader import open_benchmark
-    from fcit.data.show import overlap_report, scenario_for, show, task_samples
+    from fcit.data.show import overlap_report, scenario_for, show_scenario, task_samples
 
     cfg = _load(args)
     if args.identity_samples < 1:
@@ -184,13 +184,14 @@ def cmd_data_show(args: argparse.Namespace) -> None:
 
         encoder = get_text_encoder(args.identity)  # a bad spec or a missing encoder fails before any work
     bench = open_benchmark(cfg)
-    print(show(cfg, args.setting, args.beta, Path(args.out), bench=bench))
+    sc = scenario_for(cfg, args.setting, args.beta, bench)
+    print(show_scenario(sc, bench, Path(args.out)))
     print(f"sample grid written to {Path(args.out) / 'samples.png'}")
     if encoder is not None:
         from fcit.methods.disco.routing import task_overlap
         from fcit.models.identity import identity_token, instruction_text
 
-        samples = task_samples(scenario_for(cfg, args.setting, args.beta, bench), args.identity_samples)
+        samples = task_samples(sc, args.identity_samples)
         # Each task's token is the mean feature of its instructions, as DISCO's global token of a task is the
         # sample-weighted mean of its clients' tokens.
         tokens = {task: identity_token(encoder, [instruction_text(s) for s in ss])[0]

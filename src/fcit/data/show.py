@@ -160,7 +160,11 @@ def render_samples(bench: Benchmark, datasets: list[str], path: Path, per_datase
 def show(cfg: Config, setting: str, beta: float | None, out: Path, bench: Optional[Benchmark] = None) -> str:
     """Text report of ``setting`` under ``cfg`` (beta overridden when given); writes ``out/samples.png``."""
     bench = bench or open_benchmark(cfg)
-    sc = scenario_for(cfg, setting, beta, bench)
+    return show_scenario(scenario_for(cfg, setting, beta, bench), bench, out)
+
+
+def show_scenario(sc: Scenario, bench: Benchmark, out: Path) -> str:
+    """``show`` for a scenario already built (``fcit data show --identity`` reuses it for the task samples)."""
     datasets = [d for ds in sc.tasks for d in ds]
     text = "\n".join([report(sc), *templates(bench, datasets)])
     out = Path(out)
