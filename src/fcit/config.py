@@ -34,6 +34,9 @@ class SynthConfig(_Strict):
     n_pretrain: int = Field(20000, ge=10, description="samples in the generic description mixture (pre-training phase 1)")
     n_instruct: int = Field(20000, ge=10, description="samples in the generic instruction mixture (pre-training phase 2)")
     image_size: int = Field(48, ge=16, le=512)
+    # 4: the data of every committed table. 5: ImageNet-R and super-CLEVR asked in LLaVA-1.5's phrasing ("What is
+    # the object in the image?"), so two tasks' identity tokens overlap as on real data (README "FCIT-Synth v5").
+    version: Literal[4, 5] = Field(4, description="FCIT-Synth generator version (4: the committed tables' data)")
 
 
 class DataConfig(_Strict):

@@ -81,7 +81,7 @@ def pretrain(cfg: Config, out: Optional[Path] = None, epochs: Optional[int] = No
     write_json(out / "fcit_pretrain.json", {
         "spec": spec.__dict__,
         "synth": scfg.model_dump(),
-        "generator_version": synth.GENERATOR_VERSION,
+        "generator_version": synth.generator_version(scfg),
         # Each mixture's own fingerprint: which data this base saw, whatever the generator version says.
         "mixture_sha256": hashlib.sha256((root / "pretrain" / "train.json").read_bytes()).hexdigest(),
         "epochs": epochs,
