@@ -226,6 +226,7 @@ def test_show(bench, tmp_path):
     text = show(cfg, "task-het", 0.5, tmp_path / "out")
     assert "task-het" in text and "beta 0.5" in text and "Gini" in text and "#" in text
     assert "positions -> tasks [1, 2, 4, 5, 6]" in text
+    assert text.splitlines()[1] == f"Benchmark: {bench.root}"  # real files: no generator version to name
     assert (tmp_path / "out" / "samples.png").stat().st_size > 1000
     assert "Instruction endings" in text
     # the fixture's instructions are all different: the two most common endings, then how many more there are

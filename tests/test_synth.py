@@ -159,6 +159,9 @@ def test_v5_asks_two_tasks_otherwise_and_leaves_v4_where_it_was(built, tmp_path)
     v5 = synth.build(SMALL.model_copy(update={"version": 5}), tmp_path, progress=False)
     assert v5.name != built.name
     assert json.loads((v5 / "manifest.json").read_text())["generator_version"] == "5"
+    from fcit.data.show import _generator
+
+    assert (_generator(built), _generator(v5)) == (" (FCIT-Synth v4)", " (FCIT-Synth v5)")  # `fcit data show` names it
     for name in registry.TASK_ORDER:
         (tr4, te4), (tr5, te5) = _load(built, name), _load(v5, name)
         q4 = [r["conversations"][0]["value"] for r in tr4] + [r["text"] for r in te4]

@@ -55,13 +55,24 @@ def scenario_for(cfg: Config, setting: str, beta: Optional[float], bench: Benchm
     return Scenario(cfg.scenario.model_copy(update=update), cfg.seed, bench, partitions_root=cfg.data.partitions)
 
 
+def _generator(root: Path) -> str:
+    """" (FCIT-Synth vN)" for a generated benchmark (its manifest says which generator wrote it), else ""."""
+    import json
+
+    try:
+        version = json.loads((Path(root) / "manifest.json").read_text())["generator_version"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return ""
+    return f" (FCIT-Synth v{version})"
+
+
 def report(sc: Scenario) -> str:
     c = sc.cfg
     source = f"released partitions {sc.partitions_root}" if sc.partitions_root else f"Dirichlet draw, seed {sc.seed}"
     out = [
         f"Scenario {sc.name}: {sc.num_stages} stages, {c.num_clients} clients, {c.clients_per_round} per round, "
         f"{c.rounds} rounds per stage, beta {c.beta:g}, min_size {c.min_size} ({source})",
-        f"Benchmark: {sc.bench.root}",
+        f"Benchmark: {sc.bench.root}{_generator(sc.bench.root)}",
         "",
         "Tasks:",
     ]
