@@ -42,7 +42,6 @@ from fcit.config import SynthConfig
 from fcit.data import registry
 from fcit.errors import FcitError
 
-
 # ---------------------------------------------------------------------------------------------------------------
 # Vocabulary. Fixed lists keep the whole text corpus small (the tokenizer is trained on it).
 
@@ -835,7 +834,7 @@ def qa_super_clevr(s: SceneSpec, rng, i) -> QA:
 
 
 # v5: LLaVA-1.5's ImageNet-R instruction is one fixed question, and the scene questions name "the image" as it does,
-# so ImageNet-R's and super-CLEVR's identity tokens meet at a cosine of 0.80 (v4: 0.68 at most between any two
+# so ImageNet-R's and super-CLEVR's identity tokens meet at a cosine of 0.80 (v4: 0.69 at most between any two
 # tasks), as tasks written in one style do on real data, still below DISCO's tau of 0.9.
 def qa_imagenet_r_v5(s: ObjectSpec, rng, i) -> QA:
     return f"What is the object in the image?\n{SUFFIX['ImageNet-R']}", s.shape, [s.shape], {}
