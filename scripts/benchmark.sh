@@ -98,10 +98,11 @@ if [[ $part == all || $part == regime-levers ]]; then # issue 16: training choic
       --set model.train_projector=false --set train.batch_size=4 --seeds 0 --out "runs/bench-regime-noproj-bs4-opt-lr${spec##*:}"
   done
 fi
-if [[ $part == all || $part == regime-v5 ]]; then # issue 16: the regime bars on FCIT-Synth v5 (the identity tokens' overlap), seed 0 (V5_SEEDS)
-  cmp --methods zeroshot,finetune,ewc,lwf,olora,mlora,moelora,disco,mtl,mtl-fed --seeds "${V5_SEEDS:-0}" \
+if [[ $part == all || $part == regime-v5 ]]; then # issue 16: the regime bars on FCIT-Synth v5 (the identity tokens' overlap), three seeds; then Finetune and DISCO in Het, seed 0
+  cmp --methods zeroshot,finetune,ewc,lwf,olora,mlora,moelora,disco,mtl,mtl-fed --seeds "${V5_SEEDS:-$SEEDS}" \
     --set data.synth.version=5 --out runs/bench-v5-hom
   .venv/bin/python scripts/regime.py runs/bench-v5-hom --markdown --per-dataset --interference
+  cmp --methods finetune,disco --seeds 0 --set data.synth.version=5 --set scenario.mode=het --out runs/bench-v5-het
 fi
 if [[ $part == all || $part == ablation ]]; then   # DISCO identity ablation (activation: see the disco part)
   for id in image text+image; do
