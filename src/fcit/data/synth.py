@@ -821,16 +821,22 @@ def _unique(values: list[str]) -> list[str]:
     return [v for v in dict.fromkeys(values) if values.count(v) == 1]
 
 
-def qa_super_clevr(s: SceneSpec, rng, i) -> QA:
+def _attribute_qa(s: SceneSpec, rng, color_q: str, shape_q: str) -> QA:
+    """super-CLEVR's question about a unique object's colour (``color_q`` names its shape) or shape (``shape_q``
+    names its colour); the versions differ in the phrasing only, so they make the same draws and answers."""
     colors, shapes = _unique([o.color for o in s.objs]), _unique([o.shape for o in s.objs])
     ask_color = bool(shapes) and (not colors or rng.random() < 0.5)
     if ask_color:
         shape = _pick(rng, shapes)
-        q, ans = f"What color is the {shape}?", next(o.color for o in s.objs if o.shape == shape)
+        q, ans = color_q.format(shape), next(o.color for o in s.objs if o.shape == shape)
     else:
         color = _pick(rng, colors)
-        q, ans = f"What shape is the {color} object?", next(o.shape for o in s.objs if o.color == color)
+        q, ans = shape_q.format(color), next(o.shape for o in s.objs if o.color == color)
     return f"{q}\n{SUFFIX['super-CLEVR']}", ans, [ans], {}
+
+
+def qa_super_clevr(s: SceneSpec, rng, i) -> QA:
+    return _attribute_qa(s, rng, "What color is the {}?", "What shape is the {} object?")
 
 
 # v5: LLaVA-1.5's ImageNet-R instruction is one fixed question, and the scene questions name "the image" as it does,
@@ -841,16 +847,8 @@ def qa_imagenet_r_v5(s: ObjectSpec, rng, i) -> QA:
 
 
 def qa_super_clevr_v5(s: SceneSpec, rng, i) -> QA:
-    colors, shapes = _unique([o.color for o in s.objs]), _unique([o.shape for o in s.objs])
-    ask_color = bool(shapes) and (not colors or rng.random() < 0.5)
-    if ask_color:
-        shape = _pick(rng, shapes)
-        q, ans = f"What color is the {shape} in the image?", next(o.color for o in s.objs if o.shape == shape)
-    else:
-        color = _pick(rng, colors)
-        q = f"What is the shape of the {color} object in the image?"
-        ans = next(o.shape for o in s.objs if o.color == color)
-    return f"{q}\n{SUFFIX['super-CLEVR']}", ans, [ans], {}
+    return _attribute_qa(s, rng, "What color is the {} in the image?",
+                         "What is the shape of the {} object in the image?")
 
 
 def _super_clevr_ok(s: SceneSpec) -> bool:
