@@ -93,3 +93,35 @@ def test_interference_is_what_each_stage_took_from_each_earlier_dataset_mean_ove
     assert lines[-1] == ("Largest: B loses 20.0 in the C stage; A loses 15.0 in the B stage; "
                          "A loses 0.0 in the C stage")
     assert regime.interference(tmp_path, "disco").startswith("(no disco runs")
+
+
+# -- scripts/base_skills.py ---------------------------------------------------------------------------------------
+def test_base_skills_sets_each_format_against_a_constant_answer_and_splits_the_comparison_formats_by_family():
+    from fcit.data.records import Sample
+
+    skills = load_script("base_skills").skills
+
+    def sample(i, fmt, answer):
+        return Sample(dataset="general", id=f"q{i}", image="x.png", prompt="?", answer=answer, refs=(answer,),
+                      meta={"format": fmt})
+
+    # word: always right; yes/no: a base that says "No" to everything, on 3 "Yes" and 1 "No" of bars and 2 "No" of
+    # the object family; letter: the right letter on one of the two families only; caption: not an accuracy format
+    samples = [sample(0, "word", "red"), sample(1, "word", "blue"),
+               sample(2, "yesno", "Yes"), sample(3, "yesno", "Yes"), sample(4, "yesno", "Yes"), sample(5, "yesno", "No"),
+               sample(6, "yesno", "No"), sample(7, "yesno", "No"),
+               sample(8, "letter", "A"), sample(9, "letter", "B"), sample(10, "letter", "C"), sample(11, "letter", "C"),
+               sample(12, "caption", "A bar chart.")]
+    preds = ["red", "blue", "No", "No", "No", "No", "No", "No", "A", "B", "A", "A", "A bar chart."]
+    family = {f"q{i}": "bars" for i in range(13)} | {"q6": "object", "q7": "object", "q10": "line", "q11": "line"}
+    rows = {(r["format"], r["family"]): r for r in skills(samples, preds, family)}
+    assert set(rows) == {("word", "all"), ("yesno", "all"), ("yesno", "bars"), ("yesno", "object"),
+                         ("letter", "all"), ("letter", "bars"), ("letter", "line")}
+    assert (rows["word", "all"]["base"], rows["word", "all"]["n"]) == (100.0, 2)
+    # "No" to everything scores 50 where "Yes" and "No" are even, and sits 0 above answering "No" or "Yes" always
+    assert rows["yesno", "all"] == {"format": "yesno", "family": "all", "n": 6, "base": 50.0, "constant": 50.0,
+                                   "margin": 0.0}
+    assert (rows["yesno", "bars"]["base"], rows["yesno", "bars"]["constant"], rows["yesno", "bars"]["margin"]) == (
+        25.0, 75.0, -50.0)
+    assert (rows["letter", "bars"]["margin"], rows["letter", "line"]["base"], rows["letter", "line"]["margin"]) == (
+        50.0, 0.0, -100.0)
