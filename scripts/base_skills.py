@@ -95,8 +95,14 @@ def main() -> None:
             print(f"{r['format']:7} {r['family']:14} n={r['n']:3}  base {r['base']:5.1f}  constant {r['constant']:5.1f}  "
                   f"margin {r['margin']:+.1f}")
     if args.out:
-        Path(args.out).write_text(json.dumps({"model": model, "rows": rows}, indent=1) + "\n")
+        Path(args.out).write_text(json.dumps({"model": model, "compute_dtype": cfg.model.compute_dtype,
+                                              "scoring": cfg.eval.scoring, "rows": rows}, indent=1) + "\n")
 
 
 if __name__ == "__main__":
-    main()
+    from fcit.errors import FcitError
+
+    try:
+        main()
+    except FcitError as e:  # a bad config or a benchmark without a general set: one line, no traceback
+        raise SystemExit(f"base_skills: {e}")
