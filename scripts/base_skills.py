@@ -22,7 +22,6 @@ import json
 from collections import Counter, defaultdict
 from pathlib import Path
 
-ACCURACY = ("word", "number", "yesno", "letter", "box")
 BINDING = ("yesno", "letter")  # formats whose answer depends on comparing the question with the image
 
 
@@ -38,17 +37,18 @@ def skills(samples, preds, family: dict[str, str], scoring: str = "reference") -
     """One row per accuracy format over all families, then per family for the formats in BINDING: the base's score,
     the constant answer's and the margin (percentage points)."""
     from fcit.data import registry
+    from fcit.eval.general import ACCURACY_FORMATS
     from fcit.eval.scorers import score
 
     groups: dict[tuple[str, str], list[int]] = defaultdict(list)
     for i, s in enumerate(samples):
         fmt = s.meta["format"]
-        if fmt in ACCURACY:
+        if fmt in ACCURACY_FORMATS:
             groups[(fmt, "all")].append(i)
             if fmt in BINDING:
                 groups[(fmt, family[s.id])].append(i)
     rows = []
-    for (fmt, fam), idx in sorted(groups.items(), key=lambda kv: (ACCURACY.index(kv[0][0]), kv[0][1] != "all", kv[0][1])):
+    for (fmt, fam), idx in sorted(groups.items(), key=lambda kv: (ACCURACY_FORMATS.index(kv[0][0]), kv[0][1] != "all", kv[0][1])):
         ss, ps = [samples[i] for i in idx], [preds[i] for i in idx]
         base = float(score(registry.FORMATS[fmt], ps, ss, scoring)["score"])
         const = constant_score(fmt, ss, scoring)
