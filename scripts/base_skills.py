@@ -66,7 +66,6 @@ def main() -> None:
     args = ap.parse_args()
 
     from fcit.config import load_config
-    from fcit.data import synth
     from fcit.data.loader import open_general
     from fcit.eval.evaluate import generate
     from fcit.methods import build_method
@@ -76,8 +75,7 @@ def main() -> None:
     rt = Runtime.build(cfg, progress=False)
     pm = prepare_model(cfg, build_method(cfg), rt.base_model, rt.processor)
     samples = open_general(cfg, progress=False)
-    root = synth.synth_root(cfg.data.synth, Path(cfg.data.root) if cfg.data.root else None)
-    family = {r["question_id"]: r["family"] for r in json.loads((root / synth.GENERAL_TEST_FILE).read_text())}
+    family = {s.id: s.meta.get("family", "-") for s in samples}
     preds = generate(pm.model, pm.batcher, samples, cfg.eval.batch_size, cfg.eval.max_new_tokens)
 
     rows = skills(samples, preds, family, cfg.eval.scoring)

@@ -57,6 +57,7 @@ def test_general_split_is_held_out_balanced_and_in_the_test_layout(tmp_path):
     assert not pairs & {(_sha(root / r["image"]), r["text"]) for r in records}
     samples = load_general_test(root / synth.GENERAL_TEST_FILE, root)
     assert len(samples) == n and all(s.dataset == GENERAL and s.meta["format"] for s in samples)
+    assert [s.meta["family"] for s in samples] == [r["family"] for r in records]  # per-family scores need it
 
 
 def test_general_split_skips_what_the_training_mixture_holds(monkeypatch):

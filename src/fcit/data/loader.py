@@ -244,7 +244,8 @@ GENERAL = "Instruct-Test"
 
 def load_general_test(path: str | Path, image_root: str | Path, check_images: bool = True) -> list[Sample]:
     """The general-ability test split: test records (``question_id``, ``image``, ``text``, ``answer``) of mixed
-    answer formats, each naming its ``format`` (a key of ``registry.FORMATS``); a box carries ``answer_bbox``."""
+    answer formats, each naming its ``format`` (a key of ``registry.FORMATS``); a box carries ``answer_bbox``. An
+    optional ``family`` (FCIT-Synth's image family) is kept in ``meta`` beside the format."""
     path, image_root = Path(path), Path(image_root)
     samples = []
     for i, rec in enumerate(_read_records(path)):
@@ -254,7 +255,8 @@ def load_general_test(path: str | Path, image_root: str | Path, check_images: bo
                             f"got {fmt!r}")
         spec = registry.DatasetSpec(GENERAL, "", "", path.name, "", registry.FORMATS[fmt])
         s = _parse_test(path, i, rec, spec, image_root)
-        samples.append(replace(s, meta={**s.meta, "format": fmt}))
+        extra = {"family": rec["family"]} if "family" in rec else {}
+        samples.append(replace(s, meta={**s.meta, "format": fmt, **extra}))
     if check_images:
         _check_images(path, samples, image_root)
     return samples
