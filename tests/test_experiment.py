@@ -291,3 +291,78 @@ def test_instruction_phase_keeps_the_vision_tower_and_tunes_the_language_model(t
     assert sum(not torch.equal(one[k], two[k]) for k in lm) == len(lm)
     meta = json.loads((tmp_path / "one" / "fcit_pretrain.json").read_text())
     assert meta["instruct"] is None
+
+
+def test_binding_pairs_ask_one_question_kind_of_one_image_with_a_true_and_a_false_value():
+    """Phase 3's data: the Yes question names what the image shows, the No question the same kind with another
+    value, checked against the image spec for the bar charts and the tables."""
+    import re
+
+    from fcit.config import SynthConfig
+    from fcit.data import synth
+
+    cfg = SynthConfig()
+    names = list(synth.FAMILIES)
+    checked = 0
+    for i in range(9 * 12):
+        name, spec, q_yes, q_no, img = synth.make_binding_pair(cfg, i, render=False)
+        assert name == names[i % len(names)] and img is None
+        assert q_yes.endswith(synth.SHORT) and q_no.endswith(synth.SHORT) and q_yes != q_no
+        # one template, two values: the questions differ in one place only
+        a, b = q_yes.split(), q_no.split()
+        assert len(a) == len(b) or name in ("object", "scene"), (q_yes, q_no)  # "a heart" / "an arrow"
+        if name in ("bars", "labelled_bars"):
+            for q, want in ((q_yes, True), (q_no, False)):
+                m = re.match(r"Is the (leftmost|middle|rightmost) bar (\w+)\?", q)
+                if m:
+                    assert (spec.colors[("leftmost", "middle", "rightmost").index(m[1])] == m[2]) is want
+                else:
+                    m = re.match(r"Is there a (\w+) bar in the chart\?", q)
+                    assert m and (m[1] in spec.colors) is want
+                checked += 1
+        if name == "table":
+            for q, want in ((q_yes, True), (q_no, False)):
+                m = re.match(r"Does the table have a row for (\w+)\?", q) or re.match(r"Is (\w+) written in the first", q)
+                assert m and (m[1] in (spec.items if "row for" in q else spec.items[:1])) is want
+                checked += 1
+    assert checked == 2 * 12 * 3
+
+
+def test_binding_phase_and_continuing_a_base_train_the_language_model_only(tmp_path, cache_dir, small_base,
+                                                                            monkeypatch):
+    """Phase 3 (minimal pairs with the instruction mixture) moves the LM and the projector, keeps the vision tower,
+    and `--from` runs it alone on an existing base, recorded as the start."""
+    import hashlib
+
+    from safetensors.torch import load_file
+
+    from fcit.data import synth
+    from fcit.errors import FcitError
+    from fcit.pretrain import pretrain
+
+    monkeypatch.setattr(synth, "BINDING_PAIRS", 6)
+    cfg = load_config(preset="smoke", overrides={"data.root": str(tmp_path / "cache"), "data.synth.n_pretrain": 24,
+                                                 "data.synth.n_instruct": 18})
+    full = pretrain(cfg, tmp_path / "full", epochs=1, progress=False, instruct_epochs=1, binding_epochs=1)
+    meta = json.loads((full / "fcit_pretrain.json").read_text())
+    assert meta["binding"]["pairs"] == 6 and meta["binding"]["with_instructions"] == 18
+    assert meta["binding"]["frozen"] == "vision_tower" and meta["binding"]["train"]["lr"] == 3e-4
+    records = json.loads((tmp_path / "cache").glob("*/binding/train.json").__next__().read_text())
+    assert [r["conversations"][1]["value"] for r in records] == ["Yes", "No"] * 6
+    assert all(records[k]["image"] == records[k + 1]["image"] for k in range(0, 12, 2))
+
+    with pytest.raises(FcitError, match="--binding-epochs"):
+        pretrain(cfg, tmp_path / "x", progress=False, start=small_base)
+    with pytest.raises(FcitError, match="must differ"):
+        pretrain(cfg, small_base, progress=False, start=small_base, binding_epochs=1)
+    cont = pretrain(cfg, tmp_path / "cont", progress=False, start=small_base, binding_epochs=1)
+    before, after = load_file(small_base / "model.safetensors"), load_file(cont / "model.safetensors")
+    vision = [k for k in before if "vision_tower" in k]
+    lm = [k for k in before if "language_model" in k and "layers" in k]
+    assert vision and lm
+    assert all(torch.equal(before[k], after[k]) for k in vision)
+    assert all(not torch.equal(before[k], after[k]) for k in lm)
+    meta = json.loads((cont / "fcit_pretrain.json").read_text())
+    assert meta["start"]["model_sha256"] == hashlib.sha256((small_base / "model.safetensors").read_bytes()).hexdigest()
+    assert meta["instruct"] == json.loads((small_base / "fcit_pretrain.json").read_text())["instruct"]
+    assert meta["binding"]["pairs"] == 6 and meta["binding"]["epochs"] == 1

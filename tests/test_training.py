@@ -79,3 +79,22 @@ def test_vision_cache_gives_the_same_loss_and_skips_the_tower(micro_backbone, mi
     cached_again.backward()  # gradients still reach the projector through cached features
     proj = [p for n, p in model.named_parameters() if "multi_modal_projector" in n]
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in proj)
+
+
+def test_blocks_stay_together_in_one_batch(micro_backbone, micro_samples):
+    """``block=2`` (pre-training's minimal pairs): every batch holds whole pairs, in an order that still varies."""
+    import pytest
+
+    base, processor = micro_backbone
+    model = attach_lora(copy.deepcopy(base), ModelConfig())
+    batcher = Batcher(model, processor)
+    seen = []
+    real = batcher.train_batch
+    batcher.train_batch = lambda ss: seen.append([int(s.id) for s in ss]) or real(ss)
+    local_train(model, batcher, get_state(model), micro_samples, TrainConfig(batch_size=4), seed=3, epochs=3, block=2)
+    assert len(seen) == 6 and sorted(sum(seen[:2], [])) == list(range(6))
+    for ids in seen:
+        assert len(ids) % 2 == 0 and all(ids[k] // 2 == ids[k + 1] // 2 and ids[k] % 2 == 0 for k in range(0, len(ids), 2))
+    assert len({tuple(sum(seen[e * 2:e * 2 + 2], [])) for e in range(3)}) > 1  # reshuffled per epoch
+    with pytest.raises(ValueError, match="must divide the batch size"):
+        local_train(model, batcher, get_state(model), micro_samples, TrainConfig(batch_size=3), seed=3, block=2)

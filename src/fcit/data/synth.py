@@ -1349,6 +1349,79 @@ def make_general_test(cfg: SynthConfig, render: bool = True) -> Iterator[tuple[s
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# Minimal pairs for the comparison a yes/no question asks: the optional third pre-training phase
+# (``fcit pretrain --binding-epochs``). The two-phase base reads the image ("What color is the leftmost bar?") and
+# reads the question, but answers the generic yes/no questions at chance (``scripts/base_skills.py``): it never
+# learned to compare a word of the question with the image, and FigureQA and half of CLEVR-Math need exactly that.
+# Here every image is asked one generic yes/no kind twice, once with its true value (Yes) and once with a false one
+# (No), so the image alone predicts neither answer and only the comparison lowers the loss. The kinds are the generic
+# mixture's own (INSTRUCT), never a task's question.
+
+_BINDING_STREAM = 302
+BINDING_PAIRS = 10000  # a constant, like GENERAL_PER_FAMILY: a SynthConfig field would change every cache key
+BINDING_FILE = "binding/train.json"
+_BINDING_MARKER = "binding/manifest.json"
+_WHERE = ("leftmost", "middle", "rightmost")
+
+# (question for a value, the image's true values, every value the question takes)
+BindingKind = tuple[Callable[[str], str], list[str], list[str]]
+
+
+def binding_kinds(name: str, s: Any) -> list[BindingKind]:
+    """The yes/no kinds of family ``name`` that can be asked of image ``s`` both ways (a true and a false value)."""
+    kinds: list[BindingKind]
+    if name == "object":
+        kinds = [(lambda c: f"Is the object in this image {c}?", [s.color], COLOR_NAMES),
+                 (lambda sh: f"Is this a picture of {_a(sh)}?", [s.shape], SHAPES)]
+    elif name == "line":
+        kinds = [(lambda c: f"Is the line in this chart {c}?", [s.color], COLOR_NAMES)]
+    elif name == "icons":
+        kinds = [(lambda i: f"Is there a {i} in the grid?", sorted(k for k, _ in s.counts), ICON_NAMES)]
+    elif name == "scene":
+        kinds = [(lambda v: f"Is there a {v} in the scene?", sorted({f"{o.color} {o.shape}" for o in s.objs}),
+                  [f"{c} {sh}" for c in SCENE_COLORS for sh in SOLIDS])]
+    elif name == "book":
+        kinds = [(lambda c: f"Is the cover of this book {c}?", [s.cover], list(COVER_COLORS)),
+                 (lambda x: f"Does the title on this cover begin with the letter {x}?", [s.title[0]],
+                  sorted({t[0] for t in TITLES}))]
+    elif name == "landscape":
+        present = sorted({t.kind for t in s.ground})
+        kinds = [(lambda k: f"Is there a {k} in the picture?", present, GROUND_THINGS),
+                 (lambda k: f"Is there a {k} in the sky?", [s.sky.kind] if s.sky else [], SKY_THINGS)]
+        for kind in sorted({t.kind for t in s.ground if t.color}):
+            colors = {t.color for t in s.ground if t.kind == kind}
+            if len(colors) == 1:  # "Is the house red?" names one house only when they all share the colour
+                kinds.append((lambda c, k=kind: f"Is the {k} {c}?", sorted(colors), THING_COLORS))
+    elif name in ("bars", "labelled_bars"):
+        kinds = [(lambda c, w=w: f"Is the {w} bar {c}?", [s.colors[j]], COLOR_NAMES) for j, w in enumerate(_WHERE)]
+        kinds.append((lambda c: f"Is there a {c} bar in the chart?", list(s.colors), COLOR_NAMES))
+    elif name == "table":
+        kinds = [(lambda i: f"Does the table have a row for {i}?", list(s.items), TABLE_ITEMS),
+                 (lambda i: f"Is {i} written in the first row of the table?", [s.items[0]], TABLE_ITEMS)]
+    else:
+        raise KeyError(name)
+    return [k for k in kinds if k[1] and set(k[2]) - set(k[1])]
+
+
+def make_binding_pair(cfg: SynthConfig, i: int, render: bool = True):
+    """(family, image spec, question answered Yes, question answered No, image) of pair ``i``: families in turn."""
+    names = list(FAMILIES)
+    name = names[i % len(names)]
+    rng = _rng(cfg.seed, _BINDING_STREAM, i)
+    family = FAMILIES[name]
+    while True:  # an image every kind of which holds for all values or none is drawn again (rare)
+        spec = family.sample(rng)
+        kinds = binding_kinds(name, spec)
+        if kinds:
+            break
+    ask, true, every = _pick(rng, kinds)
+    yes = _pick(rng, true)
+    no = _pick(rng, [v for v in every if v not in true])
+    img = family.draw(spec, cfg.image_size, rng) if render else None
+    return name, spec, f"{ask(yes)}\n{SHORT}", f"{ask(no)}\n{SHORT}", img
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # Files, cache and atomic commit.
 
 
@@ -1571,6 +1644,27 @@ def build_general(cfg: SynthConfig, cache_dir: Optional[Path] = None, progress: 
         return ["images/general", "general"]
 
     return _build_atomic(synth_root(cfg, cache_dir), _GENERAL_MARKER, "general-", write)
+
+
+def build_binding(cfg: SynthConfig, cache_dir: Optional[Path] = None, progress: bool = True) -> Path:
+    """Write the minimal pairs (``BINDING_FILE``: training records in the LLaVA layout, each pair's Yes record
+    followed by its No record on the same image file) under the benchmark root, as its own atomic build. Returns that
+    root."""
+
+    def write(tmp: Path) -> list[str]:
+        (tmp / "images" / "binding").mkdir(parents=True, exist_ok=True)
+        records = []
+        for i in _progress(range(BINDING_PAIRS), progress, "FCIT-Synth binding pairs", BINDING_PAIRS):
+            _, _, q_yes, q_no, img = make_binding_pair(cfg, i)
+            rel = f"images/binding/binding-{i:06d}.png"
+            _save_png(img, tmp / rel)
+            records += [_conversation(f"binding-{i:06d}-yes", rel, q_yes, "Yes"),
+                        _conversation(f"binding-{i:06d}-no", rel, q_no, "No")]
+        hashes = {BINDING_FILE: _write_json(tmp / BINDING_FILE, records)}
+        _write_json(tmp / _BINDING_MARKER, {**_manifest(cfg, hashes), "pairs": BINDING_PAIRS})
+        return ["images/binding", "binding"]
+
+    return _build_atomic(synth_root(cfg, cache_dir), _BINDING_MARKER, "binding-", write)
 
 
 def corpus_texts(cfg: SynthConfig) -> Iterator[str]:

@@ -56,8 +56,13 @@ def local_train(
     loss_hook: Optional[LossHook] = None,
     epochs: Optional[int] = None,
     progress: Optional[Callable[[int], None]] = None,
+    block: int = 1,
 ) -> LocalResult:
     """Train the model's trainable tensors from ``start`` on ``samples`` and return the new trainable state.
+
+    ``block`` > 1: the samples come in blocks of that many consecutive items which the shuffle keeps together in one
+    batch (pre-training's minimal pairs: a pair split over two batches taught nothing in 1,000 steps, one batch
+    holding both members did). ``block=1`` is the plain per-sample shuffle.
 
     As in the reference, every local run gets a fresh AdamW and a fresh warmup + cosine schedule spanning only this
     run (reference section 2). The shared model object is left holding the client's result; callers reload the global
@@ -68,15 +73,24 @@ def local_train(
     # whichever engine, process or order runs the clients.
     with torch.random.fork_rng(devices=[]), training_compiled(model, compiles(cfg, model_device(model))):
         torch.manual_seed(seed)
-        return _train(model, batcher, start, samples, cfg, seed, loss_hook, epochs, progress, t0)
+        return _train(model, batcher, start, samples, cfg, seed, loss_hook, epochs, progress, t0, block)
 
 
-def _train(model, batcher, start, samples, cfg, seed, loss_hook, epochs, progress, t0) -> LocalResult:
+def _shuffled(n: int, block: int, gen: torch.Generator) -> list[int]:
+    if block == 1:
+        return torch.randperm(n, generator=gen).tolist()
+    blocks = torch.randperm(-(-n // block), generator=gen).tolist()
+    return [j for b in blocks for j in range(b * block, min(n, (b + 1) * block))]
+
+
+def _train(model, batcher, start, samples, cfg, seed, loss_hook, epochs, progress, t0, block=1) -> LocalResult:
     set_state(model, start)
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     params = [p for _, p in named]
     epochs = epochs or cfg.local_epochs
     bs = cfg.batch_size
+    if block < 1 or bs % block:
+        raise ValueError(f"block ({block}) must divide the batch size ({bs}), or a batch would split a block")
     steps_per_epoch = math.ceil(len(samples) / bs)
     total = max(1, steps_per_epoch * epochs)
     # The projector is shared by every task and subspace, so it gets its own (lower) rate: the reference scripts ask
@@ -103,7 +117,7 @@ def _train(model, batcher, start, samples, cfg, seed, loss_hook, epochs, progres
     model.train()
     loss_sum, steps = 0.0, 0
     for _ in range(epochs):
-        order = torch.randperm(len(samples), generator=gen).tolist()
+        order = _shuffled(len(samples), block, gen)
         for i in range(0, len(order), bs):
             chosen = [samples[j] for j in order[i : i + bs]]
             parts = [batcher.train_batch(chosen[k : k + micro]) for k in range(0, len(chosen), micro)]
