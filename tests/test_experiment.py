@@ -322,7 +322,8 @@ def test_binding_pairs_ask_one_question_kind_of_one_image_with_a_true_and_a_fals
                 checked += 1
         if name == "table":
             for q, want in ((q_yes, True), (q_no, False)):
-                m = re.match(r"Does the table have a row for (\w+)\?", q) or re.match(r"Is (\w+) written in the first", q)
+                m = (re.match(r"Does the table have a row for (\w+)\?", q)
+                     or re.match(r"Is (\w+) written in the first", q))
                 assert m and (m[1] in (spec.items if "row for" in q else spec.items[:1])) is want
                 checked += 1
     assert checked == 2 * 12 * 3

@@ -94,7 +94,8 @@ def test_blocks_stay_together_in_one_batch(micro_backbone, micro_samples):
     local_train(model, batcher, get_state(model), micro_samples, TrainConfig(batch_size=4), seed=3, epochs=3, block=2)
     assert len(seen) == 6 and sorted(sum(seen[:2], [])) == list(range(6))
     for ids in seen:
-        assert len(ids) % 2 == 0 and all(ids[k] // 2 == ids[k + 1] // 2 and ids[k] % 2 == 0 for k in range(0, len(ids), 2))
+        pairs = [ids[k:k + 2] for k in range(0, len(ids), 2)]
+        assert all(len(p) == 2 and p[0] % 2 == 0 and p[1] == p[0] + 1 for p in pairs)
     assert len({tuple(sum(seen[e * 2:e * 2 + 2], [])) for e in range(3)}) > 1  # reshuffled per epoch
     with pytest.raises(ValueError, match="must divide the batch size"):
         local_train(model, batcher, get_state(model), micro_samples, TrainConfig(batch_size=3), seed=3, block=2)

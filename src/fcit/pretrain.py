@@ -93,7 +93,9 @@ def pretrain(cfg: Config, out: Optional[Path] = None, epochs: Optional[int] = No
         res2 = _phase(model, processor, instruct, INSTRUCT_TRAIN, instruct_epochs, cfg.seed + 1,
                       "pretrain: instructions", progress)
     t2 = time.perf_counter()
-    binding = _binding_phase(cfg, scfg, model, processor, instruct, binding_epochs, progress) if binding_epochs else None
+    binding = None
+    if binding_epochs:
+        binding = _binding_phase(cfg, scfg, model, processor, instruct, binding_epochs, progress)
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out)
     processor.save_pretrained(out)
@@ -138,9 +140,9 @@ def _binding_phase(cfg: Config, scfg, model, processor, instruct: list, binding_
     cache = Path(cfg.data.root) if cfg.data.root else None
     root = synth.build_binding(scfg, cache_dir=cache, progress=progress)
     pairs = load_train_file(root / synth.BINDING_FILE, "binding", root)
-    if not instruct:
-        root = synth.build_pretrain(scfg, cache_dir=cache, progress=progress)
-        instruct = load_train_file(root / "pretrain" / "instruct.json", "instruct", root)
+    if not instruct:  # phase 3 alone (--from): the instruction mixture of the same benchmark root
+        mixture = synth.build_pretrain(scfg, cache_dir=cache, progress=progress)
+        instruct = load_train_file(mixture / "pretrain" / "instruct.json", "instruct", mixture)
     for p in model.parameters():
         p.requires_grad_(True)
     for p in vision_tower(model).parameters():
@@ -174,7 +176,8 @@ def _continue(cfg: Config, start: Path, out: Path, binding_epochs: int, progress
     if not record.is_file():
         raise FcitError(f"pretrain: --from {start}: no fcit_pretrain.json there (not a base fcit pre-trained)")
     if out.resolve() == start.resolve():
-        raise FcitError(f"pretrain: --out must differ from --from ({start}): the base to continue is read, not replaced")
+        raise FcitError(f"pretrain: --out must differ from --from ({start}): the base to continue is read, "
+                        "not replaced")
     torch.set_num_threads(cfg.threads or max(1, torch.get_num_threads()))
     before = json.loads(record.read_text())
     model, processor = load_backbone(str(start))
