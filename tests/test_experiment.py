@@ -367,3 +367,7 @@ def test_binding_phase_and_continuing_a_base_train_the_language_model_only(tmp_p
     assert meta["start"]["model_sha256"] == hashlib.sha256((small_base / "model.safetensors").read_bytes()).hexdigest()
     assert meta["instruct"] == json.loads((small_base / "fcit_pretrain.json").read_text())["instruct"]
     assert meta["binding"]["pairs"] == 6 and meta["binding"]["epochs"] == 1
+    few = pretrain(cfg, tmp_path / "few", progress=False, start=small_base, binding_epochs=1, binding_pairs=2)
+    assert json.loads((few / "fcit_pretrain.json").read_text())["binding"]["pairs"] == 2
+    with pytest.raises(FcitError, match="--binding-pairs must be 1..6"):
+        pretrain(cfg, tmp_path / "x", progress=False, start=small_base, binding_epochs=1, binding_pairs=7)

@@ -158,7 +158,7 @@ def cmd_pretrain(args: argparse.Namespace) -> None:
     cfg = _load(args)
     out = pretrain(cfg, Path(args.out) if args.out else None, epochs=args.epochs, progress=not args.quiet,
                    instruct_epochs=args.instruct_epochs, binding_epochs=args.binding_epochs,
-                   start=Path(args.start) if args.start else None)
+                   start=Path(args.start) if args.start else None, binding_pairs=args.binding_pairs)
     print(f"pre-trained base model written to {out}")
 
 
@@ -272,6 +272,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="passes over the generic instruction mixture (default 3; 0 skips that phase)")
     p.add_argument("--binding-epochs", type=int, default=0,
                    help="passes of phase 3: yes/no minimal pairs with the instruction mixture (default 0: no phase 3)")
+    p.add_argument("--binding-pairs", type=int, default=None,
+                   help="use the first N of the 10,000 pairs (default all): a smaller yes/no share of phase 3")
     p.add_argument("--from", dest="start", metavar="DIR",
                    help="continue the base in DIR with phase 3 only (needs --binding-epochs; --out must differ)")
     p.add_argument("--quiet", action="store_true")

@@ -57,9 +57,10 @@ def _phase(model, processor, samples, train: TrainConfig, epochs: int, seed: int
 
 def pretrain(cfg: Config, out: Optional[Path] = None, epochs: Optional[int] = None, progress: bool = True,
              spec: TinySpec = TinySpec(), instruct_epochs: Optional[int] = None, binding_epochs: int = 0,
-             start: Optional[Path] = None) -> Path:
+             start: Optional[Path] = None, binding_pairs: Optional[int] = None) -> Path:
     """Phases 1 and 2, then phase 3 for ``binding_epochs`` > 0; ``instruct_epochs=0`` stops after the descriptions
-    (a description-only base). With ``start`` (a base folder), phase 3 only, from that base."""
+    (a description-only base). With ``start`` (a base folder), phase 3 only, from that base. ``binding_pairs``: the
+    first that many of the built pairs (default all, ``synth.BINDING_PAIRS``), a smaller share of phase 3."""
     from fcit.data import synth
     from fcit.data.loader import load_train_file
     from fcit.models.compiled import compiles
@@ -67,11 +68,15 @@ def pretrain(cfg: Config, out: Optional[Path] = None, epochs: Optional[int] = No
     out = Path(out) if out else EMBEDDED_DIR
     epochs = epochs or 4
     instruct_epochs = 3 if instruct_epochs is None else instruct_epochs
+    from fcit.data.synth import BINDING_PAIRS
+
+    if binding_pairs is not None and not 1 <= binding_pairs <= BINDING_PAIRS:
+        raise FcitError(f"pretrain: --binding-pairs must be 1..{BINDING_PAIRS} (got {binding_pairs})")
     if instruct_epochs < 0 or epochs < 0 or binding_epochs < 0:
         raise FcitError(f"pretrain: epochs must be >= 0 (got --epochs {epochs}, --instruct-epochs {instruct_epochs}, "
                         f"--binding-epochs {binding_epochs})")
     if start is not None:
-        return _continue(cfg, Path(start), out, binding_epochs, progress)
+        return _continue(cfg, Path(start), out, binding_epochs, progress, binding_pairs)
     torch.set_num_threads(cfg.threads or max(1, torch.get_num_threads()))
     t0 = time.perf_counter()
     scfg = cfg.data.synth.model_copy(update={"image_size": spec.image_size})
@@ -95,7 +100,7 @@ def pretrain(cfg: Config, out: Optional[Path] = None, epochs: Optional[int] = No
     t2 = time.perf_counter()
     binding = None
     if binding_epochs:
-        binding = _binding_phase(cfg, scfg, model, processor, instruct, binding_epochs, progress)
+        binding = _binding_phase(cfg, scfg, model, processor, instruct, binding_epochs, progress, binding_pairs)
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out)
     processor.save_pretrained(out)
@@ -131,7 +136,8 @@ def pretrain(cfg: Config, out: Optional[Path] = None, epochs: Optional[int] = No
     return out
 
 
-def _binding_phase(cfg: Config, scfg, model, processor, instruct: list, binding_epochs: int, progress: bool) -> dict:
+def _binding_phase(cfg: Config, scfg, model, processor, instruct: list, binding_epochs: int, progress: bool,
+                   binding_pairs: Optional[int] = None) -> dict:
     """Phase 3: the minimal pairs and the instruction mixture together, vision tower frozen. Returns its record."""
     from fcit.data import synth
     from fcit.data.loader import load_train_file
@@ -140,6 +146,8 @@ def _binding_phase(cfg: Config, scfg, model, processor, instruct: list, binding_
     cache = Path(cfg.data.root) if cfg.data.root else None
     root = synth.build_binding(scfg, cache_dir=cache, progress=progress)
     pairs = load_train_file(root / synth.BINDING_FILE, "binding", root)
+    if binding_pairs is not None:
+        pairs = pairs[: 2 * binding_pairs]
     if not instruct:  # phase 3 alone (--from): the instruction mixture of the same benchmark root
         mixture = synth.build_pretrain(scfg, cache_dir=cache, progress=progress)
         instruct = load_train_file(mixture / "pretrain" / "instruct.json", "instruct", mixture)
@@ -163,7 +171,8 @@ def _binding_phase(cfg: Config, scfg, model, processor, instruct: list, binding_
     }
 
 
-def _continue(cfg: Config, start: Path, out: Path, binding_epochs: int, progress: bool) -> Path:
+def _continue(cfg: Config, start: Path, out: Path, binding_epochs: int, progress: bool,
+              binding_pairs: Optional[int] = None) -> Path:
     """Phase 3 from an existing base: its weights, tokenizer and record (kept under ``start``)."""
     import json
 
@@ -184,7 +193,7 @@ def _continue(cfg: Config, start: Path, out: Path, binding_epochs: int, progress
     spec_size = int(before["spec"]["image_size"])
     scfg = cfg.data.synth.model_copy(update={"image_size": spec_size})
     t0 = time.perf_counter()
-    binding = _binding_phase(cfg, scfg, model, processor, [], binding_epochs, progress)
+    binding = _binding_phase(cfg, scfg, model, processor, [], binding_epochs, progress, binding_pairs)
     binding["seconds"] = round(time.perf_counter() - t0, 1)
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out)
