@@ -68,10 +68,8 @@ def pretrain(cfg: Config, out: Optional[Path] = None, epochs: Optional[int] = No
     out = Path(out) if out else EMBEDDED_DIR
     epochs = epochs or 4
     instruct_epochs = 3 if instruct_epochs is None else instruct_epochs
-    from fcit.data.synth import BINDING_PAIRS
-
-    if binding_pairs is not None and not 1 <= binding_pairs <= BINDING_PAIRS:
-        raise FcitError(f"pretrain: --binding-pairs must be 1..{BINDING_PAIRS} (got {binding_pairs})")
+    if binding_pairs is not None and not 1 <= binding_pairs <= synth.BINDING_PAIRS:
+        raise FcitError(f"pretrain: --binding-pairs must be 1..{synth.BINDING_PAIRS} (got {binding_pairs})")
     if instruct_epochs < 0 or epochs < 0 or binding_epochs < 0:
         raise FcitError(f"pretrain: epochs must be >= 0 (got --epochs {epochs}, --instruct-epochs {instruct_epochs}, "
                         f"--binding-epochs {binding_epochs})")
