@@ -33,9 +33,9 @@ def constant_score(fmt: str, samples, scoring: str = "reference") -> float:
     return float(score(registry.FORMATS[fmt], [answer] * len(samples), samples, scoring)["score"])
 
 
-def skills(samples, preds, family: dict[str, str], scoring: str = "reference") -> list[dict]:
-    """One row per accuracy format over all families, then per family for the formats in BINDING: the base's score,
-    the constant answer's and the margin (percentage points)."""
+def skills(samples, preds, scoring: str = "reference") -> list[dict]:
+    """One row per accuracy format over all families, then per family (``meta["family"]``) for the formats in
+    BINDING: the base's score, the constant answer's and the margin (percentage points)."""
     from fcit.data import registry
     from fcit.eval.general import ACCURACY_FORMATS
     from fcit.eval.scorers import score
@@ -46,9 +46,13 @@ def skills(samples, preds, family: dict[str, str], scoring: str = "reference") -
         if fmt in ACCURACY_FORMATS:
             groups[(fmt, "all")].append(i)
             if fmt in BINDING:
-                groups[(fmt, family[s.id])].append(i)
+                groups[(fmt, s.meta.get("family", "-"))].append(i)
     rows = []
-    for (fmt, fam), idx in sorted(groups.items(), key=lambda kv: (ACCURACY_FORMATS.index(kv[0][0]), kv[0][1] != "all", kv[0][1])):
+    def order(group):  # format order, "all" first, then the families by name
+        (fmt, fam), _ = group
+        return ACCURACY_FORMATS.index(fmt), fam != "all", fam
+
+    for (fmt, fam), idx in sorted(groups.items(), key=order):
         ss, ps = [samples[i] for i in idx], [preds[i] for i in idx]
         base = float(score(registry.FORMATS[fmt], ps, ss, scoring)["score"])
         const = constant_score(fmt, ss, scoring)
@@ -75,10 +79,9 @@ def main() -> None:
     rt = Runtime.build(cfg, progress=False)
     pm = prepare_model(cfg, build_method(cfg), rt.base_model, rt.processor)
     samples = open_general(cfg, progress=False)
-    family = {s.id: s.meta.get("family", "-") for s in samples}
     preds = generate(pm.model, pm.batcher, samples, cfg.eval.batch_size, cfg.eval.max_new_tokens)
 
-    rows = skills(samples, preds, family, cfg.eval.scoring)
+    rows = skills(samples, preds, cfg.eval.scoring)
 
     model = cfg.model.path or "the embedded base"
     if args.markdown:

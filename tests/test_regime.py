@@ -101,9 +101,11 @@ def test_base_skills_sets_each_format_against_a_constant_answer_and_splits_the_c
 
     skills = load_script("base_skills").skills
 
+    family = {6: "object", 7: "object", 10: "line", 11: "line"}  # the others: bars
+
     def sample(i, fmt, answer):
         return Sample(dataset="general", id=f"q{i}", image="x.png", prompt="?", answer=answer, refs=(answer,),
-                      meta={"format": fmt})
+                      meta={"format": fmt, "family": family.get(i, "bars")})
 
     # word: always right; yes/no: a base that says "No" to everything, on 3 "Yes" and 1 "No" of bars and 2 "No" of
     # the object family; letter: the right letter on one of the two families only; caption: not an accuracy format
@@ -113,8 +115,7 @@ def test_base_skills_sets_each_format_against_a_constant_answer_and_splits_the_c
                sample(8, "letter", "A"), sample(9, "letter", "B"), sample(10, "letter", "C"), sample(11, "letter", "C"),
                sample(12, "caption", "A bar chart.")]
     preds = ["red", "blue", "No", "No", "No", "No", "No", "No", "A", "B", "A", "A", "A bar chart."]
-    family = {f"q{i}": "bars" for i in range(13)} | {"q6": "object", "q7": "object", "q10": "line", "q11": "line"}
-    rows = {(r["format"], r["family"]): r for r in skills(samples, preds, family)}
+    rows = {(r["format"], r["family"]): r for r in skills(samples, preds)}
     assert set(rows) == {("word", "all"), ("yesno", "all"), ("yesno", "bars"), ("yesno", "object"),
                          ("letter", "all"), ("letter", "bars"), ("letter", "line")}
     assert (rows["word", "all"]["base"], rows["word", "all"]["n"]) == (100.0, 2)
