@@ -1,7 +1,8 @@
 """One training step of the embedded model, with and without the last layer on the answer rows, by batch size.
 
     .venv/bin/python scripts/bench_step.py [--preset default] [--set KEY=VALUE ...] [--sizes 1,2,4,8,16]
-                                           [--repeats 5] [--threads 1] [--out bench_step.json] [--new-shapes]
+                                           [--repeats 5] [--threads 1] [--out bench_step.json]
+                                           [--new-shapes | --profile]
 
 A whole run's wall time moves by several percent from one run to the next on a shared 2-core machine, more than a
 change to the step saves. This script times the step itself: forward (answer-only loss) and backward on real
@@ -16,6 +17,13 @@ one on new samples of that same shape (so both pay the vision tower for images n
 The difference of the first two is the per-shape setup; on the bf16 path, oneDNN builds its matmul kernels for
 every new shape (the fp32 path calls MKL, which builds none). A run meets each distinct (batch, length) once per
 worker process (`bench_speed.py` counts them).
+
+``--profile`` splits the step of the default path (answer rows) by what runs it: ``torch.profiler`` over
+``--repeats`` steps per batch size (the 8 batches in turn, after the warm-up), self CPU time per step in ms for the
+matmuls (``aten::mm``/``addmm``/``bmm``: what the matmul peaks bound), the CPU attention kernels (forward and
+backward), the kernels Inductor generated for the compiled layers (norms, rotary embeddings, activations, casts:
+memory-bound), and everything else (autograd, dispatch, the eager code around the layers). The matmuls' achieved
+rate follows from their FLOPs (FlopCounterMode on the same batches).
 """
 
 from __future__ import annotations
@@ -39,7 +47,9 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", default="bench_step.json")
-    ap.add_argument("--new-shapes", action="store_true", help="time a step at a batch shape the process has not run")
+    mode = ap.add_mutually_exclusive_group()
+    mode.add_argument("--new-shapes", action="store_true", help="time a step at a batch shape the process has not run")
+    mode.add_argument("--profile", action="store_true", help="split the step into matmuls, attention, fused kernels, rest")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -76,6 +86,11 @@ def main() -> None:
                "mean_extra_ms": round(statistics.mean(r["extra_ms"] for r in results), 1)}
         Path(args.out).write_text(json.dumps(out, indent=1) + "\n")
         print(f"mean extra ms for a new shape: {out['mean_extra_ms']} (written to {args.out})")
+        return
+    if args.profile:
+        out = {**header, "profile": profile(exp, cfg, step, [int(x) for x in args.sizes.split(",")], args.repeats, rng)}
+        Path(args.out).write_text(json.dumps(out, indent=1) + "\n")
+        print(f"(written to {args.out})")
         return
     try:
         with training_compiled(model, compiles(cfg.train, model_device(model))):
@@ -128,6 +143,62 @@ def new_shapes(exp, cfg, step, sizes: list[int], rng: random.Random) -> list[dic
             row = {"batch": list(first["input_ids"].shape), "new_shape_ms": round(ms[0], 1),
                    "new_samples_ms": round(ms[1], 1), "repeat_ms": round(ms[2], 1),
                    "extra_ms": round(ms[0] - ms[1], 1)}
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    return rows
+
+
+MATMULS = ("aten::mm", "aten::addmm", "aten::bmm")
+
+
+def _kind(name: str) -> str:
+    if name in MATMULS or ("mkldnn" in name and "linear" in name):  # oneDNN's fused linear, where Inductor uses it
+        return "matmul"
+    if "scaled_dot_product" in name or "flash_attention" in name:
+        return "attention"
+    if name.startswith("## Call CompiledFxGraph"):  # self time of a compiled graph: its generated kernels
+        return "fused kernels"
+    return "rest"
+
+
+def profile(exp, cfg, step, sizes: list[int], repeats: int, rng: random.Random) -> list[dict]:
+    """Per batch size: ms per step by kind (self CPU time under torch.profiler), and the matmuls' GFLOP/s."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from fcit.models.compiled import compiles, training_compiled
+    from fcit.models.device import model_device
+
+    model, sc = exp.model, exp.scenario
+    by_size = {bs: [exp.batcher.train_batch(rng.sample(list(sc.task_train(k)), min(bs, len(sc.task_train(k)))))
+                    for k in range(sc.num_tasks)] for bs in sizes}
+    mm_flops = {}
+    for bs, batches in by_size.items():  # eager, before compiling: the counter sees every op
+        counter = FlopCounterMode(display=False)
+        with counter:
+            for b in batches:
+                step(b)
+        mm_flops[bs] = sum(v for k, v in counter.get_flop_counts()["Global"].items()
+                           if ".".join(str(k).split(".")[:2]) in ("aten.mm", "aten.addmm", "aten.bmm")) / len(batches)
+    rows = []
+    with training_compiled(model, compiles(cfg.train, model_device(model))):
+        for bs, batches in by_size.items():
+            for b in batches:  # compiles, warms up
+                step(b)
+            with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
+                for _ in range(repeats):
+                    for b in batches:
+                        step(b)
+            n = repeats * len(batches)
+            ms: dict[str, float] = {"matmul": 0.0, "attention": 0.0, "fused kernels": 0.0, "rest": 0.0}
+            for ev in prof.key_averages():
+                ms[_kind(ev.key)] += ev.self_cpu_time_total / 1000 / n
+            total = sum(ms.values())
+            row = {"batch": bs, "tokens": round(statistics.mean(b["input_ids"].numel() for b in batches)),
+                   "ms_per_step": {k: round(v, 2) for k, v in ms.items()}, "total_ms": round(total, 2),
+                   "share": {k: round(v / total, 3) for k, v in ms.items()},
+                   "matmul_gflops": round(mm_flops[bs] / (ms["matmul"] / 1000) / 1e9, 1)}
             rows.append(row)
             print(json.dumps(row), flush=True)
     return rows
