@@ -371,3 +371,55 @@ def test_binding_phase_and_continuing_a_base_train_the_language_model_only(tmp_p
     assert json.loads((few / "fcit_pretrain.json").read_text())["binding"]["pairs"] == 2
     with pytest.raises(FcitError, match="--binding-pairs must be 1..6"):
         pretrain(cfg, tmp_path / "x", progress=False, start=small_base, binding_epochs=1, binding_pairs=7)
+
+
+def test_phase_2_mixes_in_phase_1_descriptions_and_continues_a_base(tmp_path, small_base, monkeypatch):
+    """--instruct-descriptions N puts N of phase 1's descriptions (a seeded draw) into phase 2's mixture, in a full
+    pre-training and when phase 2 continues an existing base (--from, vision tower kept, no phase 3)."""
+    from collections import Counter
+
+    from safetensors.torch import load_file
+
+    from fcit import pretrain as pretrain_mod
+    from fcit.errors import FcitError
+
+    seen = []
+    phase = pretrain_mod._phase
+
+    def spy(model, processor, samples, train, epochs, seed, desc, progress, block=1):
+        seen.append((desc, Counter(s.dataset for s in samples), [s.id for s in samples]))
+        return phase(model, processor, samples, train, epochs, seed, desc, progress, block)
+
+    monkeypatch.setattr(pretrain_mod, "_phase", spy)
+    cfg = load_config(preset="smoke", overrides={"data.root": str(tmp_path / "cache"), "data.synth.n_pretrain": 24,
+                                                 "data.synth.n_instruct": 18})
+    full = pretrain_mod.pretrain(cfg, tmp_path / "full", epochs=1, progress=False, instruct_epochs=1,
+                                 instruct_descriptions=5)
+    assert [d for d, _, _ in seen] == ["pretrain: descriptions", "pretrain: instructions"]
+    assert seen[1][1] == Counter({"instruct": 18, "pretrain": 5})
+    assert set(seen[1][2]) - set(seen[0][2]) and set(seen[1][2]) & set(seen[0][2])  # 5 of phase 1's 24
+    meta = json.loads((full / "fcit_pretrain.json").read_text())
+    assert meta["instruct"]["descriptions"] == 5 and meta["instruct"]["samples"] == 18
+
+    seen.clear()
+    cont = pretrain_mod.pretrain(cfg, tmp_path / "cont", progress=False, start=small_base, instruct_epochs=1,
+                                 instruct_descriptions=5)
+    assert [d for d, _, _ in seen] == ["pretrain: instructions"]
+    assert seen[0][1] == Counter({"instruct": 18, "pretrain": 5})
+    before, after = load_file(small_base / "model.safetensors"), load_file(cont / "model.safetensors")
+    vision = [k for k in before if "vision_tower" in k]
+    lm = [k for k in before if "language_model" in k and "layers" in k]
+    assert vision and lm
+    assert all(torch.equal(before[k], after[k]) for k in vision)
+    assert all(not torch.equal(before[k], after[k]) for k in lm)
+    meta = json.loads((cont / "fcit_pretrain.json").read_text())
+    start_meta = json.loads((small_base / "fcit_pretrain.json").read_text())
+    assert meta["instruct"]["descriptions"] == 5 and meta["instruct"]["epochs"] == 1
+    assert meta["start"]["instruct"] == start_meta["instruct"] and meta["binding"] is None
+
+    with pytest.raises(FcitError, match="--instruct-descriptions 5 needs phase 2"):
+        pretrain_mod.pretrain(cfg, tmp_path / "x", progress=False, start=small_base, binding_epochs=1,
+                              instruct_descriptions=5)
+    with pytest.raises(FcitError, match="phase 1 has only 24 descriptions"):
+        pretrain_mod.pretrain(cfg, tmp_path / "x", progress=False, start=small_base, instruct_epochs=1,
+                              instruct_descriptions=25)

@@ -158,7 +158,8 @@ def cmd_pretrain(args: argparse.Namespace) -> None:
     cfg = _load(args)
     out = pretrain(cfg, Path(args.out) if args.out else None, epochs=args.epochs, progress=not args.quiet,
                    instruct_epochs=args.instruct_epochs, binding_epochs=args.binding_epochs,
-                   start=Path(args.start) if args.start else None, binding_pairs=args.binding_pairs)
+                   start=Path(args.start) if args.start else None, binding_pairs=args.binding_pairs,
+                   instruct_descriptions=args.instruct_descriptions)
     print(f"pre-trained base model written to {out}")
 
 
@@ -269,13 +270,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="output directory (default: the package's embedded model folder)")
     p.add_argument("--epochs", type=int, default=None, help="passes over the description mixture (default 4)")
     p.add_argument("--instruct-epochs", type=int, default=None,
-                   help="passes over the generic instruction mixture (default 3; 0 skips that phase)")
+                   help="passes over the generic instruction mixture (default 3, or 0 with --from; 0 skips that phase)")
+    p.add_argument("--instruct-descriptions", type=int, default=0, metavar="N",
+                   help="mix N of phase 1's descriptions into phase 2, as LLaVA-1.5 keeps detailed descriptions "
+                        "(default 0)")
     p.add_argument("--binding-epochs", type=int, default=0,
                    help="passes of phase 3: yes/no minimal pairs with the instruction mixture (default 0: no phase 3)")
     p.add_argument("--binding-pairs", type=int, default=None,
                    help="use the first N of the 10,000 pairs (default all): a smaller yes/no share of phase 3")
     p.add_argument("--from", dest="start", metavar="DIR",
-                   help="continue the base in DIR with phase 3 only (needs --binding-epochs; --out must differ)")
+                   help="continue the base in DIR with phase 2 and/or phase 3 (--instruct-epochs, --binding-epochs; "
+                        "--out must differ)")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_pretrain)
 

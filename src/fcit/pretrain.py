@@ -7,11 +7,14 @@ No pretrained network can be downloaded here, so the embedded default is a tiny 
 2. **Generic instructions** (vision tower frozen, as in LLaVA's visual instruction tuning): questions in the
    benchmark's answer formats and LLaVA-1.5's two instruction suffixes, never asked as one of the 12 tasks asks
    (``synth.INSTRUCT``). The base then follows formats, as LLaVA-1.5 does, and the tasks are still to be learned.
+   Optionally (``instruct_descriptions``) with some of phase 1's descriptions mixed in, as LLaVA-1.5's mixture keeps
+   LLaVA-Instruct's detailed descriptions: without them the base forgets what phase 1 taught it to say about an
+   image (a book's title, the highest bar), and only the instruction mixture's short captions remain.
 3. **Comparisons** (optional, ``binding_epochs``; vision tower frozen): the generic yes/no questions as minimal pairs
    (``synth.build_binding``), mixed with the instruction mixture again so that no format is lost. Without it the base
    answers yes/no at chance: it never learned to compare a word of the question with the image.
 
-``start`` continues an existing base (its phases 1 and 2 are kept, and recorded as ``start``) with phase 3 only.
+``start`` continues an existing base (recorded as ``start``) with phase 2 again (``instruct_epochs``), phase 3, or both.
 """
 
 from __future__ import annotations
@@ -57,24 +60,30 @@ def _phase(model, processor, samples, train: TrainConfig, epochs: int, seed: int
 
 def pretrain(cfg: Config, out: Optional[Path] = None, epochs: Optional[int] = None, progress: bool = True,
              spec: TinySpec = TinySpec(), instruct_epochs: Optional[int] = None, binding_epochs: int = 0,
-             start: Optional[Path] = None, binding_pairs: Optional[int] = None) -> Path:
+             start: Optional[Path] = None, binding_pairs: Optional[int] = None, instruct_descriptions: int = 0) -> Path:
     """Phases 1 and 2, then phase 3 for ``binding_epochs`` > 0; ``instruct_epochs=0`` stops after the descriptions
-    (a description-only base). With ``start`` (a base folder), phase 3 only, from that base. ``binding_pairs``: the
-    first that many of the built pairs (default all, ``synth.BINDING_PAIRS``), a smaller share of phase 3."""
+    (a description-only base). With ``start`` (a base folder), that base continued with phase 2 for
+    ``instruct_epochs`` (default 0 there) and then phase 3 for ``binding_epochs``. ``binding_pairs``: the first that
+    many of the built pairs (default all, ``synth.BINDING_PAIRS``), a smaller share of phase 3.
+    ``instruct_descriptions``: phase 2's mixture gains that many of phase 1's descriptions (a seeded draw)."""
     from fcit.data import synth
     from fcit.data.loader import load_train_file
     from fcit.models.compiled import compiles
 
     out = Path(out) if out else EMBEDDED_DIR
     epochs = epochs or 4
-    instruct_epochs = 3 if instruct_epochs is None else instruct_epochs
+    instruct_epochs = (0 if start is not None else 3) if instruct_epochs is None else instruct_epochs
     if binding_pairs is not None and not 1 <= binding_pairs <= synth.BINDING_PAIRS:
         raise FcitError(f"pretrain: --binding-pairs must be 1..{synth.BINDING_PAIRS} (got {binding_pairs})")
     if instruct_epochs < 0 or epochs < 0 or binding_epochs < 0:
         raise FcitError(f"pretrain: epochs must be >= 0 (got --epochs {epochs}, --instruct-epochs {instruct_epochs}, "
                         f"--binding-epochs {binding_epochs})")
+    if instruct_descriptions < 0 or (instruct_descriptions and not instruct_epochs):
+        raise FcitError(f"pretrain: --instruct-descriptions {instruct_descriptions} needs phase 2 (--instruct-epochs "
+                        f"N >= 1) and a count >= 0")
     if start is not None:
-        return _continue(cfg, Path(start), out, binding_epochs, progress, binding_pairs)
+        return _continue(cfg, Path(start), out, instruct_epochs, instruct_descriptions, binding_epochs, progress,
+                         binding_pairs)
     torch.set_num_threads(cfg.threads or max(1, torch.get_num_threads()))
     t0 = time.perf_counter()
     scfg = cfg.data.synth.model_copy(update={"image_size": spec.image_size})
@@ -86,15 +95,10 @@ def pretrain(cfg: Config, out: Optional[Path] = None, epochs: Optional[int] = No
         p.requires_grad_(True)
     res = _phase(model, processor, samples, PRETRAIN_TRAIN, epochs, cfg.seed, "pretrain: descriptions", progress)
     t1 = time.perf_counter()
-    res2, instruct = None, []
+    instruct_record, instruct = None, []
     if instruct_epochs:
-        instruct = load_train_file(root / "pretrain" / "instruct.json", "instruct", root)
-        from fcit.models.identity import vision_tower
-
-        for p in vision_tower(model).parameters():
-            p.requires_grad_(False)
-        res2 = _phase(model, processor, instruct, INSTRUCT_TRAIN, instruct_epochs, cfg.seed + 1,
-                      "pretrain: instructions", progress)
+        instruct_record, instruct = _instruct_phase(cfg, root, model, processor, instruct_epochs,
+                                                    instruct_descriptions, progress, descriptions=samples)
     t2 = time.perf_counter()
     binding = None
     if binding_epochs:
@@ -119,19 +123,46 @@ def pretrain(cfg: Config, out: Optional[Path] = None, epochs: Optional[int] = No
         "samples": len(samples),
         "mean_loss": round(res.loss, 4),
         "seconds": round(t1 - t0, 1),  # phase 1, with building both mixtures and the tokenizer
-        "instruct": None if res2 is None else {
-            "mixture_sha256": hashlib.sha256((root / "pretrain" / "instruct.json").read_bytes()).hexdigest(),
-            "epochs": instruct_epochs,
-            "train": INSTRUCT_TRAIN.model_dump(),
-            "frozen": "vision_tower",
-            "samples": len(instruct),
-            "mean_loss": round(res2.loss, 4),
-            "seconds": round(t2 - t1, 1),
-        },
+        "instruct": None if instruct_record is None else {**instruct_record, "seconds": round(t2 - t1, 1)},
         "binding": binding,
         "params": sum(p.numel() for p in model.parameters()),
     }, sort_keys=False)
     return out
+
+
+def _instruct_phase(cfg: Config, root: Path, model, processor, instruct_epochs: int, n_descriptions: int,
+                    progress: bool, descriptions: Optional[list] = None) -> tuple[dict, list]:
+    """Phase 2: the instruction mixture under ``root`` (plus ``n_descriptions`` of phase 1's, drawn with the seed),
+    vision tower frozen. Returns its record and the instruction samples (phase 3 mixes them in again)."""
+    import random
+
+    from fcit.data.loader import load_train_file
+    from fcit.models.identity import vision_tower
+
+    instruct = load_train_file(root / "pretrain" / "instruct.json", "instruct", root)
+    mixture = instruct
+    if n_descriptions:
+        if descriptions is None:
+            descriptions = load_train_file(root / "pretrain" / "train.json", "pretrain", root)
+        if n_descriptions > len(descriptions):
+            raise FcitError(f"pretrain: --instruct-descriptions {n_descriptions}: phase 1 has only "
+                            f"{len(descriptions)} descriptions")
+        mixture = instruct + random.Random(cfg.seed).sample(descriptions, n_descriptions)
+    for p in model.parameters():
+        p.requires_grad_(True)
+    for p in vision_tower(model).parameters():
+        p.requires_grad_(False)
+    res = _phase(model, processor, mixture, INSTRUCT_TRAIN, instruct_epochs, cfg.seed + 1, "pretrain: instructions",
+                 progress)
+    return {
+        "mixture_sha256": hashlib.sha256((root / "pretrain" / "instruct.json").read_bytes()).hexdigest(),
+        "epochs": instruct_epochs,
+        "train": INSTRUCT_TRAIN.model_dump(),
+        "frozen": "vision_tower",
+        "samples": len(instruct),
+        "descriptions": n_descriptions,
+        "mean_loss": round(res.loss, 4),
+    }, instruct
 
 
 def _binding_phase(cfg: Config, scfg, model, processor, instruct: list, binding_epochs: int, progress: bool,
@@ -169,16 +200,17 @@ def _binding_phase(cfg: Config, scfg, model, processor, instruct: list, binding_
     }
 
 
-def _continue(cfg: Config, start: Path, out: Path, binding_epochs: int, progress: bool,
-              binding_pairs: Optional[int] = None) -> Path:
-    """Phase 3 from an existing base: its weights, tokenizer and record (kept under ``start``)."""
+def _continue(cfg: Config, start: Path, out: Path, instruct_epochs: int, instruct_descriptions: int,
+              binding_epochs: int, progress: bool, binding_pairs: Optional[int] = None) -> Path:
+    """Phase 2 and/or phase 3 from an existing base: its weights, tokenizer and record (kept under ``start``)."""
     import json
 
     from fcit.data import synth
     from fcit.models.backbone import load_backbone
 
-    if not binding_epochs:
-        raise FcitError("pretrain: --from continues a base with phase 3 only; give --binding-epochs N (N >= 1)")
+    if not (instruct_epochs or binding_epochs):
+        raise FcitError("pretrain: --from continues a base with phase 2 (--instruct-epochs N), phase 3 "
+                        "(--binding-epochs N) or both; give at least one")
     record = start / "fcit_pretrain.json"
     if not record.is_file():
         raise FcitError(f"pretrain: --from {start}: no fcit_pretrain.json there (not a base fcit pre-trained)")
@@ -190,17 +222,28 @@ def _continue(cfg: Config, start: Path, out: Path, binding_epochs: int, progress
     model, processor = load_backbone(str(start))
     spec_size = int(before["spec"]["image_size"])
     scfg = cfg.data.synth.model_copy(update={"image_size": spec_size})
+    run = {"seed": cfg.seed, "threads": torch.get_num_threads(), "generator_version": synth.generator_version(scfg)}
+    instruct_record, instruct, binding = before.get("instruct"), [], None
     t0 = time.perf_counter()
-    binding = _binding_phase(cfg, scfg, model, processor, [], binding_epochs, progress, binding_pairs)
-    binding["seconds"] = round(time.perf_counter() - t0, 1)
+    if instruct_epochs:
+        root = synth.build_pretrain(scfg, cache_dir=Path(cfg.data.root) if cfg.data.root else None,
+                                    progress=progress)
+        instruct_record, instruct = _instruct_phase(cfg, root, model, processor, instruct_epochs,
+                                                    instruct_descriptions, progress)
+        instruct_record = {**instruct_record, "seconds": round(time.perf_counter() - t0, 1), **run}
+    t1 = time.perf_counter()
+    if binding_epochs:
+        binding = _binding_phase(cfg, scfg, model, processor, instruct, binding_epochs, progress, binding_pairs)
+        binding = {**binding, "seconds": round(time.perf_counter() - t1, 1), **run}
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out)
     processor.save_pretrained(out)
     weights = hashlib.sha256((start / "model.safetensors").read_bytes()).hexdigest()
     write_json(out / "fcit_pretrain.json", {
-        **{k: v for k, v in before.items() if k not in ("binding", "start")},
-        "start": {"path": str(start), "model_sha256": weights, "binding": before.get("binding")},
-        "binding": {**binding, "seed": cfg.seed, "threads": torch.get_num_threads(),
-                    "generator_version": synth.generator_version(scfg)},
+        **{k: v for k, v in before.items() if k not in ("instruct", "binding", "start")},
+        "instruct": instruct_record,
+        "start": {"path": str(start), "model_sha256": weights, "instruct": before.get("instruct"),
+                  "binding": before.get("binding")},
+        "binding": binding,
     }, sort_keys=False)
     return out
