@@ -81,6 +81,9 @@ def pretrain(cfg: Config, out: Optional[Path] = None, epochs: Optional[int] = No
     if instruct_descriptions < 0 or (instruct_descriptions and not instruct_epochs):
         raise FcitError(f"pretrain: --instruct-descriptions {instruct_descriptions} needs phase 2 (--instruct-epochs "
                         f"N >= 1) and a count >= 0")
+    if instruct_descriptions > cfg.data.synth.n_pretrain:  # checked before any training
+        raise FcitError(f"pretrain: --instruct-descriptions {instruct_descriptions}: phase 1 has only "
+                        f"{cfg.data.synth.n_pretrain} descriptions (data.synth.n_pretrain)")
     if start is not None:
         return _continue(cfg, Path(start), out, instruct_epochs, instruct_descriptions, binding_epochs, progress,
                          binding_pairs)
@@ -144,9 +147,6 @@ def _instruct_phase(cfg: Config, root: Path, model, processor, instruct_epochs: 
     if n_descriptions:
         if descriptions is None:
             descriptions = load_train_file(root / "pretrain" / "train.json", "pretrain", root)
-        if n_descriptions > len(descriptions):
-            raise FcitError(f"pretrain: --instruct-descriptions {n_descriptions}: phase 1 has only "
-                            f"{len(descriptions)} descriptions")
         mixture = instruct + random.Random(cfg.seed).sample(descriptions, n_descriptions)
     for p in model.parameters():
         p.requires_grad_(True)
