@@ -329,13 +329,22 @@ def test_binding_pairs_ask_one_question_kind_of_one_image_with_a_true_and_a_fals
     assert checked == 2 * 12 * 3
 
 
+def _assert_vision_kept_and_lm_trained(start, out) -> None:
+    from safetensors.torch import load_file
+
+    before, after = load_file(start / "model.safetensors"), load_file(out / "model.safetensors")
+    vision = [k for k in before if "vision_tower" in k]
+    lm = [k for k in before if "language_model" in k and "layers" in k]
+    assert vision and lm
+    assert all(torch.equal(before[k], after[k]) for k in vision)
+    assert all(not torch.equal(before[k], after[k]) for k in lm)
+
+
 def test_binding_phase_and_continuing_a_base_train_the_language_model_only(tmp_path, cache_dir, small_base,
                                                                             monkeypatch):
     """Phase 3 (minimal pairs with the instruction mixture) moves the LM and the projector, keeps the vision tower,
     and `--from` runs it alone on an existing base, recorded as the start."""
     import hashlib
-
-    from safetensors.torch import load_file
 
     from fcit.data import synth
     from fcit.errors import FcitError
@@ -357,12 +366,7 @@ def test_binding_phase_and_continuing_a_base_train_the_language_model_only(tmp_p
     with pytest.raises(FcitError, match="must differ"):
         pretrain(cfg, small_base, progress=False, start=small_base, binding_epochs=1)
     cont = pretrain(cfg, tmp_path / "cont", progress=False, start=small_base, binding_epochs=1)
-    before, after = load_file(small_base / "model.safetensors"), load_file(cont / "model.safetensors")
-    vision = [k for k in before if "vision_tower" in k]
-    lm = [k for k in before if "language_model" in k and "layers" in k]
-    assert vision and lm
-    assert all(torch.equal(before[k], after[k]) for k in vision)
-    assert all(not torch.equal(before[k], after[k]) for k in lm)
+    _assert_vision_kept_and_lm_trained(small_base, cont)
     meta = json.loads((cont / "fcit_pretrain.json").read_text())
     assert meta["start"]["model_sha256"] == hashlib.sha256((small_base / "model.safetensors").read_bytes()).hexdigest()
     assert meta["instruct"] == json.loads((small_base / "fcit_pretrain.json").read_text())["instruct"]
@@ -377,8 +381,6 @@ def test_phase_2_mixes_in_phase_1_descriptions_and_continues_a_base(tmp_path, sm
     """--instruct-descriptions N puts N of phase 1's descriptions (a seeded draw) into phase 2's mixture, in a full
     pre-training and when phase 2 continues an existing base (--from, vision tower kept, no phase 3)."""
     from collections import Counter
-
-    from safetensors.torch import load_file
 
     from fcit import pretrain as pretrain_mod
     from fcit.errors import FcitError
@@ -406,12 +408,7 @@ def test_phase_2_mixes_in_phase_1_descriptions_and_continues_a_base(tmp_path, sm
                                  instruct_descriptions=5)
     assert [d for d, _, _ in seen] == ["pretrain: instructions"]
     assert seen[0][1] == Counter({"instruct": 18, "pretrain": 5})
-    before, after = load_file(small_base / "model.safetensors"), load_file(cont / "model.safetensors")
-    vision = [k for k in before if "vision_tower" in k]
-    lm = [k for k in before if "language_model" in k and "layers" in k]
-    assert vision and lm
-    assert all(torch.equal(before[k], after[k]) for k in vision)
-    assert all(not torch.equal(before[k], after[k]) for k in lm)
+    _assert_vision_kept_and_lm_trained(small_base, cont)
     meta = json.loads((cont / "fcit_pretrain.json").read_text())
     start_meta = json.loads((small_base / "fcit_pretrain.json").read_text())
     assert meta["instruct"]["descriptions"] == 5 and meta["instruct"]["epochs"] == 1

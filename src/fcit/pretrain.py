@@ -133,6 +133,16 @@ def pretrain(cfg: Config, out: Optional[Path] = None, epochs: Optional[int] = No
     return out
 
 
+def _freeze_vision_only(model) -> None:
+    """Phases 2 and 3 train the projector and the language model; the vision tower keeps phase 1's weights."""
+    from fcit.models.identity import vision_tower
+
+    for p in model.parameters():
+        p.requires_grad_(True)
+    for p in vision_tower(model).parameters():
+        p.requires_grad_(False)
+
+
 def _instruct_phase(cfg: Config, root: Path, model, processor, instruct_epochs: int, n_descriptions: int,
                     progress: bool, descriptions: Optional[list] = None) -> tuple[dict, list]:
     """Phase 2: the instruction mixture under ``root`` (plus ``n_descriptions`` of phase 1's, drawn with the seed),
@@ -140,18 +150,13 @@ def _instruct_phase(cfg: Config, root: Path, model, processor, instruct_epochs: 
     import random
 
     from fcit.data.loader import load_train_file
-    from fcit.models.identity import vision_tower
-
     instruct = load_train_file(root / "pretrain" / "instruct.json", "instruct", root)
     mixture = instruct
     if n_descriptions:
         if descriptions is None:
             descriptions = load_train_file(root / "pretrain" / "train.json", "pretrain", root)
         mixture = instruct + random.Random(cfg.seed).sample(descriptions, n_descriptions)
-    for p in model.parameters():
-        p.requires_grad_(True)
-    for p in vision_tower(model).parameters():
-        p.requires_grad_(False)
+    _freeze_vision_only(model)
     res = _phase(model, processor, mixture, INSTRUCT_TRAIN, instruct_epochs, cfg.seed + 1, "pretrain: instructions",
                  progress)
     return {
@@ -170,7 +175,6 @@ def _binding_phase(cfg: Config, scfg, model, processor, instruct: list, binding_
     """Phase 3: the minimal pairs and the instruction mixture together, vision tower frozen. Returns its record."""
     from fcit.data import synth
     from fcit.data.loader import load_train_file
-    from fcit.models.identity import vision_tower
 
     cache = Path(cfg.data.root) if cfg.data.root else None
     root = synth.build_binding(scfg, cache_dir=cache, progress=progress)
@@ -180,10 +184,7 @@ def _binding_phase(cfg: Config, scfg, model, processor, instruct: list, binding_
     if not instruct:  # phase 3 alone (--from): the instruction mixture of the same benchmark root
         mixture = synth.build_pretrain(scfg, cache_dir=cache, progress=progress)
         instruct = load_train_file(mixture / "pretrain" / "instruct.json", "instruct", mixture)
-    for p in model.parameters():
-        p.requires_grad_(True)
-    for p in vision_tower(model).parameters():
-        p.requires_grad_(False)
+    _freeze_vision_only(model)
     # Both members of a pair in one batch (block=2); the instructions ride along two by two, an even count.
     mixed = pairs + instruct[: len(instruct) // 2 * 2]
     res = _phase(model, processor, mixed, BINDING_TRAIN, binding_epochs, cfg.seed + 2, "pretrain: comparisons",
