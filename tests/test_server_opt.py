@@ -286,3 +286,86 @@ def test_projector_rate_scale_reaches_the_server_optimizer(tmp_path):
     prepared = prepare_model(cfg, method, model, processor)
     names = projector_param_names(prepared.model)
     assert names and method.server_opt.rate_scale == dict.fromkeys(names, 0.1)
+
+
+# -- bias correction (Kingma & Ba, in Flower's FedAdam form) ---------------------------------------------------------
+def _rate(t, v):
+    # eta_t for the t-th update of a slot; v: whether the optimizer's v is a mean (FedAdam, FedYogi) and corrected too
+    return ETA * (math.sqrt(1 - B2**t) if v else 1.0) / (1 - B1**t)
+
+
+def test_bias_corrected_fedadam_two_rounds():
+    x1, x2, d1, d2 = _run(FedAdam(server_lr=ETA, beta1=B1, beta2=B2, tau=TAU, bias_correction=True))
+    m1 = [(1 - B1) * d1[j] for j in range(3)]
+    v1 = [B2 * TAU**2 + (1 - B2) * d1[j] ** 2 for j in range(3)]
+    _close(x1, [X0[j] + _rate(1, True) * m1[j] / (math.sqrt(v1[j]) + TAU) for j in range(3)])
+    m2 = [B1 * m1[j] + (1 - B1) * d2[j] for j in range(3)]
+    v2 = [B2 * v1[j] + (1 - B2) * d2[j] ** 2 for j in range(3)]
+    _close(x2, [x1[j] + _rate(2, True) * m2[j] / (math.sqrt(v2[j]) + TAU) for j in range(3)])
+
+
+def test_bias_corrected_fedyogi_and_fedadagrad_two_rounds():
+    sign = lambda a: (a > 0) - (a < 0)  # noqa: E731
+    x1, x2, d1, d2 = _run(FedYogi(server_lr=ETA, beta1=B1, beta2=B2, tau=TAU, bias_correction=True))
+    m1 = [(1 - B1) * d1[j] for j in range(3)]
+    v1 = [TAU**2 - (1 - B2) * d1[j] ** 2 * sign(TAU**2 - d1[j] ** 2) for j in range(3)]
+    _close(x1, [X0[j] + _rate(1, True) * m1[j] / (math.sqrt(v1[j]) + TAU) for j in range(3)])
+    m2 = [B1 * m1[j] + (1 - B1) * d2[j] for j in range(3)]
+    v2 = [v1[j] - (1 - B2) * d2[j] ** 2 * sign(v1[j] - d2[j] ** 2) for j in range(3)]
+    _close(x2, [x1[j] + _rate(2, True) * m2[j] / (math.sqrt(v2[j]) + TAU) for j in range(3)])
+
+    x1, x2, d1, d2 = _run(FedAdagrad(server_lr=ETA, beta1=B1, tau=TAU, bias_correction=True))
+    v1 = [TAU**2 + d1[j] ** 2 for j in range(3)]
+    _close(x1, [X0[j] + _rate(1, False) * m1[j] / (math.sqrt(v1[j]) + TAU) for j in range(3)])
+    m2 = [B1 * m1[j] + (1 - B1) * d2[j] for j in range(3)]
+    v2 = [v1[j] + d2[j] ** 2 for j in range(3)]
+    _close(x2, [x1[j] + _rate(2, False) * m2[j] / (math.sqrt(v2[j]) + TAU) for j in range(3)])
+
+
+def test_bias_corrected_fedavgm_takes_its_steady_step_from_the_first_round():
+    # A steady Delta of 1: Hsu's m_t = 1 + beta + ... + beta^(t-1) grows to 1 / (1 - beta); corrected, every step is
+    # already 1 / (1 - beta).
+    opt = FedAvgM(server_lr=1.0, beta1=0.5, bias_correction=True)
+    x = _t([0.0])
+    steps = []
+    for _ in range(3):
+        new = opt.step(x, [{"w": x["w"] + 1.0}], [1])
+        steps.append((new["w"] - x["w"]).item())
+        x = new
+    _close(steps, [2.0, 2.0, 2.0])
+
+
+def test_bias_correction_counts_each_slot_from_its_own_first_update():
+    # A subspace added in a later stage (a new group) gets the corrected first step, not the server's round count's.
+    opt = FedAdam(server_lr=ETA, beta1=B1, beta2=B2, tau=TAU, bias_correction=True)
+    x = _t(X0)
+    for _ in range(3):
+        x = opt.step(x, [_t(y) for y in R1[0]], R1[1], group="s0")
+    late = opt.step(_t(X0), [_t(y) for y in R1[0]], R1[1], group="s1")["w"]
+    first = FedAdam(server_lr=ETA, beta1=B1, beta2=B2, tau=TAU, bias_correction=True).step(
+        _t(X0), [_t(y) for y in R1[0]], R1[1], group="s1")["w"]
+    assert torch.equal(late, first)
+    assert opt.t == {("s0", "w"): 3, ("s1", "w"): 1}
+    # Without the correction no counts are kept, so the default's checkpoints hold m and v only.
+    plain = FedAdam(server_lr=ETA)
+    plain.step(_t(X0), [_t(y) for y in R1[0]], R1[1])
+    assert plain.t == {} and {k.split("::")[0] for k in plain.state_dict()} == {"m", "v"}
+
+
+def test_bias_corrected_state_round_trips_and_an_uncorrected_one_is_refused():
+    kw = dict(server_lr=ETA, beta1=B1, beta2=B2, tau=TAU, bias_correction=True)
+    a = FedYogi(**kw)
+    x1 = a.step(_t(X0), [_t(y) for y in R1[0]], R1[1])
+    b = FedYogi(**kw)
+    b.load_state_dict(a.state_dict())
+    assert b.t == a.t == {("", "w"): 1}
+    assert torch.equal(a.step(x1, [_t(y) for y in R2[0]], R2[1])["w"], b.step(x1, [_t(y) for y in R2[0]], R2[1])["w"])
+    plain = FedYogi(server_lr=ETA)
+    plain.step(_t(X0), [_t(y) for y in R1[0]], R1[1])
+    with pytest.raises(FcitError, match="bias_correction"):
+        FedYogi(**kw).load_state_dict(plain.state_dict())
+
+
+def test_bias_correction_reaches_the_server_optimizer_from_the_config():
+    assert build_server_optimizer(FederationConfig(aggregator="fedadam", bias_correction=True)).bias_correction
+    assert not build_server_optimizer(FederationConfig(aggregator="fedadam")).bias_correction

@@ -28,6 +28,13 @@ Choices, all documented here because the papers leave them open:
 * No bias correction of m or v, as in Algorithm 2: with m_0 = 0 the first steps are (1 - beta1) of a full one, and
   with v_0 = tau^2 FedAdam/FedYogi then move each coordinate by about eta (m / sqrt(v) is about +-1 for a steady
   Delta), so eta is a step size in weight units.
+* ``bias_correction=True`` (off by default) is Kingma & Ba's correction, in the form Flower's FedAdam applies it:
+  the step's rate becomes eta_t = eta sqrt(1 - beta2^t) / (1 - beta1^t) for FedAdam and FedYogi (whose v grows as
+  Adam's in its first rounds), eta / (1 - beta1^t) for FedAdagrad (its v is a sum, not a mean) and FedAvgM (so m
+  is at its steady value, Delta / (1 - beta1) for a steady Delta, from the first round). t counts the updates of
+  each (group, key) slot, not the server's rounds, because a continual method adds slots mid-run (DISCO's subspace
+  of a new task) whose moments start at zero then: without the correction, at beta1 = 0.9 such a slot's m reaches
+  65% of a steady Delta only after 10 rounds, a whole FCIT stage.
 * State (m, v) is kept per (group, key) in fp32 on the tensor's device and persists across rounds and stages: a stage
   boundary is not a restart for the server. ``group`` lets a method with several subspaces keep separate moments per
   subspace even when the subspaces share tensor names.
@@ -90,11 +97,15 @@ class ServerOptimizer:
         beta2: float = 0.99,
         tau: float = 1e-3,
         weighting: Weighting = "samples",
+        bias_correction: bool = False,
     ):
         if weighting not in ("samples", "uniform"):
             raise FcitError(f"server optimizer: weighting must be 'samples' or 'uniform', got {weighting!r}")
         self.server_lr, self.beta1, self.beta2, self.tau = float(server_lr), float(beta1), float(beta2), float(tau)
         self.weighting = weighting
+        self.bias_correction = bool(bias_correction)
+        # updates per slot, kept only with the correction (so the default's checkpoints hold what they always held)
+        self.t: dict[tuple[str, str], int] = {}
         self.m: dict[tuple[str, str], torch.Tensor] = {}
         self.v: dict[tuple[str, str], torch.Tensor] = {}
         # key -> factor on the server step of that tensor (federation.projector_rate_scale); absent keys: 1
@@ -123,7 +134,10 @@ class ServerOptimizer:
             delta = torch.zeros_like(xf)
             for s, pk in zip(client_states, p):
                 delta += (s[key].detach().to(xf.device).float() - xf) * pk
-            out[key] = (xf + self._update((group, key), delta) * self.rate_scale.get(key, 1.0)).to(x.dtype)
+            slot = (group, key)
+            if self.bias_correction:
+                self.t[slot] = self.t.get(slot, 0) + 1
+            out[key] = (xf + self._update(slot, delta) * self.rate_scale.get(key, 1.0)).to(x.dtype)
         return out
 
     def _update(self, slot: tuple[str, str], delta: torch.Tensor) -> torch.Tensor:
@@ -144,8 +158,16 @@ class ServerOptimizer:
         v = self.v.get(slot)
         return torch.full_like(like, self.tau**2) if v is None else v.to(like.device)
 
-    def _adaptive_step(self, m: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        return self.server_lr * m / (v.sqrt() + self.tau)
+    def _rate(self, slot: tuple[str, str], correct_v: bool) -> float:
+        """eta, or with ``bias_correction`` eta_t for the slot's t-th update (see the module's docstring)."""
+        if not self.bias_correction:
+            return self.server_lr
+        t = self.t[slot]
+        rate = self.server_lr / (1.0 - self.beta1**t)
+        return rate * (1.0 - self.beta2**t) ** 0.5 if correct_v else rate
+
+    def _adaptive_step(self, slot: tuple[str, str], m: torch.Tensor, v: torch.Tensor, correct_v: bool) -> torch.Tensor:
+        return self._rate(slot, correct_v) * m / (v.sqrt() + self.tau)
 
     # -- resumable runs ------------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, torch.Tensor]:
@@ -153,15 +175,25 @@ class ServerOptimizer:
         for slot_name, table in (("m", self.m), ("v", self.v)):
             for (group, key), t in table.items():
                 out[f"{slot_name}{_SEP}{group}{_SEP}{key}"] = t.detach().clone()
+        for (group, key), n in self.t.items():
+            out[f"t{_SEP}{group}{_SEP}{key}"] = torch.tensor(n, dtype=torch.int64)
         return out
 
     def load_state_dict(self, d: dict[str, torch.Tensor]) -> None:
-        self.m, self.v = {}, {}
+        self.m, self.v, self.t = {}, {}, {}
         for name, t in d.items():
             parts = name.split(_SEP, 2)
-            if len(parts) != 3 or parts[0] not in ("m", "v"):
+            if len(parts) != 3 or parts[0] not in ("m", "v", "t"):
                 raise FcitError(f"server optimizer: unexpected state entry {name!r}")
-            (self.m if parts[0] == "m" else self.v)[(parts[1], parts[2])] = t.detach().float().clone()
+            slot = (parts[1], parts[2])
+            if parts[0] == "t":
+                self.t[slot] = int(t)
+            else:
+                (self.m if parts[0] == "m" else self.v)[slot] = t.detach().float().clone()
+        if self.bias_correction and set(self.m) - set(self.t):
+            # A state saved without the correction has no counts: guessing them would change every later step.
+            raise FcitError("server optimizer: the saved state has no update counts; it was saved without "
+                            "federation.bias_correction, which a resumed run must keep as it was")
 
 
 class FedAvg(ServerOptimizer):
@@ -176,7 +208,7 @@ class FedAvgM(ServerOptimizer):
         # Hsu et al.: heavy-ball momentum on the pseudo-gradient, m <- beta m + Delta from m_0 = 0.
         m = self.beta1 * self._m0(slot, delta) + delta
         self.m[slot] = m
-        return self.server_lr * m
+        return self._rate(slot, correct_v=False) * m
 
 
 class FedAdagrad(ServerOptimizer):
@@ -187,7 +219,7 @@ class FedAdagrad(ServerOptimizer):
         m = self._ema_momentum(slot, delta)
         v = self._v0(slot, delta) + delta.square()
         self.v[slot] = v
-        return self._adaptive_step(m, v)
+        return self._adaptive_step(slot, m, v, correct_v=False)
 
 
 class FedAdam(ServerOptimizer):
@@ -198,7 +230,7 @@ class FedAdam(ServerOptimizer):
         m = self._ema_momentum(slot, delta)
         v = self.beta2 * self._v0(slot, delta) + (1.0 - self.beta2) * delta.square()
         self.v[slot] = v
-        return self._adaptive_step(m, v)
+        return self._adaptive_step(slot, m, v, correct_v=True)
 
 
 class FedYogi(ServerOptimizer):
@@ -211,7 +243,7 @@ class FedYogi(ServerOptimizer):
         d2 = delta.square()
         v = v0 - (1.0 - self.beta2) * d2 * torch.sign(v0 - d2)
         self.v[slot] = v
-        return self._adaptive_step(m, v)
+        return self._adaptive_step(slot, m, v, correct_v=True)
 
 
 SERVER_OPTIMIZERS: dict[str, type[ServerOptimizer]] = {
@@ -234,4 +266,5 @@ def build_server_optimizer(cfg, weighting: Optional[Weighting] = None) -> Server
         # use the reference's fedopt_eta, 1e-3, since they move each coordinate by about eta per round whatever the
         # size of Delta (a LoRA weight here is of order 1e-2). Set federation.server_lr to tune it per run.
         lr = 1.0 if cls in (FedAvg, FedAvgM) else 1e-3
-    return cls(server_lr=lr, beta1=cfg.beta1, beta2=cfg.beta2, tau=cfg.adaptivity, weighting=w)
+    return cls(server_lr=lr, beta1=cfg.beta1, beta2=cfg.beta2, tau=cfg.adaptivity, weighting=w,
+               bias_correction=getattr(cfg, "bias_correction", False))
