@@ -81,6 +81,23 @@ def test_same_seed_same_metrics_and_resume_continues(small_base, cache_dir, tmp_
     assert c["matrix"] == a["matrix"] and _rounds(c) == _rounds(a)
 
 
+def test_a_resumed_run_keeps_the_bias_corrected_server_optimizers_counts(small_base, cache_dir, tmp_path):
+    # The counts are part of the server optimizer's state: a resume that lost them would take stage 2's first steps
+    # as a fresh slot's and drift from the uninterrupted run.
+    opt = {"federation.aggregator": "fedadam", "federation.bias_correction": True, "federation.server_lr": 0.01}
+    cfg = smoke_cfg(small_base, cache_dir, tmp_path, **opt)
+    _, a = run(cfg, tmp_path / "a", progress=False)
+    run(smoke_cfg(small_base, cache_dir, tmp_path, **opt, **{"scenario.stages": 1}), tmp_path / "c", progress=False)
+    (tmp_path / "c" / "metrics.json").unlink()
+    (tmp_path / "c" / "config.json").write_text(json.dumps(cfg.model_dump(mode="json")))
+    _, c = run(cfg, tmp_path / "c", progress=False, resume=True)
+    assert c["matrix"] == a["matrix"] and _rounds(c) == _rounds(a)
+    from safetensors.torch import load_file
+
+    saved = load_file(tmp_path / "c" / "checkpoint" / "state.safetensors")
+    assert any(k.startswith("method/server_opt/t::") for k in saved)
+
+
 def test_run_records_its_environment_and_resume_appends(small_base, cache_dir, tmp_path):
     from fcit import environment
 
