@@ -78,6 +78,17 @@ if [[ $part == all || $part == optimizers-beta0.5 ]]; then # every server optimi
       --seeds "$seeds" --out runs/bench-optimizers-avgm-beta0.5-lr$lr
   done
 fi
+if [[ $part == all || $part == optimizers-bc ]]; then # every server optimizer at the papers' momentum 0.9 with bias correction (the adaptive ones with the projector's server step at 0.1x): a rate grid at seed 0, then each one's best rate at every seed; FedAvg as in optimizers-beta0.5
+  BEST=${BEST:-}  # the grid's best at seed 0, e.g. "fedavgm:0.1 fedadam:0.03"
+  for spec in ${GRID:-fedavgm:0.1 fedavgm:0.2 fedadam:0.01 fedadam:0.03 fedyogi:0.01 fedyogi:0.03 fedadagrad:0.01 fedadagrad:0.03} $BEST; do
+    agg=${spec%%:*} lr=${spec##*:}
+    seeds=0; [[ " $BEST " == *" $spec "* ]] && seeds=$SEEDS
+    scale=0.1; [[ $agg == fedavgm ]] && scale=1
+    cmp --methods disco --aggregators "$agg" --set federation.server_lr="$lr" --set federation.bias_correction=true \
+      --set federation.projector_rate_scale=$scale --seeds "$seeds" --out "runs/bench-optimizers-bc-lr$lr-$agg"
+  done
+  cmp --methods disco --aggregators fedavg --seeds "$SEEDS" --out runs/bench-optimizers
+fi
 if [[ $part == all || $part == regime-levers ]]; then # issue 16: training choices against the ratio bars, one at a time at seed 0, then the frozen projector with 4x the local steps at every seed
   cmp --methods finetune,disco --seeds 0 --set train.lr=0.005 --out runs/bench-regime-lr0.005
   cmp --methods disco --seeds 0 --set train.batch_size=4 --out runs/bench-regime-bs4
@@ -108,6 +119,9 @@ if [[ $part == all || $part == ablation ]]; then   # DISCO identity ablation (ac
   for id in image text+image; do
     cmp --methods disco --seeds "${ABL_SEEDS:-$SEEDS}" --set method.params.identity=$id --out runs/bench-ablation-id-$id
   done
+fi
+if [[ $part == all || $part == budget ]]; then    # the per-stage budget: 20 rounds per stage instead of 10, seed 0
+  cmp --methods finetune,disco --seeds "${BUDGET_SEEDS:-0}" --set scenario.rounds=20 --out runs/bench-budget-rounds20
 fi
 if [[ $part == all || $part == ssa ]]; then
   .venv/bin/python scripts/bench_ssa.py
