@@ -88,6 +88,13 @@ if [[ $part == all || $part == optimizers-bc ]]; then # every server optimizer a
       --set federation.projector_rate_scale=$scale --seeds "$seeds" --out "runs/bench-optimizers-bc-lr$lr-$agg"
   done
   cmp --methods disco --aggregators fedavg --seeds "$SEEDS" --out runs/bench-optimizers
+  # the same at one local epoch, where a client's upload is a partial step (seed 0)
+  ep1() { cmp --methods disco --seeds 0 --set train.local_epochs=1 "$@"; }
+  ep1 --aggregators fedavg --out runs/bench-ep1-fedavg
+  ep1 --aggregators fedavgm --set federation.server_lr=0.1 --set federation.bias_correction=true --out runs/bench-ep1-bc-lr0.1-fedavgm
+  ep1 --aggregators fedavgm --set federation.server_lr=1.0 --out runs/bench-ep1-lr1.0-fedavgm
+  ep1 --aggregators fedadagrad --set federation.server_lr=0.03 --set federation.bias_correction=true \
+    --set federation.projector_rate_scale=0.1 --out runs/bench-ep1-bc-lr0.03-fedadagrad
 fi
 if [[ $part == all || $part == regime-levers ]]; then # issue 16: training choices against the ratio bars, one at a time at seed 0, then the frozen projector with 4x the local steps at every seed
   cmp --methods finetune,disco --seeds 0 --set train.lr=0.005 --out runs/bench-regime-lr0.005
