@@ -158,7 +158,9 @@ class FederationConfig(_Strict):
     beta2: float = Field(0.99, ge=0, lt=1)
     # Off: Reddi et al.'s Algorithm 2 as written. On: Kingma & Ba's correction per tensor slot (Flower's FedAdam
     # applies it), so a subspace added mid-run steps at full size from its first round; see server_opt.py.
-    bias_correction: bool = Field(False, description="bias-correct the server optimizers' moments (per tensor slot)")
+    bias_correction: bool = Field(
+        False, description="bias-correct the server optimizers' moments (per tensor slot; FedAvg has none)"
+    )
     # Reddi et al. call it tau; named for what it is, so it is not mistaken for DISCO's routing threshold tau.
     adaptivity: float = Field(1e-3, gt=0, description="adaptivity (Reddi et al.'s tau) of FedAdam/FedAdagrad/FedYogi")
     prox_mu: float = Field(0.0, ge=0, description="FedProx proximal coefficient on the client (0 = off)")
