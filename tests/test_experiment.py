@@ -73,24 +73,25 @@ def test_same_seed_same_metrics_and_resume_continues(small_base, cache_dir, tmp_
     _, a = run(cfg, tmp_path / "a", progress=False)
     _, b = run(cfg, tmp_path / "b", progress=False)
     assert _without_timing(a) == _without_timing(b)
-    # A crash after stage 1: keep the stage-1 checkpoint only, then resume.
-    _, _ = run(smoke_cfg(small_base, cache_dir, tmp_path, **{"scenario.stages": 1}), tmp_path / "c", progress=False)
-    (tmp_path / "c" / "metrics.json").unlink()
-    (tmp_path / "c" / "config.json").write_text(json.dumps(cfg.model_dump(mode="json")))
-    _, c = run(cfg, tmp_path / "c", progress=False, resume=True)
+    c = _crash_after_stage_1_and_resume(small_base, cache_dir, tmp_path, tmp_path / "c")
     assert c["matrix"] == a["matrix"] and _rounds(c) == _rounds(a)
+
+
+def _crash_after_stage_1_and_resume(small_base, cache_dir, tmp_path, run_dir, **overrides):
+    """A smoke run that crashed after stage 1 (only the stage-1 checkpoint kept), resumed to the end: its metrics."""
+    cfg = smoke_cfg(small_base, cache_dir, tmp_path, **overrides)
+    run(smoke_cfg(small_base, cache_dir, tmp_path, **overrides, **{"scenario.stages": 1}), run_dir, progress=False)
+    (run_dir / "metrics.json").unlink()
+    (run_dir / "config.json").write_text(json.dumps(cfg.model_dump(mode="json")))
+    return run(cfg, run_dir, progress=False, resume=True)[1]
 
 
 def test_a_resumed_run_keeps_the_bias_corrected_server_optimizers_counts(small_base, cache_dir, tmp_path):
     # The counts are part of the server optimizer's state: a resume that lost them would take stage 2's first steps
     # as a fresh slot's and drift from the uninterrupted run.
     opt = {"federation.aggregator": "fedadam", "federation.bias_correction": True, "federation.server_lr": 0.01}
-    cfg = smoke_cfg(small_base, cache_dir, tmp_path, **opt)
-    _, a = run(cfg, tmp_path / "a", progress=False)
-    run(smoke_cfg(small_base, cache_dir, tmp_path, **opt, **{"scenario.stages": 1}), tmp_path / "c", progress=False)
-    (tmp_path / "c" / "metrics.json").unlink()
-    (tmp_path / "c" / "config.json").write_text(json.dumps(cfg.model_dump(mode="json")))
-    _, c = run(cfg, tmp_path / "c", progress=False, resume=True)
+    _, a = run(smoke_cfg(small_base, cache_dir, tmp_path, **opt), tmp_path / "a", progress=False)
+    c = _crash_after_stage_1_and_resume(small_base, cache_dir, tmp_path, tmp_path / "c", **opt)
     assert c["matrix"] == a["matrix"] and _rounds(c) == _rounds(a)
     from safetensors.torch import load_file
 

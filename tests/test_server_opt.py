@@ -315,6 +315,7 @@ def test_bias_corrected_fedyogi_and_fedadagrad_two_rounds():
     _close(x2, [x1[j] + _rate(2, True) * m2[j] / (math.sqrt(v2[j]) + TAU) for j in range(3)])
 
     x1, x2, d1, d2 = _run(FedAdagrad(server_lr=ETA, beta1=B1, tau=TAU, bias_correction=True))
+    m1 = [(1 - B1) * d1[j] for j in range(3)]
     v1 = [TAU**2 + d1[j] ** 2 for j in range(3)]
     _close(x1, [X0[j] + _rate(1, False) * m1[j] / (math.sqrt(v1[j]) + TAU) for j in range(3)])
     m2 = [B1 * m1[j] + (1 - B1) * d2[j] for j in range(3)]
