@@ -312,3 +312,45 @@ def test_open_benchmark_synth_dispatch(root, monkeypatch):
     cfg = load_config(overrides={"data.synth.n_train": 33, "data.root": "/cache"})
     bench = open_benchmark(cfg)
     assert calls == [(33, Path("/cache"))] and bench.root == root and bench.image_root == root
+
+
+# -- the image checks' record of headers that opened ------------------------------------------------------------
+
+def test_image_checks_open_only_changed_files_on_a_later_run(root, tmp_path, monkeypatch):
+    from fcit.data import validation
+
+    monkeypatch.setenv("FCIT_CACHE", str(tmp_path / "cache"))
+    opened = []
+    real = validation._header_error
+    monkeypatch.setattr(validation, "_header_error", lambda p: opened.append(p) or real(p))
+    path = _train_path(root, "OCR-VQA")
+    samples = Benchmark(root).train("OCR-VQA")
+    images = sorted({s.image for s in samples})
+
+    validation.check_images(path, samples, {})
+    assert sorted(opened) == images  # first run: every header
+    opened.clear()
+    validation.check_images(path, samples, {})
+    assert opened == []  # unchanged files: none
+
+    Path(images[1]).write_bytes(b"not an image at all")  # changed since it opened: checked again, and it fails
+    with pytest.raises(FcitError, match="cannot decode"):
+        validation.check_images(path, samples, {})
+    assert opened == [images[1]]
+    opened.clear()
+    with pytest.raises(FcitError, match="cannot decode"):  # a failed header is never remembered as good
+        validation.check_images(path, samples, {})
+    assert opened == [images[1]]
+
+
+def test_image_checks_run_when_the_cache_folder_cannot_be_written(root, tmp_path, monkeypatch):
+    from fcit.data import validation
+
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    monkeypatch.setenv("FCIT_CACHE", str(blocker / "cache"))
+    samples = Benchmark(root).train("OCR-VQA")
+    validation.check_images(_train_path(root, "OCR-VQA"), samples, {})
+    Path(samples[1].image).write_bytes(b"garbage")
+    with pytest.raises(FcitError, match="cannot decode"):
+        validation.check_images(_train_path(root, "OCR-VQA"), samples, {})
