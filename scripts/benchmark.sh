@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Regenerates every table of the README's "Results on the embedded benchmark" section.
+# Regenerates every table of the README's "Results on the embedded benchmark" section and of the investigations it
+# links (docs/regime-investigation.md, docs/server-optimizers.md).
 # Each `fcit compare` writes <folder>/table.md and a run directory per (method, seed); finished runs in a folder are
 # reused, so the parts below share the Hom runs and an interrupted part continues where it stopped.
 # Extra flags for every `fcit compare` go in FCIT_ARGS, e.g. FCIT_ARGS="--set threads=1" to run two parts side by side.
