@@ -117,6 +117,21 @@ if [[ $part == all || $part == regime-levers ]]; then # issue 16: training choic
       --set model.train_projector=false --set train.batch_size=4 --seeds 0 --out "runs/bench-regime-noproj-bs4-opt-lr${spec##*:}"
   done
 fi
+if [[ $part == all || $part == combo ]]; then # issue 16: the three opt-in levers together (FCIT-Synth v5, the replay base, the projector frozen with batch 4): the ten methods at every seed, then DISCO under the server optimizers at momentum 0.5, a rate grid at seed 0 and each one's best (BEST) at every seed
+  [[ -f runs/base-replay/model.safetensors ]] || $FCIT pretrain --from src/fcit/assets/tiny-llava --instruct-epochs 1 \
+    --instruct-descriptions 10000 --out runs/base-replay
+  COMBO=(--set model.path=runs/base-replay --set data.synth.version=5 --set model.train_projector=false --set train.batch_size=4)
+  cmp --methods zeroshot,finetune,ewc,lwf,olora,mlora,moelora,disco,mtl,mtl-fed --seeds "$SEEDS" "${COMBO[@]}" \
+    --out runs/combo-v5-replay
+  .venv/bin/python scripts/regime.py runs/combo-v5-replay --markdown --per-dataset
+  BEST=${BEST:-}  # e.g. "fedavgm:1.0 fedadam:0.01"
+  for spec in ${GRID:-fedavgm:1.0 fedadagrad:0.03 fedadam:0.003 fedadam:0.01 fedadam:0.03 fedyogi:0.003 fedyogi:0.01 fedyogi:0.03} $BEST; do
+    agg=${spec%%:*} lr=${spec##*:}
+    seeds=0; [[ " $BEST " == *" $spec "* ]] && seeds=$SEEDS
+    cmp --methods disco --aggregators "$agg" --set federation.server_lr="$lr" --set federation.beta1=0.5 "${COMBO[@]}" \
+      --seeds "$seeds" --out "runs/combo-v5-replay-opt-$agg-lr$lr"
+  done
+fi
 if [[ $part == all || $part == regime-v5 ]]; then # issue 16: the regime bars on FCIT-Synth v5 (the identity tokens' overlap), three seeds; then Finetune and DISCO in Het, seed 0
   cmp --methods zeroshot,finetune,ewc,lwf,olora,mlora,moelora,disco,mtl,mtl-fed --seeds "${V5_SEEDS:-$SEEDS}" \
     --set data.synth.version=5 --out runs/bench-v5-hom
