@@ -9,6 +9,18 @@ MICRO = TinySpec(image_size=16, patch_size=8, vision_hidden=32, vision_layers=1,
                  lm_intermediate=64, lm_layers=2, lm_heads=2, vocab_size=300, max_positions=128)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _image_check_records(tmp_path_factory):
+    """The record of image headers that opened (``data.validation``) goes to a folder of the session, not the user's
+    cache: test data lives in temporary folders that the record would otherwise keep naming."""
+    from fcit.data import validation
+
+    folder = tmp_path_factory.mktemp("checked")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(validation, "_records_dir", lambda: folder)
+        yield
+
+
 @pytest.fixture(scope="session")
 def micro_backbone():
     """A micro LLaVA (random init) with a tokenizer trained on a few words: fast enough for unit tests."""

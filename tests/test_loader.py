@@ -316,31 +316,60 @@ def test_open_benchmark_synth_dispatch(root, monkeypatch):
 
 # -- the image checks' record of headers that opened ------------------------------------------------------------
 
-def test_image_checks_open_only_changed_files_on_a_later_run(root, tmp_path, monkeypatch):
+@pytest.fixture
+def record(root, tmp_path, monkeypatch):
+    """check_images on OCR-VQA's train file, counting the headers it opens; files count as settled at once."""
     from fcit.data import validation
 
-    monkeypatch.setenv("FCIT_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(validation, "_records_dir", lambda: tmp_path / "checked")
+    monkeypatch.setattr(validation, "_SETTLED_NS", 0)
     opened = []
     real = validation._header_error
     monkeypatch.setattr(validation, "_header_error", lambda p: opened.append(p) or real(p))
     path = _train_path(root, "OCR-VQA")
     samples = Benchmark(root).train("OCR-VQA")
-    images = sorted({s.image for s in samples})
 
-    validation.check_images(path, samples, {})
-    assert sorted(opened) == images  # first run: every header
-    opened.clear()
-    validation.check_images(path, samples, {})
-    assert opened == []  # unchanged files: none
+    def check(**kw):
+        opened.clear()
+        validation.check_images(path, samples, {}, **kw)
+        return sorted(opened)
 
-    Path(images[1]).write_bytes(b"not an image at all")  # changed since it opened: checked again, and it fails
+    return check, sorted({s.image for s in samples}), path
+
+
+def test_image_checks_open_only_changed_files_on_a_later_run(record):
+    check, images, _ = record
+    assert check() == images  # first run: every header
+    assert check() == []  # unchanged files: none
+    assert check(recheck=True) == images  # `fcit data check`: every header again
+
+    with open(images[1], "r+b") as f:  # the same size, new bytes: checked again, and it fails
+        f.write(b"not an image")
     with pytest.raises(FcitError, match="cannot decode"):
-        validation.check_images(path, samples, {})
-    assert opened == [images[1]]
-    opened.clear()
+        check()
     with pytest.raises(FcitError, match="cannot decode"):  # a failed header is never remembered as good
-        validation.check_images(path, samples, {})
-    assert opened == [images[1]]
+        check()
+
+
+def test_image_checks_distrust_a_record_of_another_pil_or_a_malformed_one(record, monkeypatch):
+    from fcit.data import validation
+
+    check, images, path = record
+    check()
+    monkeypatch.setattr(validation, "_pil_version", lambda: "0.0")
+    assert check() == images
+    validation._record_path(path).write_text('{"pil": "0.0", "images": []}')
+    assert check() == images
+    assert check() == []
+
+
+def test_image_checks_do_not_remember_files_modified_in_the_last_seconds(record, monkeypatch):
+    from fcit.data import validation
+
+    check, images, _ = record
+    monkeypatch.setattr(validation, "_SETTLED_NS", 3_000_000_000)  # the default; the images were just written
+    check()
+    assert check() == images
 
 
 def test_image_checks_run_when_the_cache_folder_cannot_be_written(root, tmp_path, monkeypatch):
@@ -348,9 +377,22 @@ def test_image_checks_run_when_the_cache_folder_cannot_be_written(root, tmp_path
 
     blocker = tmp_path / "file"
     blocker.write_text("")
-    monkeypatch.setenv("FCIT_CACHE", str(blocker / "cache"))
+    monkeypatch.setattr(validation, "_records_dir", lambda: blocker / "checked")
     samples = Benchmark(root).train("OCR-VQA")
     validation.check_images(_train_path(root, "OCR-VQA"), samples, {})
+    Path(samples[1].image).write_bytes(b"garbage")
+    with pytest.raises(FcitError, match="cannot decode"):
+        validation.check_images(_train_path(root, "OCR-VQA"), samples, {})
+
+
+def test_image_checks_run_without_a_home_folder(root, monkeypatch):
+    from fcit.data import validation
+
+    def no_home():
+        raise RuntimeError("Could not determine home directory.")
+
+    monkeypatch.setattr(validation, "_records_dir", no_home)
+    samples = Benchmark(root).train("OCR-VQA")
     Path(samples[1].image).write_bytes(b"garbage")
     with pytest.raises(FcitError, match="cannot decode"):
         validation.check_images(_train_path(root, "OCR-VQA"), samples, {})

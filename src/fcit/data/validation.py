@@ -7,8 +7,11 @@ stage, the released partition files when configured) and opens every distinct im
 decoding), naming file, record and field on the first problem.
 
 Images that opened once are remembered on disk (``checked/`` in fcit's cache folder, one file per records file) with
-their size, modification and change times and inode; a later run opens only those whose file changed since. The
-header checks were 1.2 s of the embedded default run's 5 s setup on the 2-core machine, and a real release has
+their size, modification and change times and inode, and the PIL version that opened them; a later run opens only
+those whose file changed since (or all of them under another PIL, which may lack a codec). A file modified within
+the last seconds is not remembered: on a file system with coarse timestamps a rewrite in the same tick would keep
+its signature (git's "racy clean" rule). ``fcit data check`` opens every header whatever the record says. The
+header checks were about 1 s of the embedded default run's 5 s setup on the 2-core machine, and a real release has
 hundreds of thousands of images.
 """
 
@@ -18,6 +21,8 @@ import contextlib
 import hashlib
 import json
 import os
+import tempfile
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -59,6 +64,9 @@ def _header_error(path: str) -> Optional[str]:
 
 
 Signature = list[int]
+# Younger files are not remembered: a same-size rewrite within the file system's timestamp granularity (up to 2 s on
+# FAT, one kernel tick on older ext4) would keep the signature.
+_SETTLED_NS = 3_000_000_000
 
 
 def _signature(path: str) -> Optional[Signature]:
@@ -69,56 +77,80 @@ def _signature(path: str) -> Optional[Signature]:
     return [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino]
 
 
-def _record_path(file: Path) -> Path:
+def _records_dir() -> Path:
     from fcit.data.synth import default_cache_dir
 
+    return default_cache_dir() / "checked"
+
+
+def _record_path(file: Path) -> Path:
     key = hashlib.sha256(str(Path(file).resolve()).encode()).hexdigest()[:24]
-    return default_cache_dir() / "checked" / f"{key}.json"
+    return _records_dir() / f"{key}.json"
+
+
+def _pil_version() -> str:
+    import PIL
+
+    return PIL.__version__
 
 
 def _load_record(file: Path) -> dict[str, Signature]:
+    # A cache: anything unreadable, malformed, or from another PIL is no record at all.
     try:
-        return json.loads(_record_path(file).read_text())["images"]
-    except (OSError, ValueError, KeyError, TypeError):
+        data = json.loads(_record_path(file).read_text())
+    except (OSError, RuntimeError, ValueError):  # RuntimeError: no home folder to put the cache in
         return {}
+    images = data.get("images") if isinstance(data, dict) and data.get("pil") == _pil_version() else None
+    if not isinstance(images, dict):
+        return {}
+    return {k: v for k, v in images.items() if isinstance(v, list) and len(v) == 4}
 
 
 def _save_record(file: Path, images: dict[str, Signature]) -> None:
-    # A cache: a run whose cache folder cannot be written checks the headers again next time, nothing more.
-    path = _record_path(file)
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    # A run whose cache folder cannot be written checks the headers again next time, nothing more.
+    tmp = None
     try:
+        path = _record_path(file)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp.write_text(json.dumps({"file": str(Path(file).resolve()), "images": images}))
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+        with os.fdopen(fd, "w") as f:
+            json.dump({"file": str(Path(file).resolve()), "pil": _pil_version(), "images": images}, f)
         os.replace(tmp, path)
-    except OSError:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
+    except (OSError, RuntimeError):
+        if tmp is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
 
 
-def check_images(file: Path, samples: Sequence["Sample"], seen: dict[str, Optional[str]], threads: int = 8) -> None:
+def check_images(file: Path, samples: Sequence["Sample"], seen: dict[str, Optional[str]], threads: int = 8,
+                 recheck: bool = False) -> None:
     """Open the header of every image of ``samples`` not in ``seen`` (image -> error or None) whose file changed
-    since it last opened, in threads because on a real benchmark this is hundreds of thousands of small reads."""
+    since it last opened (every one with ``recheck``), in threads because on a real benchmark this is hundreds of
+    thousands of small reads."""
     todo = sorted({s.image for s in samples if s.image is not None and s.image not in seen})
     if todo:
-        record = _load_record(file)
+        record = {} if recheck else _load_record(file)
         sigs = {t: _signature(t) for t in todo}
         opened = [t for t in todo if sigs[t] is None or sigs[t] != record.get(t)]
         seen.update(dict.fromkeys(todo))
         if opened:
             with ThreadPoolExecutor(max_workers=threads) as pool:
                 seen.update(zip(opened, pool.map(_header_error, opened)))
+            settled = time.time_ns() - _SETTLED_NS
+            good = {t: sig for t, sig in sigs.items()
+                    if sig is not None and not seen[t] and max(sig[1], sig[2]) < settled}
             kept = {t: v for t, v in record.items() if t not in sigs}
-            _save_record(file, {**kept, **{t: sig for t, sig in sigs.items() if sig is not None and not seen[t]}})
+            _save_record(file, {**kept, **good})
     for i, s in enumerate(samples):
         if s.image is not None and seen.get(s.image):
             raise FcitError(f"{file}: record {i} (id {s.id}): field 'image': cannot decode {s.image}: {seen[s.image]}")
 
 
-def validate_scenario(bench: "Benchmark", scenario: "Scenario") -> Report:
+def validate_scenario(bench: "Benchmark", scenario: "Scenario", recheck: bool = False) -> Report:
     """Parse every file the scenario's stages will read and check every image header; raise on the first problem.
 
-    Remembered on ``bench``, so the runs of one comparison validate a dataset once.
+    Remembered on ``bench``, so the runs of one comparison validate a dataset once. ``recheck`` opens every header,
+    also those of unchanged files that opened before.
     """
     done: dict = bench.__dict__.setdefault("_validated", {"datasets": {}, "images": {}, "tasks": set()})
     report = Report()
@@ -127,8 +159,8 @@ def validate_scenario(bench: "Benchmark", scenario: "Scenario") -> Report:
     for d in datasets:
         if d not in done["datasets"]:
             train, test = bench.train(d), bench.test(d)
-            check_images(bench.train_path(d), train, done["images"])
-            check_images(bench.test_path(d), test, done["images"])
+            check_images(bench.train_path(d), train, done["images"], recheck=recheck)
+            check_images(bench.test_path(d), test, done["images"], recheck=recheck)
             done["datasets"][d] = (len(train), len(test))
         report.datasets[d] = done["datasets"][d]
     if scenario.partitions_root is not None:
@@ -142,10 +174,11 @@ def validate_scenario(bench: "Benchmark", scenario: "Scenario") -> Report:
 
 
 def check_config(cfg, progress: bool = True) -> Report:
-    """``fcit data check``: the validation a run does at setup, alone (no model is loaded)."""
+    """``fcit data check``: the validation a run does at setup, alone (no model is loaded), opening every image
+    header whatever the record of earlier checks says."""
     from fcit.data.loader import open_benchmark
     from fcit.data.scenario import Scenario
 
     bench = open_benchmark(cfg, progress=progress)
     scenario = Scenario(cfg.scenario, cfg.seed, bench, partitions_root=cfg.data.partitions)
-    return validate_scenario(bench, scenario)
+    return validate_scenario(bench, scenario, recheck=True)
