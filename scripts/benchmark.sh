@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Regenerates every table of the README's "Results on the embedded benchmark" section and of the investigations it
-# links (docs/regime-investigation.md, docs/server-optimizers.md).
+# Regenerates the tables of the README's "Results on the embedded benchmark" section and the measured runs of the
+# investigations it links (docs/regime-investigation.md, docs/server-optimizers.md); the probes those name as outside
+# the project's commands and the `fcit pretrain` runs of the bases other than the replay base are not in it.
 # Each `fcit compare` writes <folder>/table.md and a run directory per (method, seed); finished runs in a folder are
 # reused, so the parts below share the Hom runs and an interrupted part continues where it stopped.
 # Extra flags for every `fcit compare` go in FCIT_ARGS, e.g. FCIT_ARGS="--set threads=1" to run two parts side by side.
@@ -117,17 +118,18 @@ if [[ $part == all || $part == regime-levers ]]; then # issue 16: training choic
       --set model.train_projector=false --set train.batch_size=4 --seeds 0 --out "runs/bench-regime-noproj-bs4-opt-lr${spec##*:}"
   done
 fi
-if [[ $part == all || $part == combo ]]; then # issue 16: the three opt-in levers together (FCIT-Synth v5, the replay base, the projector frozen with batch 4): the ten methods at every seed, then DISCO under the server optimizers at momentum 0.5, a rate grid at seed 0 and each one's best (BEST) at every seed
-  [[ -f runs/base-replay/model.safetensors ]] || $FCIT pretrain --from src/fcit/assets/tiny-llava --instruct-epochs 1 \
+if [[ $part == all || $part == combo ]]; then # issue 16: the three opt-in levers together (FCIT-Synth v5, the replay base, the projector frozen with batch 4): the ten methods at every seed, then DISCO under the server optimizers at momentum 0.5, a rate grid at seed 0 and each one's best (COMBO_BEST) at every seed
+  [[ -f runs/base-replay/fcit_pretrain.json ]] || $FCIT pretrain --from src/fcit/assets/tiny-llava --instruct-epochs 1 \
     --instruct-descriptions 10000 --out runs/base-replay
   COMBO=(--set model.path=runs/base-replay --set data.synth.version=5 --set model.train_projector=false --set train.batch_size=4)
   cmp --methods zeroshot,finetune,ewc,lwf,olora,mlora,moelora,disco,mtl,mtl-fed --seeds "$SEEDS" "${COMBO[@]}" \
     --out runs/combo-v5-replay
-  .venv/bin/python scripts/regime.py runs/combo-v5-replay --markdown --per-dataset
-  BEST=${BEST:-}  # e.g. "fedavgm:1.0 fedadam:0.01"
-  for spec in ${GRID:-fedavgm:1.0 fedadagrad:0.03 fedadam:0.003 fedadam:0.01 fedadam:0.03 fedyogi:0.003 fedyogi:0.01 fedyogi:0.03} $BEST; do
+  .venv/bin/python scripts/regime.py runs/combo-v5-replay --markdown --per-dataset > runs/combo-v5-replay/regime.md
+  # COMBO_GRID at seed 0, then COMBO_BEST (the grid's best, measured 2026-12-07) at every seed
+  COMBO_BEST=${COMBO_BEST:-fedavgm:1.0 fedadagrad:0.03 fedadam:0.003 fedyogi:0.003}
+  for spec in ${COMBO_GRID:-fedavgm:1.0 fedadagrad:0.03 fedadam:0.003 fedadam:0.01 fedadam:0.03 fedyogi:0.003 fedyogi:0.01 fedyogi:0.03} $COMBO_BEST; do
     agg=${spec%%:*} lr=${spec##*:}
-    seeds=0; [[ " $BEST " == *" $spec "* ]] && seeds=$SEEDS
+    seeds=0; [[ " $COMBO_BEST " == *" $spec "* ]] && seeds=$SEEDS
     cmp --methods disco --aggregators "$agg" --set federation.server_lr="$lr" --set federation.beta1=0.5 "${COMBO[@]}" \
       --seeds "$seeds" --out "runs/combo-v5-replay-opt-$agg-lr$lr"
   done
