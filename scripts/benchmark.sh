@@ -133,6 +133,10 @@ if [[ $part == all || $part == combo ]]; then # issue 16: the three opt-in lever
     cmp --methods disco --aggregators "$agg" --set federation.server_lr="$lr" --set federation.beta1=0.5 "${COMBO[@]}" \
       --seeds "$seeds" --out "runs/combo-v5-replay-opt-$agg-lr$lr"
   done
+  for spec in ${COMBO_GRID09:-fedavgm:0.5 fedadam:0.01 fedyogi:0.01 fedadagrad:0.001}; do  # the papers' momentum 0.9 (the default), seed 0, each at its best rate on the v4 grid
+    cmp --methods disco --aggregators "${spec%%:*}" --set federation.server_lr="${spec##*:}" "${COMBO[@]}" --seeds 0 \
+      --out "runs/combo-v5-replay-opt09-${spec%%:*}-lr${spec##*:}"
+  done
 fi
 if [[ $part == all || $part == regime-v5 ]]; then # issue 16: the regime bars on FCIT-Synth v5 (the identity tokens' overlap), three seeds; then Finetune and DISCO in Het, seed 0
   cmp --methods zeroshot,finetune,ewc,lwf,olora,mlora,moelora,disco,mtl,mtl-fed --seeds "${V5_SEEDS:-$SEEDS}" \
