@@ -17,11 +17,8 @@ hundreds of thousands of images.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
-import json
 import os
-import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -29,6 +26,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Optional, Sequence
 
 from fcit.errors import FcitError
+from fcit.jsonio import read_json, write_json
 
 if TYPE_CHECKING:
     from fcit.data.loader import Benchmark
@@ -97,8 +95,8 @@ def _pil_version() -> str:
 def _load_record(file: Path) -> dict[str, Signature]:
     # A cache: anything unreadable, malformed, or from another PIL is no record at all.
     try:
-        data = json.loads(_record_path(file).read_text())
-    except (OSError, RuntimeError, ValueError):  # RuntimeError: no home folder to put the cache in
+        data = read_json(_record_path(file))
+    except (FcitError, RuntimeError):  # RuntimeError: no home folder to put the cache in
         return {}
     images = data.get("images") if isinstance(data, dict) and data.get("pil") == _pil_version() else None
     if not isinstance(images, dict):
@@ -108,18 +106,12 @@ def _load_record(file: Path) -> dict[str, Signature]:
 
 def _save_record(file: Path, images: dict[str, Signature]) -> None:
     # A run whose cache folder cannot be written checks the headers again next time, nothing more.
-    tmp = None
     try:
         path = _record_path(file)
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-        with os.fdopen(fd, "w") as f:
-            json.dump({"file": str(Path(file).resolve()), "pil": _pil_version(), "images": images}, f)
-        os.replace(tmp, path)
-    except (OSError, RuntimeError):
-        if tmp is not None:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
+        write_json(path, {"file": str(Path(file).resolve()), "pil": _pil_version(), "images": images}, indent=None)
+    except (OSError, RuntimeError, FcitError):
+        pass
 
 
 def check_images(file: Path, samples: Sequence["Sample"], seen: dict[str, Optional[str]], threads: int = 8,
