@@ -438,3 +438,30 @@ def test_phase_2_mixes_in_phase_1_descriptions_and_continues_a_base(tmp_path, sm
     with pytest.raises(FcitError, match="phase 1 has only 24 descriptions"):
         pretrain_mod.pretrain(cfg, tmp_path / "x", progress=False, start=small_base, instruct_epochs=1,
                               instruct_descriptions=25)
+
+
+def test_pretrain_builds_a_resized_language_model_that_runs(tmp_path, cache_dir, capsys):
+    """`fcit pretrain --lm-hidden/--lm-layers` builds the base at that size (the other widths in the default's
+    proportions), records it, and `fcit run` tunes it; a size the model cannot take fails before any work."""
+    from fcit.cli import main
+    from fcit.models.backbone import load_backbone
+
+    common = ["--preset", "smoke", "--set", f"data.root={cache_dir}", "--set", "data.synth.n_pretrain=24",
+              "--set", "data.synth.n_instruct=24", "--quiet"]
+    out = tmp_path / "wide"
+    assert main(["pretrain", "--lm-hidden", "96", "--lm-layers", "2", "--epochs", "1", "--instruct-epochs", "1",
+                 "--out", str(out), *common]) == 0
+    text = load_backbone(str(out))[0].config.text_config
+    assert (text.hidden_size, text.intermediate_size, text.num_hidden_layers, text.num_attention_heads) == (96, 256, 2, 2)
+    spec = json.loads((out / "fcit_pretrain.json").read_text())["spec"]
+    assert (spec["lm_hidden"], spec["lm_intermediate"], spec["lm_layers"], spec["lm_heads"]) == (96, 256, 2, 2)
+    _, m = run(smoke_cfg(out, cache_dir, tmp_path, **{"scenario.stages": 1}), tmp_path / "r", progress=False)
+    assert m["summary"]["last"] >= 0 and m["rounds"][0]["loss"] > 0
+
+    for bad, needle in ((["--lm-hidden", "100", "--lm-heads", "3"], "heads of an even size"),
+                        (["--lm-layers", "0"], "--lm-layers must be >= 1"),
+                        (["--from", str(out), "--lm-hidden", "96", "--instruct-epochs", "1"], "at its own size")):
+        target = tmp_path / "bad"
+        capsys.readouterr()
+        assert main(["pretrain", *bad, "--out", str(target), *common]) == 2
+        assert needle in capsys.readouterr().err and not target.exists()

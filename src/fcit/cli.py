@@ -153,10 +153,15 @@ def cmd_matrix(args: argparse.Namespace) -> None:
 
 
 def cmd_pretrain(args: argparse.Namespace) -> None:
+    from fcit.models.backbone import TinySpec, tiny_spec
     from fcit.pretrain import pretrain
 
     cfg = _load(args)
-    out = pretrain(cfg, Path(args.out) if args.out else None, epochs=args.epochs, progress=not args.quiet,
+    spec = tiny_spec(lm_hidden=args.lm_hidden, lm_intermediate=args.lm_intermediate, lm_layers=args.lm_layers,
+                     lm_heads=args.lm_heads)
+    if args.start and spec != TinySpec():
+        raise FcitError("pretrain: --from continues a base at its own size; --lm-* options only apply to a new base")
+    out = pretrain(cfg, Path(args.out) if args.out else None, epochs=args.epochs, progress=not args.quiet, spec=spec,
                    instruct_epochs=args.instruct_epochs, binding_epochs=args.binding_epochs,
                    start=Path(args.start) if args.start else None, binding_pairs=args.binding_pairs,
                    instruct_descriptions=args.instruct_descriptions)
@@ -281,6 +286,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--from", dest="start", metavar="DIR",
                    help="continue the base in DIR with phase 2 and/or phase 3 (--instruct-epochs, --binding-epochs; "
                         "--out must differ)")
+    p.add_argument("--lm-hidden", type=int, default=None, metavar="N",
+                   help="width of the language model (default 192); a larger base is an option, the default run's "
+                        "speed assumes 192")
+    p.add_argument("--lm-intermediate", type=int, default=None, metavar="N",
+                   help="feed-forward width (default 512, or 8/3 of --lm-hidden rounded to 64 when that is given)")
+    p.add_argument("--lm-layers", type=int, default=None, metavar="N", help="decoder layers (default 4)")
+    p.add_argument("--lm-heads", type=int, default=None, metavar="N",
+                   help="attention heads (default 4, or --lm-hidden / 48 when that is given)")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_pretrain)
 
