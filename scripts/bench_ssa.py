@@ -6,7 +6,9 @@ Three timings on one batch of real FCIT-Synth test prompts (mixed datasets):
   gated     DISCO's layer: E subspaces, a different softmax gate per sample, one fused op per layer
   lora      one PEFT LoRA of the same total rank (E*q) on the same layers, unmerged
   merged    the same PEFT LoRA merged into the base weights (zero adapter cost)
-and prints gated/lora and gated/merged (median of --repeats).
+and prints gated/lora and gated/merged (median of --repeats), and each variant's FLOPs over the same generation
+(FlopCounterMode: matmuls and attention), whose ratio is the floor an exact gated layer cannot go under unless its
+extra matmuls run faster per FLOP than the base's.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import statistics
 import time
 
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
 
 def main() -> None:
@@ -83,6 +86,11 @@ def main() -> None:
 
     variants = {"gated": (gated_model, lambda: gated(gated_model, gates)), "lora": (lora_model, None),
                 "merged": (merged_model, None)}
+    flops = {}
+    for name, (model, ctx) in variants.items():
+        with ctx() if ctx is not None else contextlib.nullcontext(), FlopCounterMode(display=False) as counter:
+            gen(model)
+        flops[name] = counter.get_total_flops()
     times: dict[str, list[float]] = {k: [] for k in variants}
     # Round-robin, so that a drift of the machine's speed during the benchmark hits every variant alike.
     for rep in range(args.repeats + 1):
@@ -99,6 +107,8 @@ def main() -> None:
     print(f"single LoRA merged into weights: {t_merged * 1000:.0f} ms")
     print(f"ratio gated / single LoRA: {t_gated / t_lora:.2f}")
     print(f"ratio gated / merged:      {t_gated / t_merged:.2f}")
+    print(f"FLOPs per generation: gated {flops['gated'] / 1e9:.2f} G, single LoRA {flops['lora'] / 1e9:.2f} G, "
+          f"merged {flops['merged'] / 1e9:.2f} G; gated / merged {flops['gated'] / flops['merged']:.2f}")
 
 
 if __name__ == "__main__":
