@@ -452,7 +452,8 @@ def test_pretrain_builds_a_resized_language_model_that_runs(tmp_path, cache_dir,
     assert main(["pretrain", "--lm-hidden", "96", "--lm-layers", "2", "--epochs", "1", "--instruct-epochs", "1",
                  "--out", str(out), *common]) == 0
     text = load_backbone(str(out))[0].config.text_config
-    assert (text.hidden_size, text.intermediate_size, text.num_hidden_layers, text.num_attention_heads) == (96, 256, 2, 2)
+    sizes = (text.hidden_size, text.intermediate_size, text.num_hidden_layers, text.num_attention_heads)
+    assert sizes == (96, 256, 2, 2)
     spec = json.loads((out / "fcit_pretrain.json").read_text())["spec"]
     assert (spec["lm_hidden"], spec["lm_intermediate"], spec["lm_layers"], spec["lm_heads"]) == (96, 256, 2, 2)
     _, m = run(smoke_cfg(out, cache_dir, tmp_path, **{"scenario.stages": 1}), tmp_path / "r", progress=False)
