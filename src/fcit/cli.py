@@ -153,14 +153,11 @@ def cmd_matrix(args: argparse.Namespace) -> None:
 
 
 def cmd_pretrain(args: argparse.Namespace) -> None:
-    from fcit.models.backbone import TinySpec, tiny_spec
-    from fcit.pretrain import pretrain
+    from fcit.pretrain import pretrain, tiny_spec
 
     cfg = _load(args)
     spec = tiny_spec(lm_hidden=args.lm_hidden, lm_intermediate=args.lm_intermediate, lm_layers=args.lm_layers,
                      lm_heads=args.lm_heads)
-    if args.start and spec != TinySpec():
-        raise FcitError("pretrain: --from continues a base at its own size; --lm-* options only apply to a new base")
     out = pretrain(cfg, Path(args.out) if args.out else None, epochs=args.epochs, progress=not args.quiet, spec=spec,
                    instruct_epochs=args.instruct_epochs, binding_epochs=args.binding_epochs,
                    start=Path(args.start) if args.start else None, binding_pairs=args.binding_pairs,

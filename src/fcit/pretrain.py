@@ -44,6 +44,27 @@ BINDING_TRAIN = TrainConfig(lr=3e-4, projector_lr_scale=1.0, weight_decay=0.01, 
                             max_length=192, local_epochs=1)
 
 
+def tiny_spec(lm_hidden: Optional[int] = None, lm_intermediate: Optional[int] = None, lm_layers: Optional[int] = None,
+              lm_heads: Optional[int] = None) -> TinySpec:
+    """The embedded model's size with its language model resized. Unset widths follow ``lm_hidden`` in the default's
+    proportions (feed-forward 8/3 of it in multiples of 64, heads of 48 dimensions), so ``lm_hidden=384`` is the
+    default twice as wide. Raises FcitError for a size the model cannot take."""
+    base = TinySpec()
+    hidden = base.lm_hidden if lm_hidden is None else lm_hidden
+    inter = lm_intermediate if lm_intermediate is not None else (
+        base.lm_intermediate if lm_hidden is None else max(64, round(hidden * 8 / 3 / 64) * 64))
+    heads = lm_heads if lm_heads is not None else (base.lm_heads if lm_hidden is None else max(1, hidden // 48))
+    layers = base.lm_layers if lm_layers is None else lm_layers
+    sizes = {"--lm-hidden": hidden, "--lm-intermediate": inter, "--lm-layers": layers, "--lm-heads": heads}
+    for name, v in sizes.items():
+        if v < 1:
+            raise FcitError(f"pretrain: {name} must be >= 1 (got {v})")
+    if hidden % heads or (hidden // heads) % 2:
+        raise FcitError(f"pretrain: --lm-hidden {hidden} must split into --lm-heads {heads} heads of an even size "
+                        "(rotary embeddings)")
+    return TinySpec(lm_hidden=hidden, lm_intermediate=inter, lm_layers=layers, lm_heads=heads)
+
+
 def _phase(model, processor, samples, train: TrainConfig, epochs: int, seed: int, desc: str, progress: bool,
            block: int = 1):
     from fcit.training.local import local_train
@@ -78,6 +99,8 @@ def pretrain(cfg: Config, out: Optional[Path] = None, epochs: Optional[int] = No
     if instruct_epochs < 0 or epochs < 0 or binding_epochs < 0:
         raise FcitError(f"pretrain: epochs must be >= 0 (got --epochs {epochs}, --instruct-epochs {instruct_epochs}, "
                         f"--binding-epochs {binding_epochs})")
+    if start is not None and spec != TinySpec():
+        raise FcitError("pretrain: --from continues a base at its own size; --lm-* options only apply to a new base")
     if instruct_descriptions < 0 or (instruct_descriptions and not instruct_epochs):
         raise FcitError(f"pretrain: --instruct-descriptions {instruct_descriptions} needs phase 2 (--instruct-epochs "
                         f"N >= 1) and a count >= 0")

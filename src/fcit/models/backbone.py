@@ -37,27 +37,6 @@ class TinySpec:
     max_positions: int = 256
 
 
-def tiny_spec(lm_hidden: Optional[int] = None, lm_intermediate: Optional[int] = None, lm_layers: Optional[int] = None,
-              lm_heads: Optional[int] = None) -> TinySpec:
-    """The embedded model's size with its language model resized. Unset widths follow ``lm_hidden`` in the default's
-    proportions (feed-forward 8/3 of it in multiples of 64, heads of 48 dimensions), so ``lm_hidden=384`` is the
-    default twice as wide. Raises FcitError for a size the model cannot take."""
-    base = TinySpec()
-    hidden = base.lm_hidden if lm_hidden is None else lm_hidden
-    inter = lm_intermediate if lm_intermediate is not None else (
-        base.lm_intermediate if lm_hidden is None else max(64, round(hidden * 8 / 3 / 64) * 64))
-    heads = lm_heads if lm_heads is not None else (base.lm_heads if lm_hidden is None else max(1, hidden // 48))
-    layers = base.lm_layers if lm_layers is None else lm_layers
-    sizes = {"--lm-hidden": hidden, "--lm-intermediate": inter, "--lm-layers": layers, "--lm-heads": heads}
-    for name, v in sizes.items():
-        if v < 1:
-            raise FcitError(f"pretrain: {name} must be >= 1 (got {v})")
-    if hidden % heads or (hidden // heads) % 2:
-        raise FcitError(f"pretrain: --lm-hidden {hidden} must split into --lm-heads {heads} heads of an even size "
-                        "(rotary embeddings)")
-    return TinySpec(lm_hidden=hidden, lm_intermediate=inter, lm_layers=layers, lm_heads=heads)
-
-
 def build_tokenizer(texts: Iterable[str], vocab_size: int):
     """A byte-level BPE trained on the benchmark's own corpus: no hub download, exact decode of boxes and numbers."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
