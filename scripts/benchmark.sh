@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Regenerates the tables of the README's "Results on the embedded benchmark" section and the measured runs of the
 # investigations it links (docs/regime-investigation.md, docs/server-optimizers.md); the probes those name as outside
-# the project's commands and the `fcit pretrain` runs of the bases other than the replay base are not in it.
+# the project's commands and the `fcit pretrain` runs of the binding bases are not in it (the replay, wide and deep
+# bases are: the `combo` and `sizes` parts build them where runs/ lacks them).
 # Each `fcit compare` writes <folder>/table.md and a run directory per (method, seed); finished runs in a folder are
 # reused, so the parts below share the Hom runs and an interrupted part continues where it stopped.
 # Extra flags for every `fcit compare` go in FCIT_ARGS, e.g. FCIT_ARGS="--set threads=1" to run two parts side by side.
@@ -136,6 +137,24 @@ if [[ $part == all || $part == combo ]]; then # issue 16: the three opt-in lever
   for spec in ${COMBO_GRID09:-fedavgm:0.5 fedadam:0.01 fedyogi:0.01 fedadagrad:0.001}; do  # the papers' momentum 0.9 (the default), seed 0, each at its best rate on the v4 grid
     cmp --methods disco --aggregators "${spec%%:*}" --set federation.server_lr="${spec##*:}" "${COMBO[@]}" --seeds 0 \
       --out "runs/combo-v5-replay-opt09-${spec%%:*}-lr${spec##*:}"
+  done
+fi
+if [[ $part == all || $part == sizes ]]; then # issue 16: the three levers' settings at seed 0 with fewer local epochs, then on a language model twice as wide and one twice as deep (each base about an hour at two threads)
+  [[ -f runs/base-replay/fcit_pretrain.json ]] || $FCIT pretrain --from src/fcit/assets/tiny-llava --instruct-epochs 1 \
+    --instruct-descriptions 10000 --out runs/base-replay
+  LEVERS=(--set data.synth.version=5 --set model.train_projector=false --set train.batch_size=4)
+  for ep in 1 2; do
+    cmp --methods finetune,mtl,disco --seeds 0 --set model.path=runs/base-replay "${LEVERS[@]}" \
+      --set train.local_epochs=$ep --out runs/combo-ep$ep
+  done
+  [[ -f runs/base-wide/fcit_pretrain.json ]] || $FCIT pretrain --lm-hidden 384 --epochs 3 --instruct-epochs 2 \
+    --instruct-descriptions 10000 --out runs/base-wide
+  [[ -f runs/base-deep/fcit_pretrain.json ]] || $FCIT pretrain --lm-layers 8 --epochs 4 --instruct-epochs 3 \
+    --instruct-descriptions 10000 --out runs/base-deep
+  for size in wide deep; do
+    cmp --methods finetune,mtl,zeroshot,disco --seeds 0 --set model.path=runs/base-$size "${LEVERS[@]}" \
+      --out runs/$size-combo
+    .venv/bin/python scripts/regime.py runs/$size-combo --markdown --per-dataset > runs/$size-combo/regime.md
   done
 fi
 if [[ $part == all || $part == regime-v5 ]]; then # issue 16: the regime bars on FCIT-Synth v5 (the identity tokens' overlap), three seeds; then Finetune and DISCO in Het, seed 0
