@@ -139,7 +139,7 @@ if [[ $part == all || $part == combo ]]; then # issue 16: the three opt-in lever
       --out "runs/combo-v5-replay-opt09-${spec%%:*}-lr${spec##*:}"
   done
 fi
-if [[ $part == all || $part == sizes ]]; then # issue 16: the three levers' settings at seed 0 with fewer local epochs, then on a language model twice as wide and one twice as deep (each base about an hour at two threads)
+if [[ $part == all || $part == sizes ]]; then # issue 16: the three levers' settings at seed 0 with fewer local epochs, then on a language model twice as wide (seed 0) and one twice as deep (every seed; each base about an hour at two threads)
   [[ -f runs/base-replay/fcit_pretrain.json ]] || $FCIT pretrain --from src/fcit/assets/tiny-llava --instruct-epochs 1 \
     --instruct-descriptions 10000 --out runs/base-replay
   LEVERS=(--set data.synth.version=5 --set model.train_projector=false --set train.batch_size=4)
@@ -152,7 +152,8 @@ if [[ $part == all || $part == sizes ]]; then # issue 16: the three levers' sett
   [[ -f runs/base-deep/fcit_pretrain.json ]] || $FCIT pretrain --lm-layers 8 --epochs 4 --instruct-epochs 3 \
     --instruct-descriptions 10000 --out runs/base-deep
   for size in wide deep; do
-    cmp --methods finetune,mtl,zeroshot,disco --seeds 0 --set model.path=runs/base-$size "${LEVERS[@]}" \
+    seeds=0; [[ $size == deep ]] && seeds=$SEEDS
+    cmp --methods finetune,mtl,zeroshot,disco --seeds "$seeds" --set model.path=runs/base-$size "${LEVERS[@]}" \
       --out runs/$size-combo
     .venv/bin/python scripts/regime.py runs/$size-combo --markdown --per-dataset > runs/$size-combo/regime.md
   done
