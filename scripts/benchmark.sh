@@ -14,6 +14,10 @@ part=${1:-all}
 # The tables are fp32 on every machine (model.compute_dtype=float32): the default, bf16 matmuls where the CPU has bf16
 # units, would make a table's numbers depend on the machine that ran it, and the committed runs are fp32.
 cmp() { $FCIT compare --quiet --set model.compute_dtype=float32 ${FCIT_ARGS:-} "$@"; }
+# base NAME PRETRAIN-ARGS...: builds runs/NAME with `fcit pretrain` unless runs/ already has it
+base() { [[ -f runs/$1/fcit_pretrain.json ]] || $FCIT pretrain "${@:2}" --out "runs/$1"; }
+# issue 16's three opt-in levers: FCIT-Synth v5, the projector frozen, batch 4 (the `combo` and `sizes` parts)
+LEVERS=(--set data.synth.version=5 --set model.train_projector=false --set train.batch_size=4)
 
 if [[ $part == all || $part == core ]]; then       # the benchmark's range: Zero-shot / Finetune / MTL (both)
   cmp --methods zeroshot,finetune,mtl,mtl-fed --seeds "$SEEDS" --out runs/bench-hom
@@ -120,9 +124,8 @@ if [[ $part == all || $part == regime-levers ]]; then # issue 16: training choic
   done
 fi
 if [[ $part == all || $part == combo ]]; then # issue 16: the three opt-in levers together (FCIT-Synth v5, the replay base, the projector frozen with batch 4): the ten methods at every seed, then DISCO under the server optimizers at momentum 0.5, a rate grid at seed 0 and each one's best (COMBO_BEST) at every seed
-  [[ -f runs/base-replay/fcit_pretrain.json ]] || $FCIT pretrain --from src/fcit/assets/tiny-llava --instruct-epochs 1 \
-    --instruct-descriptions 10000 --out runs/base-replay
-  COMBO=(--set model.path=runs/base-replay --set data.synth.version=5 --set model.train_projector=false --set train.batch_size=4)
+  base base-replay --from src/fcit/assets/tiny-llava --instruct-epochs 1 --instruct-descriptions 10000
+  COMBO=(--set model.path=runs/base-replay "${LEVERS[@]}")
   cmp --methods zeroshot,finetune,ewc,lwf,olora,mlora,moelora,disco,mtl,mtl-fed --seeds "$SEEDS" "${COMBO[@]}" \
     --out runs/combo-v5-replay
   .venv/bin/python scripts/regime.py runs/combo-v5-replay --markdown --per-dataset > runs/combo-v5-replay/regime.md
@@ -140,17 +143,13 @@ if [[ $part == all || $part == combo ]]; then # issue 16: the three opt-in lever
   done
 fi
 if [[ $part == all || $part == sizes ]]; then # issue 16: the three levers' settings at seed 0 with fewer local epochs, then on a language model twice as wide (seed 0) and one twice as deep (every seed; each base about an hour at two threads)
-  [[ -f runs/base-replay/fcit_pretrain.json ]] || $FCIT pretrain --from src/fcit/assets/tiny-llava --instruct-epochs 1 \
-    --instruct-descriptions 10000 --out runs/base-replay
-  LEVERS=(--set data.synth.version=5 --set model.train_projector=false --set train.batch_size=4)
+  base base-replay --from src/fcit/assets/tiny-llava --instruct-epochs 1 --instruct-descriptions 10000
   for ep in 1 2; do
     cmp --methods finetune,mtl,disco --seeds 0 --set model.path=runs/base-replay "${LEVERS[@]}" \
       --set train.local_epochs=$ep --out runs/combo-ep$ep
   done
-  [[ -f runs/base-wide/fcit_pretrain.json ]] || $FCIT pretrain --lm-hidden 384 --epochs 3 --instruct-epochs 2 \
-    --instruct-descriptions 10000 --out runs/base-wide
-  [[ -f runs/base-deep/fcit_pretrain.json ]] || $FCIT pretrain --lm-layers 8 --epochs 4 --instruct-epochs 3 \
-    --instruct-descriptions 10000 --out runs/base-deep
+  base base-wide --lm-hidden 384 --epochs 3 --instruct-epochs 2 --instruct-descriptions 10000
+  base base-deep --lm-layers 8 --epochs 4 --instruct-epochs 3 --instruct-descriptions 10000
   for size in wide deep; do
     seeds=0; [[ $size == deep ]] && seeds=$SEEDS
     cmp --methods finetune,mtl,zeroshot,disco --seeds "$seeds" --set model.path=runs/base-$size "${LEVERS[@]}" \
