@@ -142,6 +142,12 @@ if [[ $part == all || $part == combo ]]; then # issue 16: the three opt-in lever
       --out "runs/combo-v5-replay-opt09-${spec%%:*}-lr${spec##*:}"
   done
 fi
+if [[ $part == all || $part == combo-bs16 ]]; then # issue 16: the levers that cost no speed (FCIT-Synth v5, the replay base, the projector frozen) at the default batch 16: the ten methods at every seed
+  base base-replay --from src/fcit/assets/tiny-llava --instruct-epochs 1 --instruct-descriptions 10000
+  cmp --methods zeroshot,finetune,ewc,lwf,olora,mlora,moelora,disco,mtl,mtl-fed --seeds "$SEEDS" \
+    --set model.path=runs/base-replay --set data.synth.version=5 --set model.train_projector=false --out runs/combo-bs16
+  .venv/bin/python scripts/regime.py runs/combo-bs16 --markdown --per-dataset > runs/combo-bs16/regime.md
+fi
 if [[ $part == all || $part == sizes ]]; then # issue 16: the three levers' settings at seed 0 with fewer local epochs, then on a language model twice as wide (seed 0) and one twice as deep (every seed; each base about an hour at two threads)
   base base-replay --from src/fcit/assets/tiny-llava --instruct-epochs 1 --instruct-descriptions 10000
   for ep in 1 2; do
