@@ -147,6 +147,9 @@ if [[ $part == all || $part == combo-bs16 ]]; then # issue 16: the levers that c
   cmp --methods zeroshot,finetune,ewc,lwf,olora,mlora,moelora,disco,mtl,mtl-fed --seeds "$SEEDS" \
     --set model.path=runs/base-replay --set data.synth.version=5 --set model.train_projector=false --out runs/combo-bs16
   .venv/bin/python scripts/regime.py runs/combo-bs16 --markdown --per-dataset > runs/combo-bs16/regime.md
+  cmp --methods disco,mtl,finetune --seeds "$SEEDS" --set model.path=runs/base-replay --set data.synth.version=5 \
+    --set model.train_projector=false --set train.batch_size=8 --out runs/combo-bs8  # batch 8 costs no time either
+  .venv/bin/python scripts/regime.py runs/combo-bs8 --markdown --per-dataset > runs/combo-bs8/regime.md
 fi
 if [[ $part == all || $part == sizes ]]; then # issue 16: the three levers' settings at seed 0 with fewer local epochs, then on a language model twice as wide (seed 0) and one twice as deep (every seed; each base about an hour at two threads)
   base base-replay --from src/fcit/assets/tiny-llava --instruct-epochs 1 --instruct-descriptions 10000
