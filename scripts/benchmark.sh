@@ -16,8 +16,12 @@ part=${1:-all}
 cmp() { $FCIT compare --quiet --set model.compute_dtype=float32 ${FCIT_ARGS:-} "$@"; }
 # base NAME PRETRAIN-ARGS...: builds runs/NAME with `fcit pretrain` unless runs/ already has it
 base() { [[ -f runs/$1/fcit_pretrain.json ]] || $FCIT pretrain "${@:2}" --out "runs/$1"; }
-# issue 16's three opt-in levers: FCIT-Synth v5, the projector frozen, batch 4 (the `combo` and `sizes` parts)
-LEVERS=(--set data.synth.version=5 --set model.train_projector=false --set train.batch_size=4)
+# the replay base (phase 2 continued with descriptions) that issue 16's lever parts run on
+replay_base() { base base-replay --from src/fcit/assets/tiny-llava --instruct-epochs 1 --instruct-descriptions 10000; }
+# issue 16's opt-in levers: FCIT-Synth v5 and the projector frozen, which cost no time (the `combo-bs16` part), and
+# with batch 4 as well, the three levers of the `combo` and `sizes` parts
+FREE_LEVERS=(--set data.synth.version=5 --set model.train_projector=false)
+LEVERS=("${FREE_LEVERS[@]}" --set train.batch_size=4)
 
 if [[ $part == all || $part == core ]]; then       # the benchmark's range: Zero-shot / Finetune / MTL (both)
   cmp --methods zeroshot,finetune,mtl,mtl-fed --seeds "$SEEDS" --out runs/bench-hom
@@ -124,7 +128,7 @@ if [[ $part == all || $part == regime-levers ]]; then # issue 16: training choic
   done
 fi
 if [[ $part == all || $part == combo ]]; then # issue 16: the three opt-in levers together (FCIT-Synth v5, the replay base, the projector frozen with batch 4): the ten methods at every seed, then DISCO under the server optimizers at momentum 0.5, a rate grid at seed 0 and each one's best (COMBO_BEST) at every seed
-  base base-replay --from src/fcit/assets/tiny-llava --instruct-epochs 1 --instruct-descriptions 10000
+  replay_base
   COMBO=(--set model.path=runs/base-replay "${LEVERS[@]}")
   cmp --methods zeroshot,finetune,ewc,lwf,olora,mlora,moelora,disco,mtl,mtl-fed --seeds "$SEEDS" "${COMBO[@]}" \
     --out runs/combo-v5-replay
@@ -143,16 +147,16 @@ if [[ $part == all || $part == combo ]]; then # issue 16: the three opt-in lever
   done
 fi
 if [[ $part == all || $part == combo-bs16 ]]; then # issue 16: the levers that cost no speed (FCIT-Synth v5, the replay base, the projector frozen) at the default batch 16: the ten methods at every seed
-  base base-replay --from src/fcit/assets/tiny-llava --instruct-epochs 1 --instruct-descriptions 10000
+  replay_base
   cmp --methods zeroshot,finetune,ewc,lwf,olora,mlora,moelora,disco,mtl,mtl-fed --seeds "$SEEDS" \
-    --set model.path=runs/base-replay --set data.synth.version=5 --set model.train_projector=false --out runs/combo-bs16
+    --set model.path=runs/base-replay "${FREE_LEVERS[@]}" --out runs/combo-bs16
   .venv/bin/python scripts/regime.py runs/combo-bs16 --markdown --per-dataset > runs/combo-bs16/regime.md
-  cmp --methods disco,mtl,finetune --seeds "$SEEDS" --set model.path=runs/base-replay --set data.synth.version=5 \
-    --set model.train_projector=false --set train.batch_size=8 --out runs/combo-bs8  # batch 8 costs no time either
+  cmp --methods disco,mtl,finetune --seeds "$SEEDS" --set model.path=runs/base-replay "${FREE_LEVERS[@]}" \
+    --set train.batch_size=8 --out runs/combo-bs8  # batch 8 costs no time either
   .venv/bin/python scripts/regime.py runs/combo-bs8 --markdown --per-dataset > runs/combo-bs8/regime.md
 fi
 if [[ $part == all || $part == sizes ]]; then # issue 16: the three levers' settings at seed 0 with fewer local epochs, then on a language model twice as wide (seed 0) and one twice as deep (every seed; each base about an hour at two threads)
-  base base-replay --from src/fcit/assets/tiny-llava --instruct-epochs 1 --instruct-descriptions 10000
+  replay_base
   for ep in 1 2; do
     cmp --methods finetune,mtl,disco --seeds 0 --set model.path=runs/base-replay "${LEVERS[@]}" \
       --set train.local_epochs=$ep --out runs/combo-ep$ep
