@@ -414,7 +414,7 @@ def test_phase_2_mixes_in_phase_1_descriptions_and_continues_a_base(tmp_path, sm
     cfg = load_config(preset="smoke", overrides={"data.root": str(tmp_path / "cache"), "data.synth.n_pretrain": 24,
                                                  "data.synth.n_instruct": 18})
     full = pretrain_mod.pretrain(cfg, tmp_path / "full", epochs=1, progress=False, instruct_epochs=1,
-                                 instruct_descriptions=5)
+                                 instruct_descriptions=5, replay_epochs=0)
     assert [d for d, _, _ in seen] == ["pretrain: descriptions", "pretrain: instructions"]
     assert seen[1][1] == Counter({"instruct": 18, "pretrain": 5})
     assert set(seen[1][2]) - set(seen[0][2]) and set(seen[1][2]) & set(seen[0][2])  # 5 of phase 1's 24
@@ -439,6 +439,54 @@ def test_phase_2_mixes_in_phase_1_descriptions_and_continues_a_base(tmp_path, sm
         pretrain_mod.pretrain(cfg, tmp_path / "x", progress=False, start=small_base, instruct_epochs=1,
                               instruct_descriptions=25)
 
+
+
+def test_the_replay_pass_is_phase_2_continued_with_descriptions(tmp_path, monkeypatch):
+    """A new base ends with the replay by default (phase 2 again, half of phase 1's descriptions mixed in), and one
+    `fcit pretrain` gives the same weights as the two-phase base continued with `--from --instruct-epochs 1
+    --instruct-descriptions N`, the two commands the embedded base was built with."""
+    from collections import Counter
+
+    from safetensors.torch import load_file
+
+    from fcit import pretrain as pretrain_mod
+    from fcit.errors import FcitError
+
+    seen = []
+    phase = pretrain_mod._phase
+
+    def spy(model, processor, samples, train, epochs, seed, desc, progress, block=1):
+        seen.append((desc, Counter(s.dataset for s in samples)))
+        return phase(model, processor, samples, train, epochs, seed, desc, progress, block)
+
+    monkeypatch.setattr(pretrain_mod, "_phase", spy)
+    cfg = load_config(preset="smoke", overrides={"data.root": str(tmp_path / "cache"), "data.synth.n_pretrain": 24,
+                                                 "data.synth.n_instruct": 18})
+    one = pretrain_mod.pretrain(cfg, tmp_path / "one", epochs=1, progress=False, instruct_epochs=1)
+    assert seen == [("pretrain: descriptions", Counter({"pretrain": 24})),
+                    ("pretrain: instructions", Counter({"instruct": 18})),
+                    ("pretrain: replay", Counter({"instruct": 18, "pretrain": 12}))]
+    meta = json.loads((one / "fcit_pretrain.json").read_text())
+    assert meta["replay"]["descriptions"] == 12 and meta["replay"]["epochs"] == 1
+    assert meta["instruct"]["descriptions"] == 0
+
+    two_phase = pretrain_mod.pretrain(cfg, tmp_path / "two-phase", epochs=1, progress=False, instruct_epochs=1,
+                                      replay_epochs=0)
+    assert json.loads((two_phase / "fcit_pretrain.json").read_text())["replay"] is None
+    cont = pretrain_mod.pretrain(cfg, tmp_path / "cont", progress=False, start=two_phase, instruct_epochs=1,
+                                 instruct_descriptions=12)
+    a, b = load_file(one / "model.safetensors"), load_file(cont / "model.safetensors")
+    c = load_file(two_phase / "model.safetensors")
+    assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
+    assert any(not torch.equal(a[k], c[k]) for k in a)  # the replay trained
+
+    for bad, match in [({"start": two_phase, "instruct_epochs": 1, "replay_epochs": 1}, "--replay-epochs 1"),
+                       ({"instruct_epochs": 0, "replay_epochs": 1}, "--replay-epochs 1"),
+                       ({"instruct_epochs": 1, "replay_descriptions": 25}, "phase 1 has 24 descriptions")]:
+        seen.clear()
+        with pytest.raises(FcitError, match=match):
+            pretrain_mod.pretrain(cfg, tmp_path / "x", epochs=1, progress=False, **bad)
+        assert seen == []  # found before any training
 
 def test_pretrain_builds_a_resized_language_model_that_runs(tmp_path, cache_dir, capsys):
     """`fcit pretrain --lm-hidden/--lm-layers` builds the base at that size (the other widths in the default's

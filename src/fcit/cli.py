@@ -161,7 +161,8 @@ def cmd_pretrain(args: argparse.Namespace) -> None:
     out = pretrain(cfg, Path(args.out) if args.out else None, epochs=args.epochs, progress=not args.quiet, spec=spec,
                    instruct_epochs=args.instruct_epochs, binding_epochs=args.binding_epochs,
                    start=Path(args.start) if args.start else None, binding_pairs=args.binding_pairs,
-                   instruct_descriptions=args.instruct_descriptions)
+                   instruct_descriptions=args.instruct_descriptions, replay_epochs=args.replay_epochs,
+                   replay_descriptions=args.replay_descriptions)
     print(f"pre-trained base model written to {out}")
 
 
@@ -276,6 +277,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--instruct-descriptions", type=int, default=0, metavar="N",
                    help="mix N of phase 1's descriptions into phase 2, as LLaVA-1.5 keeps detailed descriptions "
                         "(default 0)")
+    p.add_argument("--replay-epochs", type=int, default=None, metavar="N",
+                   help="phase 2 again with phase 1's descriptions mixed in, the embedded base's last pass (default 1 "
+                        "on a new base; 0 gives the two-phase base)")
+    p.add_argument("--replay-descriptions", type=int, default=None, metavar="N",
+                   help="phase 1's descriptions in the replay (default half of them: 10,000)")
     p.add_argument("--binding-epochs", type=int, default=0,
                    help="passes of phase 3: yes/no minimal pairs with the instruction mixture (default 0: no phase 3)")
     p.add_argument("--binding-pairs", type=int, default=None,

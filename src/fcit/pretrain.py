@@ -1,4 +1,4 @@
-"""``fcit pretrain``: build the embedded base model from scratch, in LLaVA-1.5's two phases.
+"""``fcit pretrain``: build the embedded base model from scratch, in LLaVA-1.5's two phases and a replay of the first.
 
 No pretrained network can be downloaded here, so the embedded default is a tiny LLaVA trained by fcit itself:
 
@@ -10,6 +10,10 @@ No pretrained network can be downloaded here, so the embedded default is a tiny 
    Optionally (``instruct_descriptions``) with some of phase 1's descriptions mixed in, as LLaVA-1.5's mixture keeps
    LLaVA-Instruct's detailed descriptions: without them the base forgets what phase 1 taught it to say about an
    image (a book's title, the highest bar), and only the instruction mixture's short captions remain.
+   **Replay** (``replay_epochs``, default 1 on a new base): phase 2 once more with half of phase 1's descriptions
+   mixed in (``replay_descriptions``). It gives back what phase 2 took from the descriptions (OCR-VQA's titles,
+   the captions) without losing the formats; the embedded base is built with it (README, "Reproducing the embedded
+   base model"; what it changes: docs/regime-investigation.md, "Descriptions kept in phase 2").
 3. **Comparisons** (optional, ``binding_epochs``; vision tower frozen): the generic yes/no questions as minimal pairs
    (``synth.build_binding``), mixed with the instruction mixture again so that no format is lost. Without it the base
    answers yes/no at chance: it never learned to compare a word of the question with the image.
@@ -81,12 +85,16 @@ def _phase(model, processor, samples, train: TrainConfig, epochs: int, seed: int
 
 def pretrain(cfg: Config, out: Optional[Path] = None, epochs: Optional[int] = None, progress: bool = True,
              spec: TinySpec = TinySpec(), instruct_epochs: Optional[int] = None, binding_epochs: int = 0,
-             start: Optional[Path] = None, binding_pairs: Optional[int] = None, instruct_descriptions: int = 0) -> Path:
-    """Phases 1 and 2, then phase 3 for ``binding_epochs`` > 0; ``instruct_epochs=0`` stops after the descriptions
-    (a description-only base). With ``start`` (a base folder), that base continued with phase 2 for
+             start: Optional[Path] = None, binding_pairs: Optional[int] = None, instruct_descriptions: int = 0,
+             replay_epochs: Optional[int] = None, replay_descriptions: Optional[int] = None) -> Path:
+    """Phases 1 and 2, the replay, then phase 3 for ``binding_epochs`` > 0; ``instruct_epochs=0`` stops after the
+    descriptions (a description-only base). With ``start`` (a base folder), that base continued with phase 2 for
     ``instruct_epochs`` (default 0 there) and then phase 3 for ``binding_epochs``. ``binding_pairs``: the first that
     many of the built pairs (default all, ``synth.BINDING_PAIRS``), a smaller share of phase 3.
-    ``instruct_descriptions``: phase 2's mixture gains that many of phase 1's descriptions (a seeded draw)."""
+    ``instruct_descriptions``: phase 2's mixture gains that many of phase 1's descriptions (a seeded draw).
+    ``replay_epochs`` (default 1 on a new base with phase 2, else 0): phase 2 again with ``replay_descriptions``
+    of phase 1's descriptions (default half of them), the same pass as continuing the two-phase base with
+    ``start``, ``instruct_epochs=replay_epochs`` and ``instruct_descriptions=replay_descriptions``."""
     from fcit.data import synth
     from fcit.data.loader import load_train_file
     from fcit.models.compiled import compiles
@@ -107,6 +115,15 @@ def pretrain(cfg: Config, out: Optional[Path] = None, epochs: Optional[int] = No
     if instruct_descriptions > cfg.data.synth.n_pretrain:  # checked before any training
         raise FcitError(f"pretrain: --instruct-descriptions {instruct_descriptions}: phase 1 has only "
                         f"{cfg.data.synth.n_pretrain} descriptions (data.synth.n_pretrain)")
+    no_new_phase_2 = start is not None or not instruct_epochs  # a replay repeats phase 2 of a base built here
+    if replay_epochs is not None and (replay_epochs < 0 or replay_epochs and no_new_phase_2):
+        raise FcitError(f"pretrain: --replay-epochs {replay_epochs} repeats phase 2 of a new base (--instruct-epochs N "
+                        ">= 1, no --from; with --from, --instruct-epochs N --instruct-descriptions M is the replay)")
+    replay_epochs = (1 if start is None and instruct_epochs else 0) if replay_epochs is None else replay_epochs
+    replay_descriptions = cfg.data.synth.n_pretrain // 2 if replay_descriptions is None else replay_descriptions
+    if replay_epochs and not 0 <= replay_descriptions <= cfg.data.synth.n_pretrain:
+        raise FcitError(f"pretrain: --replay-descriptions {replay_descriptions}: phase 1 has "
+                        f"{cfg.data.synth.n_pretrain} descriptions (data.synth.n_pretrain)")
     if start is not None:
         return _continue(cfg, Path(start), out, instruct_epochs, instruct_descriptions, binding_epochs, progress,
                          binding_pairs)
@@ -121,10 +138,16 @@ def pretrain(cfg: Config, out: Optional[Path] = None, epochs: Optional[int] = No
         p.requires_grad_(True)
     res = _phase(model, processor, samples, PRETRAIN_TRAIN, epochs, cfg.seed, "pretrain: descriptions", progress)
     t1 = time.perf_counter()
-    instruct_record, instruct = None, []
+    instruct_record, instruct, replay = None, [], None
     if instruct_epochs:
         instruct_record, instruct = _instruct_phase(cfg, root, model, processor, instruct_epochs,
                                                     instruct_descriptions, progress, descriptions=samples)
+        instruct_record["seconds"] = round(time.perf_counter() - t1, 1)
+    if replay_epochs:
+        t = time.perf_counter()
+        replay, _ = _instruct_phase(cfg, root, model, processor, replay_epochs, replay_descriptions, progress,
+                                    descriptions=samples, desc="pretrain: replay")
+        replay["seconds"] = round(time.perf_counter() - t, 1)
     t2 = time.perf_counter()
     binding = None
     if binding_epochs:
@@ -149,7 +172,8 @@ def pretrain(cfg: Config, out: Optional[Path] = None, epochs: Optional[int] = No
         "samples": len(samples),
         "mean_loss": round(res.loss, 4),
         "seconds": round(t1 - t0, 1),  # phase 1, with building both mixtures and the tokenizer
-        "instruct": None if instruct_record is None else {**instruct_record, "seconds": round(t2 - t1, 1)},
+        "instruct": instruct_record,
+        "replay": replay,
         "binding": binding,
         "params": sum(p.numel() for p in model.parameters()),
     }, sort_keys=False)
@@ -167,7 +191,8 @@ def _freeze_vision_only(model) -> None:
 
 
 def _instruct_phase(cfg: Config, root: Path, model, processor, instruct_epochs: int, n_descriptions: int,
-                    progress: bool, descriptions: Optional[list] = None) -> tuple[dict, list]:
+                    progress: bool, descriptions: Optional[list] = None,
+                    desc: str = "pretrain: instructions") -> tuple[dict, list]:
     """Phase 2: the instruction mixture under ``root`` (plus ``n_descriptions`` of phase 1's, drawn with the seed),
     vision tower frozen. Returns its record and the instruction samples (phase 3 mixes them in again)."""
     import random
@@ -180,8 +205,7 @@ def _instruct_phase(cfg: Config, root: Path, model, processor, instruct_epochs: 
             descriptions = load_train_file(root / "pretrain" / "train.json", "pretrain", root)
         mixture = instruct + random.Random(cfg.seed).sample(descriptions, n_descriptions)
     _freeze_vision_only(model)
-    res = _phase(model, processor, mixture, INSTRUCT_TRAIN, instruct_epochs, cfg.seed + 1, "pretrain: instructions",
-                 progress)
+    res = _phase(model, processor, mixture, INSTRUCT_TRAIN, instruct_epochs, cfg.seed + 1, desc, progress)
     return {
         "mixture_sha256": hashlib.sha256((root / "pretrain" / "instruct.json").read_bytes()).hexdigest(),
         "epochs": instruct_epochs,
