@@ -21,18 +21,20 @@ from fcit.models.subspace_lora import subspace_layers, subspace_names
 PROJ = "multi_modal_projector"
 
 
-def _cfg(name, stages=2, setting="task", **params):
+def _cfg(name, stages=2, setting="task", train_projector=True, **params):
+    # The projector trained, as the reference (and the llava-1.5-7b preset) does: it then travels with every upload.
     return Config.model_validate({
         "seed": 0,
+        "model": {"train_projector": train_projector},
         "method": {"name": name, "params": params},
         "train": {"batch_size": 3, "lr": 1e-2},
         "scenario": {"setting": setting, "rounds": 1, "num_clients": 2, "clients_per_round": 2, "stages": stages},
     })
 
 
-def _build(cls, micro_backbone, stages=2, **params):
+def _build(cls, micro_backbone, stages=2, train_projector=True, **params):
     base, processor = micro_backbone
-    method = cls(_cfg(cls.name, stages=stages, **params))
+    method = cls(_cfg(cls.name, stages=stages, train_projector=train_projector, **params))
     model = method.setup(copy.deepcopy(base))
     batcher = Batcher(model, processor)
     method.bind(processor, batcher)
@@ -109,11 +111,13 @@ def test_stage_beyond_the_slots_fails_loudly(micro_backbone):
 # ---------------------------------------------------------------------------------------------------------------
 # M-LoRA / O-LoRA
 # ---------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("train_projector", [True, False])
 @pytest.mark.parametrize("cls", [MLora, OLora])
-def test_slot_per_stage_frozen_slots_and_uploads(cls, micro_backbone, micro_samples):
-    m, model, batcher = _build(cls, micro_backbone, stages=2, rank=2)
+def test_slot_per_stage_frozen_slots_and_uploads(cls, train_projector, micro_backbone, micro_samples):
+    m, model, batcher = _build(cls, micro_backbone, stages=2, rank=2, train_projector=train_projector)
+    proj = _proj(model) if train_projector else set()  # a frozen projector neither trains nor travels
     gs = m.initial_state(model)
-    assert set(gs) == _names(model, 0, 1) | _proj(model)
+    assert set(gs) == _names(model, 0, 1) | proj
     shards = [micro_samples[:3], micro_samples[3:]]
 
     # ---- stage 0: slot 0 alone trains and travels
@@ -121,7 +125,7 @@ def test_slot_per_stage_frozen_slots_and_uploads(cls, micro_backbone, micro_samp
     gs1, results, plans = _stage(m, model, batcher, gs, 0, shards)
     assert plans == [{"slot": 0}, {"slot": 0}]
     for r in results:
-        assert set(r.state) == _names(model, 0) | _proj(model)
+        assert set(r.state) == _names(model, 0) | proj
     want = fedavg([r.state for r in results], [3, 3])
     assert all(torch.allclose(gs1[k], v) for k, v in want.items())
     assert all(torch.equal(gs1[k], gs[k]) for k in _names(model, 1))
@@ -135,7 +139,7 @@ def test_slot_per_stage_frozen_slots_and_uploads(cls, micro_backbone, micro_samp
     params = dict(model.named_parameters())
 
     def check(model, res):
-        assert set(res.state) == _names(model, 1) | _proj(model)
+        assert set(res.state) == _names(model, 1) | proj
         assert all(torch.equal(params[k], v) for k, v in frozen.items())
 
     m.before_local(model, {"slot": 1})

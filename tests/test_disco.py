@@ -262,9 +262,11 @@ def _task(samples, name):
     return [dataclasses.replace(s, dataset=name, prompt=PROMPTS[name], id=f"{name}{s.id}") for s in samples]
 
 
-def _disco(monkeypatch, E=3, **params):
+def _disco(monkeypatch, E=3, train_projector=True, **params):
+    # The projector trained by default here, as the reference trains it: then it travels with every upload.
     cfg = Config.model_validate({
         "seed": 0,
+        "model": {"train_projector": train_projector},
         "method": {"name": "disco", "params": {"num_subspaces": E, "rank": 2, **params}},
         "train": {"batch_size": 3, "lr": 1e-2},
         "scenario": {"rounds": 2, "num_clients": 3, "clients_per_round": 2},
@@ -273,10 +275,10 @@ def _disco(monkeypatch, E=3, **params):
     return Disco(cfg)
 
 
-def _disco_on_micro(micro_backbone, monkeypatch):
+def _disco_on_micro(micro_backbone, monkeypatch, train_projector=True):
     """DISCO set up on a copy of the micro backbone: (method, model, batcher, initial global state)."""
     base, processor = micro_backbone
-    disco = _disco(monkeypatch)
+    disco = _disco(monkeypatch, train_projector=train_projector)
     model = disco.setup(copy.deepcopy(base))
     batcher = Batcher(model, processor)
     disco.bind(processor, batcher)
@@ -309,6 +311,29 @@ def test_a_client_lost_after_planning_leaves_the_tokens_of_the_others(micro_back
     assert torch.allclose(disco.C["text"][0], tok[1]) and torch.allclose(disco.C["text"][1], tok[2])
     assert disco.N.tolist()[:2] == [2.0, 4.0]
 
+
+
+def test_a_frozen_projector_neither_trains_nor_travels(micro_backbone, micro_samples, monkeypatch):
+    """The embedded default (model.train_projector false): the global state and every upload hold the subspaces only,
+    and the projector keeps the base's weights bit for bit through local training and aggregation."""
+    disco, model, batcher, gs = _disco_on_micro(micro_backbone, monkeypatch, train_projector=False)
+    assert gs and all(subspace_index(k) is not None for k in gs)
+    proj = {n: p.detach().clone() for n, p in model.named_parameters() if "multi_modal_projector" in n}
+    assert proj and not any(p.requires_grad for n, p in model.named_parameters() if n in proj)
+    colour = _task(micro_samples, "colour")
+    info = StageInfo(stage=0, num_stages=1, tasks=[0], round=0)
+    shards = [colour[:3], colour[3:]]
+    plan = disco.plan_round(info, [disco.client_identity(model, s, info) for s in shards], gs)
+    uploads = []
+    for i, shard in enumerate(shards):
+        disco.before_local(model, plan.clients[i])
+        res = local_train(model, batcher, gs, shard, disco.cfg.train, seed=i)
+        assert set(res.state) <= set(gs) and any(not torch.equal(res.state[k], gs[k]) for k in res.state)
+        uploads.append(Upload(i, res))
+    new = disco.aggregate(info, plan, uploads, gs)
+    assert set(new) == set(gs)
+    params = dict(model.named_parameters())
+    assert all(torch.equal(params[n], w) for n, w in proj.items())
 
 def test_disco_rounds_by_hand_then_through_the_engine(micro_backbone, micro_samples, monkeypatch, tmp_path):
     disco, model, batcher, gs = _disco_on_micro(micro_backbone, monkeypatch)
