@@ -234,7 +234,13 @@ def test_run_identity_leaves_out_defaults_threads_and_workers():
     base = load_config(overrides={"method.name": "disco", "model.compute_dtype": "float32"})
     # A setting left at its default is not part of the identity, so a later fcit that adds one (with a default
     # that computes what the run computed) still resumes and reuses the run; the base's own dtype is such a default.
-    assert "model" not in _canonical(base) and "train" not in _canonical(base)
+    # The two settings whose defaults changed on 2026-12-07 are spelled against the old ones (rundir).
+    assert "train" not in _canonical(base)
+    assert _canonical(base)["model"] == {"train_projector": False}
+    assert _canonical(base)["data"] == {"synth": {"version": 5}}
+    old = load_config(overrides={"method.name": "disco", "model.compute_dtype": "float32", "data.synth.version": 4,
+                                 "model.train_projector": True})
+    assert "model" not in _canonical(old) and "data" not in _canonical(old)
     faster = load_config(overrides={"method.name": "disco", "model.compute_dtype": "float32", "threads": 1,
                                     "federation.workers": 2, "train.compile": False})
     assert config_hash(faster) == config_hash(base)
@@ -252,8 +258,17 @@ def test_identities_of_runs_made_before_compute_dtype_auto_still_match():
            "390bf63761de6d5b": {"method.name": "finetune", "scenario.mode": "het", "scenario.beta": 0.5},
            "d71d31f8249dbf17": {"method.name": "finetune", "model.compute_dtype": "bfloat16"}}
     for digest, over in old.items():
-        over = {"model.compute_dtype": "float32", **over}
-        assert config_hash(load_config(overrides=over)).startswith(digest), over
+        # the defaults of then (FCIT-Synth v4, the projector trained) spelled out
+        then = {"model.compute_dtype": "float32", "data.synth.version": 4, "model.train_projector": True, **over}
+        assert config_hash(load_config(overrides=then)).startswith(digest), over
+        # today's defaults compute something else
+        assert not config_hash(load_config(overrides={"model.compute_dtype": "float32", **over})).startswith(digest)
+    # runs made with today's defaults spelled out, before they were the defaults: the hashes fcit at 5f0be66 wrote
+    # for them, which today's defaults give
+    then = {"bf4f4fb2419f1916": {"method.name": "finetune"},
+            "179f8cf9e4d27b83": {"method.name": "disco", "scenario.mode": "het"}}
+    for digest, over in then.items():
+        assert config_hash(load_config(overrides={"model.compute_dtype": "float32", **over})).startswith(digest), over
 
 
 def test_auto_compute_dtype_is_resolved_into_the_identity(monkeypatch, tmp_path):

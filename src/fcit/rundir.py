@@ -66,6 +66,30 @@ class RunInterrupted(KeyboardInterrupt):
 
 
 # -- config identity ---------------------------------------------------------------------------------------------------
+# Settings whose default changed after runs were made with it (2026-12-07: FCIT-Synth v5 and the projector frozen).
+# The identity spells them against the old default, so a run made before keeps its identity and checkpoint manifest,
+# and a run on the new defaults differs from it as its computation does.
+_IDENTITY_DEFAULTS = {("data", "synth", "version"): 4, ("model", "train_projector"): True}
+
+
+def _against_old_defaults(cfg: "Config", d: dict) -> dict:
+    for path, old in _IDENTITY_DEFAULTS.items():
+        value = cfg
+        for key in path:
+            value = getattr(value, key)
+        sections = [d]
+        for key in path[:-1]:
+            sections.append(sections[-1].setdefault(key, {}))
+        if value == old:
+            sections[-1].pop(path[-1], None)
+        else:
+            sections[-1][path[-1]] = value
+        for parent, key in zip(reversed(sections[:-1]), reversed(path[:-1])):  # drop sections left empty
+            if parent.get(key) == {}:
+                del parent[key]
+    return d
+
+
 def canonical(cfg: "Config") -> dict:
     """What a run computes from: the config without where and how fast it ran (threads, the client worker pool),
     and without the settings left at their defaults, with the method's parameters resolved (so ``lambda: 1000``
@@ -83,6 +107,7 @@ def canonical(cfg: "Config") -> dict:
         # The base's own dtype is what every run computed before compute_dtype had the auto default: left out, so
         # their identities (and checkpoint manifests) still match.
         del d["model"]["compute_dtype"]
+    d = _against_old_defaults(cfg, d)
     d = {k: v for k, v in d.items() if v != {}}  # a section whose only non-default key was excluded
     method = REGISTRY.get(cfg.method.name)
     if method is not None:

@@ -66,8 +66,8 @@ class Params(SubspaceParams):
     # within tau). "nearest" is the default because it is what routes better here: on FCIT-Synth v3 one task's
     # clients sit at cosine 0.85-0.89 of each other, so "tau" lets a few-sample client open a slot and leaves a later
     # task none; replaying the committed runs, "tau" sent 563-1368 samples per seed to a foreign subspace, "nearest"
-    # 0-866 (scripts/disco_routing_replay.py; on v4, "tau" splits FigureQA over two subspaces in Het seed 0, README
-    # "Results").
+    # 0-866 (scripts/disco_routing_replay.py; on v4, "tau" splits FigureQA over two subspaces in Het seed 0,
+    # docs/results-v4.md).
     late_route: Literal["tau", "nearest"] = "nearest"
     # A new group with less than this share of the round's samples joins another group of the round if its mean
     # similarity to that group's clients is >= tau, instead of founding a subspace on a noisy token; below tau it
