@@ -87,7 +87,8 @@ def test_load_backbone_places_the_model_and_takes_the_attention_implementation(m
 # ---- 2. precision ---------------------------------------------------------------------------------------------
 def test_bf16_local_train_keeps_fp32_trainables_and_a_frozen_bf16_base(micro_backbone, micro_samples):
     base, processor = micro_backbone
-    model = attach_lora(copy.deepcopy(base).to(torch.bfloat16), ModelConfig())
+    # the projector trained, as the llava-1.5-7b preset trains it: its bf16 weights are the ones to upcast
+    model = attach_lora(copy.deepcopy(base).to(torch.bfloat16), ModelConfig(train_projector=True))
     assert upcast_trainables(model) > 0
     names = set(trainable_names(model))
     before = {n: p.detach().clone() for n, p in model.named_parameters()}

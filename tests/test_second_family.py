@@ -80,7 +80,7 @@ def test_qwen_targets_are_the_lm_ffn_and_the_projector_is_the_merger(qwen_dirs, 
         # Its vision blocks' MLPs carry the same names: a name-only pattern would adapt the vision encoder too.
         assert _linear_names(model, r".*\.(gate_proj|up_proj|down_proj)") != want
     assert projector_modules(model) == ["model.visual.merger"]
-    peft = attach_lora(copy.deepcopy(model), ModelConfig())
+    peft = attach_lora(copy.deepcopy(model), ModelConfig(train_projector=True))
     names = trainable_names(peft)
     assert {n.split(".lora_")[0] for n in names if ".lora_" in n} == {f"base_model.model.{w}" for w in want}
     assert [n for n in names if ".lora_" not in n] == projector_param_names(peft)
@@ -96,8 +96,8 @@ def test_llava_structural_targets_equal_the_llama_regex(micro_backbone):
         assert ffn_linear_names(model) == _linear_names(model, LLAMA_REGEX) != []
         assert _linear_names(model, ffn_target(model)) == _linear_names(model, LLAMA_REGEX)
         assert projector_modules(model) == ["model.multi_modal_projector"]
-        by_regex = attach_lora(copy.deepcopy(model), ModelConfig(lora={"target": LLAMA_REGEX}))
-        by_structure = attach_lora(copy.deepcopy(model), ModelConfig())
+        by_regex = attach_lora(copy.deepcopy(model), ModelConfig(lora={"target": LLAMA_REGEX}, train_projector=True))
+        by_structure = attach_lora(copy.deepcopy(model), ModelConfig(train_projector=True))
         assert trainable_names(by_structure) == trainable_names(by_regex)
         assert projector_param_names(by_structure) == [n for n in trainable_names(by_regex)
                                                        if "multi_modal_projector" in n]

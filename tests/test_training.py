@@ -32,7 +32,7 @@ def test_labels_cover_only_the_answer(micro_backbone, micro_samples):
 
 def test_lora_client_update_changes_only_trainable_tensors(micro_backbone, micro_samples):
     base, processor = micro_backbone
-    model = attach_lora(copy.deepcopy(base), ModelConfig())
+    model = attach_lora(copy.deepcopy(base), ModelConfig(train_projector=True))
     names = trainable_names(model)
     assert names and all(("lora_" in n and "language_model" in n) or "multi_modal_projector" in n for n in names)
     assert not any("vision_tower" in n and "lora" in n for n in names)
@@ -48,6 +48,9 @@ def test_lora_client_update_changes_only_trainable_tensors(micro_backbone, micro
         assert torch.equal(p, before[n]), f"frozen tensor {n} changed"
     assert any(not torch.equal(res.state[n], before[n]) for n in names if "lora_B" in n)
     assert any(not torch.equal(res.state[n], before[n]) for n in names if "multi_modal_projector" in n)
+    # the embedded default freezes the projector: only the LoRA trains
+    default = trainable_names(attach_lora(copy.deepcopy(base), ModelConfig()))
+    assert default == [n for n in names if "lora_" in n]
     assert res.num_samples == len(micro_samples) and res.steps == 2
 
 
@@ -67,7 +70,7 @@ def test_vision_cache_gives_the_same_loss_and_skips_the_tower(micro_backbone, mi
     from fcit.models.vision_cache import VisionFeatureCache
 
     base, processor = micro_backbone
-    model = attach_lora(copy.deepcopy(base), ModelConfig())
+    model = attach_lora(copy.deepcopy(base), ModelConfig(train_projector=True))  # gradients to the projector
     batch = Batcher(model, processor).train_batch(micro_samples)
     with torch.no_grad():
         plain = model(**batch).loss
