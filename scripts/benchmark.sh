@@ -3,8 +3,9 @@
 # investigations it links (docs/regime-investigation.md, docs/server-optimizers.md); the probes those name as outside
 # the project's commands and the `fcit pretrain` runs of the binding bases are not in it (the v4, replay, wide and deep
 # bases are: the parts that need them build them where runs/ lacks them).
-# The parts up to `budget` run on the defaults (the replay base, FCIT-Synth v5, the projector frozen; 2026-12-07 on);
-# the `v4-*` parts and the issue-16 investigations (`regime-*`, `combo*`, `sizes`) reproduce measurements made on or
+# `core`, `disco`, `baselines`, `ewc-sweep`, `sweeps`, `optimizers`, `ablation` and `budget` run on the defaults (the
+# replay base, FCIT-Synth v5, the projector frozen; 2026-12-07 on);
+# the `v4-*` parts and the issue-16 lever parts (`combo`, `combo-bs16`, `sizes`) reproduce measurements made on or
 # against the defaults before that: FCIT-Synth v4, the two-phase base, the projector trained (V4 below).
 # Each `fcit compare` writes <folder>/table.md and a run directory per (method, seed); finished runs in a folder are
 # reused, so the parts below share the Hom runs and an interrupted part continues where it stopped.
@@ -49,7 +50,7 @@ if [[ $part == all || $part == core ]]; then       # the benchmark's range: Zero
 fi
 if [[ $part == all || $part == disco ]]; then      # DISCO, Hom and Het, and the activation ablation
   cmp --methods disco --seeds "$SEEDS" --out runs/bench-hom
-  .venv/bin/python scripts/disco_activation_ablation.py runs/bench-hom/disco-s0
+  .venv/bin/python scripts/disco_activation_ablation.py $(for s in ${SEEDS//,/ }; do echo runs/bench-hom/disco-s$s; done)
   cmp --methods finetune,disco --seeds "${HET_SEEDS:-$SEEDS}" --set scenario.mode=het --out runs/bench-het
 fi
 if [[ $part == all || $part == baselines ]]; then  # the whole comparison set in one table (reuses the runs above)

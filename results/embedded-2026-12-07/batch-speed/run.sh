@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Run as: bash results/embedded-2026-12-07/batch-speed/run.sh (needs runs/base-replay: bash scripts/benchmark.sh combo-bs16 builds it); out.txt is its output
 # The default `fcit run` (Finetune, bf16 matmuls on this CPU) against the candidate defaults at batch 16, 8 and 4, one after the other
+# ("default" was FCIT-Synth v4 on the two-phase base when this ran, 2026-12-07 18:24 UTC; cand-bs16 is today's default)
 set -u
 cd "$(dirname "$0")/../../.."  # the repository root
 rm -rf runs/speed-bs
