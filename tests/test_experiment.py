@@ -234,12 +234,16 @@ def test_run_identity_leaves_out_defaults_threads_and_workers():
     base = load_config(overrides={"method.name": "disco", "model.compute_dtype": "float32"})
     # A setting left at its default is not part of the identity, so a later fcit that adds one (with a default
     # that computes what the run computed) still resumes and reuses the run; the base's own dtype is such a default.
-    # The two settings whose defaults changed on 2026-12-07 are spelled against the old ones (rundir).
+    # The three settings whose defaults changed on 2026-12-07 are spelled against the old ones (rundir).
+    from fcit.embedded import embedded_base_sha256
+    from fcit.rundir import TWO_PHASE_BASE
+
     assert "train" not in _canonical(base)
-    assert _canonical(base)["model"] == {"train_projector": False}
+    assert _canonical(base)["model"] == {"train_projector": False, "embedded_base": embedded_base_sha256()}
     assert _canonical(base)["data"] == {"synth": {"version": 5}}
     old = load_config(overrides={"method.name": "disco", "model.compute_dtype": "float32", "data.synth.version": 4,
                                  "model.train_projector": True})
+    old.model.embedded_base = TWO_PHASE_BASE  # as read_config gives a config.json written before the key existed
     assert "model" not in _canonical(old) and "data" not in _canonical(old)
     faster = load_config(overrides={"method.name": "disco", "model.compute_dtype": "float32", "threads": 1,
                                     "federation.workers": 2, "train.compile": False})
@@ -252,23 +256,30 @@ def test_run_identity_leaves_out_defaults_threads_and_workers():
 def test_identities_of_runs_made_before_compute_dtype_auto_still_match():
     """The hashes fcit at commit 5663cf7 wrote into checkpoint manifests for these configs: an fp32 run of then
     resumes and is reused now when asked for fp32 (a bf16 run of then, when asked for bf16)."""
-    from fcit.rundir import config_hash
+    from fcit.rundir import TWO_PHASE_BASE, config_hash
 
     old = {"304fdad1570fc1c9": {"method.name": "disco"},
            "390bf63761de6d5b": {"method.name": "finetune", "scenario.mode": "het", "scenario.beta": 0.5},
            "d71d31f8249dbf17": {"method.name": "finetune", "model.compute_dtype": "bfloat16"}}
+    def on_two_phase_base(over):  # as read_config gives a config.json written before model.embedded_base existed
+        cfg = load_config(overrides={"model.compute_dtype": "float32", **over})
+        cfg.model.embedded_base = TWO_PHASE_BASE
+        return cfg
+
     for digest, over in old.items():
-        # the defaults of then (FCIT-Synth v4, the projector trained) spelled out
-        then = {"model.compute_dtype": "float32", "data.synth.version": 4, "model.train_projector": True, **over}
-        assert config_hash(load_config(overrides=then)).startswith(digest), over
-        # today's defaults compute something else
+        # the defaults of then (FCIT-Synth v4, the projector trained, the two-phase base) spelled out
+        then = {"data.synth.version": 4, "model.train_projector": True, **over}
+        assert config_hash(on_two_phase_base(then)).startswith(digest), over
+        # today's defaults compute something else, and so do those settings on today's base
         assert not config_hash(load_config(overrides={"model.compute_dtype": "float32", **over})).startswith(digest)
-    # runs made with today's defaults spelled out, before they were the defaults: the hashes fcit at 5f0be66 wrote
-    # for them, which today's defaults give
+        assert not config_hash(load_config(overrides={"model.compute_dtype": "float32", **then})).startswith(digest)
+    # runs made at 5f0be66 with FCIT-Synth v5 and the projector frozen, on the base of then: the hashes fcit wrote
+    # for them; today's defaults add today's base
     then = {"bf4f4fb2419f1916": {"method.name": "finetune"},
             "179f8cf9e4d27b83": {"method.name": "disco", "scenario.mode": "het"}}
     for digest, over in then.items():
-        assert config_hash(load_config(overrides={"model.compute_dtype": "float32", **over})).startswith(digest), over
+        assert config_hash(on_two_phase_base(over)).startswith(digest), over
+        assert not config_hash(load_config(overrides={"model.compute_dtype": "float32", **over})).startswith(digest)
 
 
 def test_auto_compute_dtype_is_resolved_into_the_identity(monkeypatch, tmp_path):
@@ -302,6 +313,49 @@ def test_auto_compute_dtype_is_resolved_into_the_identity(monkeypatch, tmp_path)
     del old["model"]["compute_dtype"]
     (tmp_path / "config.json").write_text(json.dumps(old))
     assert config_hash(read_config(tmp_path)) == config_hash(plain)
+
+
+def test_a_run_records_which_embedded_base_it_ran_on(tmp_path, monkeypatch):
+    """The embedded base changed on 2026-12-07 without a setting that says so: load_config records the shipped base's
+    digest, a config.json written before (no key) reads as the two-phase base, and such a run is neither reused nor
+    resumed on the base shipped now; a model.path run has no embedded base."""
+    import hashlib
+    import json
+
+    from fcit.config import resolve_auto
+    from fcit.embedded import EMBEDDED_DIR, embedded_base_sha256
+    from fcit.rundir import TWO_PHASE_BASE, canonical, finished_result, read_config
+
+    shipped = hashlib.sha256((EMBEDDED_DIR / "model.safetensors").read_bytes()).hexdigest()
+    assert shipped != TWO_PHASE_BASE
+    cfg = load_config(overrides={"model.compute_dtype": "float32"})
+    assert cfg.model.embedded_base == embedded_base_sha256() == shipped
+    assert canonical(cfg)["model"]["embedded_base"] == shipped
+    (tmp_path / "config.json").write_text(json.dumps(cfg.model_dump(mode="json")))
+    assert read_config(tmp_path).model.embedded_base == shipped
+    old = cfg.model_dump(mode="json")
+    del old["model"]["embedded_base"]
+    (tmp_path / "config.json").write_text(json.dumps(old))
+    then = read_config(tmp_path)
+    assert then.model.embedded_base == TWO_PHASE_BASE and "embedded_base" not in canonical(then).get("model", {})
+    with pytest.raises(FcitError, match="recorded on embedded base 9c46ff0a3632, this fcit ships " + shipped[:12]):
+        resolve_auto(then)  # what --resume does first
+    from fcit.runtime import Runtime
+
+    with pytest.raises(FcitError, match="recorded on embedded base 9c46ff0a3632"):
+        Runtime.build(then, progress=False)  # a Flower client handed a config settled on another fcit
+    (tmp_path / "metrics.json").write_text("{}")
+    with pytest.raises(FcitError, match="different config, at model.embedded_base"):
+        finished_result(tmp_path, cfg)
+    assert load_config(overrides={"model.path": str(EMBEDDED_DIR)}).model.embedded_base is None
+    with pytest.raises(FcitError, match="leave it unset with model.path"):
+        load_config(overrides={"model.path": str(EMBEDDED_DIR), "model.embedded_base": shipped})
+    with pytest.raises(FcitError, match="embedded_base"):
+        load_config(overrides={"model.embedded_base": "9c46ff0a"})  # not a sha256
+    import fcit.embedded
+
+    monkeypatch.setattr(fcit.embedded, "EMBEDDED_DIR", tmp_path / "none")  # a checkout before `fcit pretrain`
+    assert load_config().model.embedded_base is None
 
 
 def test_instruction_phase_keeps_the_vision_tower_and_tunes_the_language_model(tmp_path, cache_dir):

@@ -10,7 +10,7 @@ SRC = Path(__file__).resolve().parents[1] / "src"
 
 # Bottom to top; a module may import its own layer (without a cycle) and any layer below.
 LAYERS = [
-    ("fcit", "fcit.env", "fcit.errors", "fcit.jsonio", "fcit.environment", "fcit.hardware"),
+    ("fcit", "fcit.env", "fcit.errors", "fcit.jsonio", "fcit.environment", "fcit.hardware", "fcit.embedded"),
     ("fcit.config",),
     ("fcit.data",),
     ("fcit.models",),

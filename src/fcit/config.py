@@ -83,6 +83,9 @@ class LoraConfig(_Strict):
 
 class ModelConfig(_Strict):
     path: Optional[str] = None  # local HF directory (e.g. llava-1.5-7b-hf); None = the embedded tiny base
+    # With path None: the sha256 of the embedded base's weights, recorded by load_config (like compute_dtype auto),
+    # so config.json and the run's identity say which base ran; a run recorded on another base is refused.
+    embedded_base: Optional[str] = Field(None, pattern="^[0-9a-f]{64}$")
     # bfloat16/float16: a frozen base in that dtype, fp32 trainable tensors, autocast around every forward.
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     # The matmuls' dtype under autocast: None (or float32) = the base's dtype (no autocast for float32). bfloat16 on
@@ -105,6 +108,12 @@ class ModelConfig(_Strict):
     # Load a checkpoint whose weights do not cover every parameter (those keep their random init): only for a
     # deliberately partial checkpoint; by default missing or misnamed weights are an error.
     allow_missing: bool = False
+
+    @model_validator(mode="after")
+    def _embedded_base(self) -> "ModelConfig":
+        if self.path is not None and self.embedded_base is not None:
+            raise ValueError("model.embedded_base names the embedded base: leave it unset with model.path")
+        return self
 
     @model_validator(mode="after")
     def _compute_dtype(self) -> "ModelConfig":
@@ -321,12 +330,19 @@ def _parse_error(exc: Exception) -> str:
 
 
 def resolve_auto(cfg: Config) -> Config:
-    """Settle the settings whose default depends on the machine (``model.compute_dtype=auto``), in place, so that
-    config.json and the run's identity hold what the run computes with."""
+    """Settle the settings whose default depends on the machine (``model.compute_dtype=auto``) or on the installed
+    fcit (``model.embedded_base``), in place, so that config.json and the run's identity hold what the run computes
+    with."""
     if cfg.model.compute_dtype == "auto":
         from fcit.hardware import auto_compute_dtype
 
         cfg.model.compute_dtype = auto_compute_dtype(cfg.model.dtype, cfg.device)
+    if cfg.model.path is None:
+        from fcit.embedded import EMBEDDED_DIR, WEIGHTS, check_embedded_base, embedded_base_sha256
+
+        check_embedded_base(cfg.model.embedded_base)
+        if (EMBEDDED_DIR / WEIGHTS).is_file():  # else `fcit pretrain` is about to build it; loading it says so
+            cfg.model.embedded_base = embedded_base_sha256()
     return cfg
 
 

@@ -66,10 +66,14 @@ class RunInterrupted(KeyboardInterrupt):
 
 
 # -- config identity ---------------------------------------------------------------------------------------------------
-# Settings whose default changed after runs were made with it (2026-12-07: FCIT-Synth v5 and the projector frozen).
-# The identity spells them against the old default, so a run made before keeps its identity and checkpoint manifest,
-# and a run on the new defaults differs from it as its computation does.
-_IDENTITY_DEFAULTS = {("data", "synth", "version"): 4, ("model", "train_projector"): True}
+# The embedded base every fcit shipped before it shipped the replay base (2026-12-07): the one a config.json written
+# before model.embedded_base existed ran on.
+TWO_PHASE_BASE = "9c46ff0a3632aa4c6307788d99657bccd2966acd99f7b73499e6c3b39c13dd9e"
+# Settings whose default changed after runs were made with it (2026-12-07: FCIT-Synth v5, the projector frozen, the
+# replay base). The identity spells them against the old default, so a run made before keeps its identity and
+# checkpoint manifest, and a run on the new defaults differs from it as its computation does.
+_IDENTITY_DEFAULTS = {("data", "synth", "version"): 4, ("model", "train_projector"): True,
+                      ("model", "embedded_base"): TWO_PHASE_BASE}
 
 
 def _against_old_defaults(cfg: "Config", d: dict) -> dict:
@@ -80,7 +84,7 @@ def _against_old_defaults(cfg: "Config", d: dict) -> dict:
         sections = [d]
         for key in path[:-1]:
             sections.append(sections[-1].setdefault(key, {}))
-        if value == old:
+        if value == old or value is None:  # None: no embedded base (a model.path run)
             sections[-1].pop(path[-1], None)
         else:
             sections[-1][path[-1]] = value
@@ -98,8 +102,8 @@ def canonical(cfg: "Config") -> dict:
     from fcit.config import resolve_auto
     from fcit.methods import REGISTRY
 
-    if cfg.model.compute_dtype == "auto":  # a Config built without load_config: as it will run here
-        cfg = resolve_auto(cfg.model_copy(deep=True))
+    if cfg.model.compute_dtype == "auto" or (cfg.model.path is None and cfg.model.embedded_base is None):
+        cfg = resolve_auto(cfg.model_copy(deep=True))  # a Config built without load_config: as it will run here
     d = cfg.model_dump(mode="json", exclude={"out_dir": True, "run_name": True, "threads": True,
                                              "federation": {"workers"},
                                              "train": {"compile"}}, exclude_defaults=True)
@@ -159,6 +163,11 @@ def read_config(run_dir: Path) -> "Config":
     if isinstance(raw, dict) and isinstance(raw.get("model"), dict) and "compute_dtype" not in raw["model"]:
         # Written before model.compute_dtype existed: the run computed in its base's dtype.
         raw["model"]["compute_dtype"] = None
+    if isinstance(raw, dict) and isinstance(raw.get("model"), dict) and raw["model"].get("path") is None \
+            and "embedded_base" not in raw["model"]:
+        # Written before model.embedded_base existed: on the two-phase base. (The runs made in the few hours when
+        # fcit shipped the replay base without recording it, results/embedded-2026-12-07/defaults, hold the key.)
+        raw["model"]["embedded_base"] = TWO_PHASE_BASE
     try:
         return Config.model_validate(raw)
     except ValidationError as err:

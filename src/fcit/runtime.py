@@ -38,6 +38,10 @@ class Runtime:
         from fcit.data.loader import open_benchmark
         from fcit.models.backbone import load_backbone
 
+        if cfg.model.path is None:  # a client host's fcit may ship another embedded base than the server's
+            from fcit.embedded import check_embedded_base
+
+            check_embedded_base(cfg.model.embedded_base)
         bench = open_benchmark(cfg, progress=progress)
         model, processor = load_backbone(cfg.model.path, cfg.model.dtype, cfg.device, cfg.model.attn_implementation,
                                          allow_missing=cfg.model.allow_missing)

@@ -13,11 +13,11 @@ from typing import Iterable, Optional
 
 import torch
 
+from fcit.embedded import EMBEDDED_DIR
 from fcit.errors import FcitError
 
 IMAGE_TOKEN = "<image>"
 SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<pad>", IMAGE_TOKEN]
-EMBEDDED_DIR = Path(__file__).resolve().parent.parent / "assets" / "tiny-llava"
 
 
 @dataclass(frozen=True)
