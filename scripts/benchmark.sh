@@ -66,8 +66,8 @@ if [[ $part == all || $part == sweeps ]]; then     # LwF and O-LoRA at a 10x str
   cmp --methods olora --seeds 0 --set method.params.lambda=5 --out runs/bench-olora-lambda-5
 fi
 if [[ $part == all || $part == optimizers ]]; then # DISCO under each server optimizer at momentum 0.5 (at the papers' 0.9 none is within 5 points of FedAvg: the v4-* parts), a rate grid at seed 0, then each one's best (OPT_BEST, the grid's best at seed 0) at every seed; FedAvg's row is the comparison set's DISCO
-  OPT_BEST=${OPT_BEST:-fedavgm:1.0 fedadagrad:0.03 fedadam:0.003 fedyogi:0.01}  # the grid's best, measured 2026-12-07
-  for spec in ${OPT_GRID:-fedavgm:0.5 fedavgm:1.0 fedadagrad:0.01 fedadagrad:0.03 fedadagrad:0.1 fedadam:0.001 fedadam:0.003 fedadam:0.01 fedyogi:0.001 fedyogi:0.003 fedyogi:0.01} $OPT_BEST; do
+  OPT_BEST=${OPT_BEST:-fedavgm:1.0 fedadagrad:0.03 fedadam:0.005 fedyogi:0.005}  # the grid's best, measured 2026-12-07
+  for spec in ${OPT_GRID:-fedavgm:0.5 fedavgm:1.0 fedadagrad:0.01 fedadagrad:0.03 fedadagrad:0.1 fedadam:0.001 fedadam:0.003 fedadam:0.005 fedadam:0.01 fedyogi:0.001 fedyogi:0.003 fedyogi:0.005 fedyogi:0.01} $OPT_BEST; do
     agg=${spec%%:*} lr=${spec##*:}
     seeds=0; [[ " $OPT_BEST " == *" $spec "* ]] && seeds=$SEEDS
     cmp --methods disco --aggregators "$agg" --set federation.server_lr="$lr" --set federation.beta1=0.5 \
