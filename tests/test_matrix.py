@@ -137,14 +137,15 @@ def test_matrix_jobs_run_in_parallel_processes_at_one_thread(small_base, cache_d
 @pytest.mark.slow
 def test_sigterm_to_the_driver_alone_stops_its_parallel_runs(small_base, cache_dir, tmp_path):
     # `kill PID` or a scheduler signals the driver only: its --jobs children must stop too, each recording how
-    # its run ended, instead of training on while the driver waits for them.
+    # its run ended, instead of training on while the driver waits for them, and start none of the runs queued
+    # behind (four runs on two jobs: the pool had already handed a third to its workers' queue).
     import signal
     import time
 
     out = tmp_path / "mx"
     sets = {"model.path": small_base, "data.root": cache_dir, "scenario.rounds": 200}
     args = [sys.executable, "-m", "fcit.cli", "matrix", "--preset", "smoke", "--quiet", "--methods", "finetune",
-            "--settings", "task", "--scenarios", "hom", "--betas", "1", "--seeds", "0,1", "--jobs", "2",
+            "--settings", "task", "--scenarios", "hom", "--betas", "1", "--seeds", "0,1,2,3", "--jobs", "2",
             "--out", str(out)] + [a for k, v in sets.items() for a in ("--set", f"{k}={v}")]
     proc = subprocess.Popen(args, cwd=ROOT, stderr=subprocess.PIPE, text=True)
     runs = [out / f"finetune-task-hom-b1-s{s}" for s in (0, 1)]
@@ -170,6 +171,7 @@ def test_sigterm_to_the_driver_alone_stops_its_parallel_runs(small_base, cache_d
     for pid in pids:
         with pytest.raises(ProcessLookupError):
             os.kill(pid, 0)
+    assert not any((out / f"finetune-task-hom-b1-s{s}").exists() for s in (2, 3)), sorted(os.listdir(out))
 
 
 @pytest.mark.slow

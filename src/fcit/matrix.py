@@ -218,7 +218,14 @@ def _run_in_job(cfg_json: dict, run_dir: str, resume: bool) -> float:
     """``_run_in_child`` in a ``--jobs`` process: SIGTERM (which the driver forwards when it is stopped) ends the run
     as it ends ``fcit run``: status.json says ``interrupted (SIGTERM)`` and the finished stages are kept."""
     signal.signal(signal.SIGTERM, raise_terminated)
-    return _run_in_child(cfg_json, run_dir, resume)
+    try:
+        return _run_in_child(cfg_json, run_dir, resume)
+    except KeyboardInterrupt as stop:  # Ctrl-C, or SIGTERM (Terminated): the run has recorded how it ended
+        # Leave the pool: its worker loop would take the next run already queued for this process and train it to
+        # the end while the stopped driver waits for the pool to shut down.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(128 + (signal.SIGTERM if isinstance(stop, Terminated) else signal.SIGINT))
 
 
 def _resume(run_dir: Path) -> bool:
