@@ -261,6 +261,7 @@ def test_identities_of_runs_made_before_compute_dtype_auto_still_match():
     old = {"304fdad1570fc1c9": {"method.name": "disco"},
            "390bf63761de6d5b": {"method.name": "finetune", "scenario.mode": "het", "scenario.beta": 0.5},
            "d71d31f8249dbf17": {"method.name": "finetune", "model.compute_dtype": "bfloat16"}}
+
     def on_two_phase_base(over):  # as read_config gives a config.json written before model.embedded_base existed
         cfg = load_config(overrides={"model.compute_dtype": "float32", **over})
         cfg.model.embedded_base = TWO_PHASE_BASE
