@@ -43,5 +43,5 @@ def check_embedded_base(expected: str | None) -> None:
     have = embedded_base_sha256()
     if expected != have:
         raise FcitError(f"model.embedded_base: the run is recorded on embedded base {expected[:12]}, this fcit ships "
-                        f"{have[:12]}; set model.path to a copy of that base (README \"Reproducing the embedded base "
-                        f"model\") or start a new run")
+                        f"{have[:12]}; continue it with an fcit that ships that base, or start a new run (with model.path "
+                        f"at a copy of that base to compute as it did: README \"Reproducing the embedded base model\")")
