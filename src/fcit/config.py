@@ -338,11 +338,10 @@ def resolve_auto(cfg: Config) -> Config:
 
         cfg.model.compute_dtype = auto_compute_dtype(cfg.model.dtype, cfg.device)
     if cfg.model.path is None:
-        from fcit.embedded import EMBEDDED_DIR, WEIGHTS, check_embedded_base, embedded_base_sha256
+        from fcit.embedded import check_embedded_base, embedded_base_sha256
 
         check_embedded_base(cfg.model.embedded_base)
-        if (EMBEDDED_DIR / WEIGHTS).is_file():  # else `fcit pretrain` is about to build it; loading it says so
-            cfg.model.embedded_base = embedded_base_sha256()
+        cfg.model.embedded_base = embedded_base_sha256()  # None before `fcit pretrain` builds it; loading says so
     return cfg
 
 

@@ -17,13 +17,14 @@ EMBEDDED_DIR = Path(__file__).resolve().parent / "assets" / "tiny-llava"
 WEIGHTS = "model.safetensors"
 
 
-def embedded_base_sha256(directory: Path = EMBEDDED_DIR) -> str:
-    """sha256 of the embedded base's weights (the file, so it is the digest ``sha256sum`` prints)."""
-    p = Path(directory) / WEIGHTS
+def embedded_base_sha256() -> str | None:
+    """sha256 of the embedded base's weights (the file, so it is the digest ``sha256sum`` prints); None before
+    ``fcit pretrain`` has built them."""
+    p = EMBEDDED_DIR / WEIGHTS
     try:
         st = p.stat()
     except OSError:
-        raise FcitError(f"embedded base model missing at {directory}; run `fcit pretrain` to build it") from None
+        return None
     return _digest(str(p), st.st_size, st.st_mtime_ns)
 
 
@@ -41,6 +42,8 @@ def check_embedded_base(expected: str | None) -> None:
     if expected is None:
         return
     have = embedded_base_sha256()
+    if have is None:
+        raise FcitError(f"embedded base model missing at {EMBEDDED_DIR}; run `fcit pretrain` to build it")
     if expected != have:
         raise FcitError(f"model.embedded_base: the run is recorded on embedded base {expected[:12]}, this fcit ships "
                         f"{have[:12]}; continue it with an fcit that ships that base, or start a new run (with model.path "
